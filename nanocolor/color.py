@@ -1,0 +1,79 @@
+"""sRGB <-> CIE LAB (D65 white), written out by hand, and the network's scaling of L and ab.
+
+The network sees lightness L in [0, 100] scaled to [-1, 1] (L / 50 - 1) and predicts the chroma
+channels a, b divided by AB_SCALE = 110, so every sRGB color (|a|, |b| < 108) lands in [-1, 1].
+Arrays hold channels last: rgb (..., 3) in [0, 1], lab (..., 3) as (L*, a*, b*).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import array_module
+
+AB_SCALE = 110.0
+WHITE_D65 = (0.95047, 1.0, 1.08883)  # XYZ of the D65 reference white, Y = 1
+RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                       [0.2126729, 0.7151522, 0.0721750],
+                       [0.0193339, 0.1191920, 0.9503041]])
+XYZ_TO_RGB = np.linalg.inv(RGB_TO_XYZ)
+_DELTA = 6 / 29  # where CIE's cube root hands over to a straight line
+
+
+def _srgb_to_linear(c):
+    xp = array_module(c)
+    return xp.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def _linear_to_srgb(c):
+    xp = array_module(c)
+    c = xp.clip(c, 0, 1)
+    return xp.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+def rgb_to_lab(rgb):
+    """sRGB in [0, 1], shape (..., 3) -> CIE L*a*b*, shape (..., 3)."""
+    xp = array_module(rgb)
+    linear = _srgb_to_linear(rgb)
+    xyz = linear @ xp.asarray(RGB_TO_XYZ.T, dtype=linear.dtype)
+    t = xyz / xp.asarray(WHITE_D65, dtype=linear.dtype)
+    f = xp.where(t > _DELTA ** 3, xp.cbrt(t), t / (3 * _DELTA ** 2) + 4 / 29)
+    L = 116 * f[..., 1] - 16
+    a = 500 * (f[..., 0] - f[..., 1])
+    b = 200 * (f[..., 1] - f[..., 2])
+    return xp.stack([L, a, b], axis=-1)
+
+
+def lab_to_rgb(lab):
+    """CIE L*a*b*, shape (..., 3) -> sRGB in [0, 1], shape (..., 3) (out-of-gamut colors clipped)."""
+    xp = array_module(lab)
+    fy = (lab[..., 0] + 16) / 116
+    f = xp.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
+    t = xp.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4 / 29))
+    xyz = t * xp.asarray(WHITE_D65, dtype=lab.dtype)
+    return _linear_to_srgb(xyz @ xp.asarray(XYZ_TO_RGB.T, dtype=lab.dtype))
+
+
+def scale_lightness(L):
+    """L* in [0, 100] -> network input in [-1, 1]."""
+    return L / 50.0 - 1.0
+
+
+def unscale_lightness(lightness):
+    return (lightness + 1.0) * 50.0
+
+
+def scale_ab(ab):
+    """a*, b* in LAB units -> network target in [-1, 1]."""
+    return ab / AB_SCALE
+
+
+def unscale_ab(ab_scaled):
+    return ab_scaled * AB_SCALE
+
+
+def lab_from_parts(L, ab):
+    """L* (..., 1) or (...,) and a*b* (..., 2) in LAB units -> lab (..., 3)."""
+    xp = array_module(ab)
+    if L.ndim == ab.ndim - 1:
+        L = L[..., None]
+    return xp.concatenate([L, ab], axis=-1)

@@ -1,0 +1,170 @@
+"""Reading photos from disk and turning them into (lightness, ab) training pairs.
+
+Shape legend: N, S = number of images, square training size.
+    lightness (N, S, S, 1) and ab (N, S, S, 2), float32, both scaled to [-1, 1] (see color.py).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from .color import rgb_to_lab, scale_ab, scale_lightness
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# Refuse images above this many pixels (decompression bombs): 100 megapixels, ~300 MB as RGB.
+MAX_PIXELS = 100_000_000
+# Mean chroma (LAB units) below which a photo counts as gray: nothing to learn from it.
+GRAY_CHROMA = 3.0
+
+Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clearer message
+
+
+class ImageError(ValueError):
+    """A file is missing, not an image, truncated, or too large."""
+
+
+class DataError(ValueError):
+    """A data folder holds nothing usable for training."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image, upright as a viewer shows it (EXIF orientation applied)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a file")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"{path}: {width}x{height} pixels is above the limit of "
+                                 f"{MAX_PIXELS:,} (possible decompression bomb)")
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (or an unsupported format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(f"{path}: cannot decode image ({err})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (RGBA, palette, 16-bit, float, CMYK, ...) -> 8-bit RGB; alpha is dropped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" and values.max() > 255 else 255.0
+        if img.mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def alpha_channel(img: Image.Image) -> np.ndarray | None:
+    """The image's alpha channel as uint8 (H, W), or None when it has none."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        return np.asarray(img.getchannel("A"))
+    return None
+
+
+def rgb_array(img: Image.Image) -> np.ndarray:
+    """8-bit RGB PIL image -> float32 (H, W, 3) in [0, 1]."""
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def is_grayscale(rgb: np.ndarray) -> bool:
+    """True when a photo (H, W, 3) in [0, 1] has (almost) no color: mean LAB chroma < GRAY_CHROMA."""
+    lab = rgb_to_lab(rgb.astype(np.float32))
+    return float(np.hypot(lab[..., 1], lab[..., 2]).mean()) < GRAY_CHROMA
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """All image files below `root`, sorted. A Kaggle-style folder with `color/` uses just that."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data folder")
+    if (root / "color").is_dir():
+        root = root / "color"  # the `gray/` twin holds the same photos without their color
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def lab_pair(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (..., 3) in [0, 1] -> scaled lightness (..., 1) and scaled ab (..., 2), float32."""
+    lab = rgb_to_lab(rgb.astype(np.float32))
+    return scale_lightness(lab[..., :1]), scale_ab(lab[..., 1:])
+
+
+def load_dataset(root: str | os.PathLike, size: int, limit: int | None = None,
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Load every color photo under `root`, center-cropped and resized to size x size.
+
+    Returns lightness (N, S, S, 1) and ab (N, S, S, 2), scaled to [-1, 1]. Unreadable and
+    already-gray images are skipped and counted in one warning.
+    """
+    paths = find_images(root)
+    if not paths:
+        raise DataError(f"{root}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if limit:
+        paths = paths[:limit]
+    photos, unreadable, gray = [], 0, 0
+    for path in tqdm(paths, desc="loading images", unit="img", disable=not progress, leave=False):
+        try:
+            img = to_rgb(open_image(path))
+        except ImageError:
+            unreadable += 1
+            continue
+        rgb = rgb_array(ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC))
+        if is_grayscale(rgb):
+            gray += 1
+            continue
+        photos.append(rgb)
+    if unreadable or gray:
+        warnings.warn(f"skipped {unreadable} unreadable and {gray} gray (colorless) images "
+                      f"of {len(paths)} under {root}", stacklevel=2)
+    if not photos:
+        raise DataError(f"{root}: none of the {len(paths)} image files is a readable color photo")
+    lightness, ab = lab_pair(np.stack(photos))
+    return lightness, ab
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation split of n items: (train_idx, val_idx), val at least 1 if asked."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n > 1:
+        n_val = max(1, n_val)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def epoch_plan(n: int, batch_size: int, seed: int, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The shuffled mini-batches of one epoch as (indices, flip_mask) pairs; the last partial batch is dropped.
+
+    The plan depends only on (seed, epoch), so a resumed run sees exactly the same batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    flips = rng.random(n) < 0.5
+    n_batches = n // batch_size
+    return [(order[i * batch_size:(i + 1) * batch_size], flips[i * batch_size:(i + 1) * batch_size])
+            for i in range(n_batches)]
+
+
+def make_batch(lightness: np.ndarray, ab: np.ndarray, indices: np.ndarray, flips: np.ndarray):
+    """Gather a batch and mirror the flagged images left-right (a free augmentation)."""
+    L, target = lightness[indices], ab[indices]
+    L[flips] = L[flips, :, ::-1]
+    target[flips] = target[flips, :, ::-1]
+    return L, target

@@ -1,0 +1,119 @@
+"""The colorization autoencoder: lightness in, chroma out.
+
+Shape legend: N, H, W = batch, height, width; widths = (w0, w1, ..., wd).
+    lightness (N, H, W, 1) in [-1, 1]  ->  ab (N, H, W, 2) in [-1, 1]
+Encoder: for each width but the last, Conv(k x k) + ReLU + MaxPool (halves H and W); then a
+bottleneck Conv + ReLU to the last width. Decoder: for each width back down, Conv + ReLU +
+Upsample (doubles H and W); a final Conv to 2 channels + Tanh. H and W must divide by
+2**(len(widths) - 1), the network's downsampling factor.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import backend
+from .backend import to_numpy
+from .layers import Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
+from .serialize import CorruptFileError, load_npz, save_npz
+
+DEFAULT_WIDTHS = (32, 64, 128, 256)
+
+
+class ColorNet:
+    def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32):
+        if len(widths) < 1 or any(int(w) < 1 for w in widths):
+            raise ValueError(f"widths must be positive channel counts, got {widths}")
+        self.config = {"widths": [int(w) for w in widths], "kernel": int(kernel)}
+        rng = np.random.default_rng(seed)
+        conv = lambda c_in, c_out: Conv2d(c_in, c_out, kernel, rng=rng, dtype=dtype)
+        layers, c = [], 1
+        for w in widths[:-1]:
+            layers += [conv(c, w), ReLU(), MaxPool2d()]
+            c = w
+        layers += [conv(c, widths[-1]), ReLU()]
+        c = widths[-1]
+        for w in reversed(widths[:-1]):
+            layers += [conv(c, w), ReLU(), Upsample2d()]
+            c = w
+        layers += [conv(c, 2), Tanh()]
+        layers[0].input_grad = False  # nobody needs the gradient w.r.t. the input image
+        self.layers = layers
+        self.to_device()
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config["widths"]) - 1)
+
+    @property
+    def param_layers(self) -> list:
+        return [layer for layer in self.layers if layer.params]
+
+    def num_params(self) -> int:
+        return sum(int(p.size) for layer in self.param_layers for p in layer.params.values())
+
+    def to_device(self) -> "ColorNet":
+        """Move every parameter onto the device chosen in backend.use_device()."""
+        for layer in self.param_layers:
+            for name, p in layer.params.items():
+                layer.params[name] = backend.xp.asarray(p)
+        return self
+
+    def forward(self, lightness):
+        """(N, H, W, 1) scaled lightness -> (N, H, W, 2) scaled ab."""
+        N, H, W, _ = lightness.shape
+        f = self.downsample_factor
+        if H % f or W % f:
+            raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
+        x = lightness
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    __call__ = forward
+
+    def backward(self, d_ab) -> None:
+        """Backpropagate dloss/d(ab) (N, H, W, 2); fills every layer's grads."""
+        d = d_ab
+        for layer in reversed(self.layers):
+            d = layer.backward(d)
+
+    # -- saving and loading -------------------------------------------------------------------
+    def state_arrays(self, dtype=None) -> dict:
+        """Host copies of all parameters, named 'layer<i>.<param>'."""
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            for name, p in layer.params.items():
+                a = to_numpy(p)
+                arrays[f"layer{i}.{name}"] = a.astype(dtype) if dtype else a.copy()
+        return arrays
+
+    def load_state_arrays(self, arrays: dict, source: str = "weights") -> None:
+        for i, layer in enumerate(self.layers):
+            for name, p in layer.params.items():
+                key = f"layer{i}.{name}"
+                if key not in arrays:
+                    raise CorruptFileError(f"{source}: missing parameter {key}")
+                a = arrays[key]
+                if a.shape != p.shape:
+                    raise CorruptFileError(f"{source}: {key} has shape {a.shape}, the architecture needs {p.shape}")
+                if not np.all(np.isfinite(a)):
+                    raise CorruptFileError(f"{source}: {key} holds NaN or infinite values")
+                layer.params[name] = backend.xp.asarray(a.astype(p.dtype))
+
+    def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
+        """Write weights + architecture config atomically (float16 by default: half the bytes)."""
+        save_npz(path, self.state_arrays(dtype), kind="weights", config=self.config, **meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ColorNet":
+        """Rebuild a model from a weights file or a training checkpoint alone."""
+        arrays, meta = load_npz(path)
+        config = meta.get("config")
+        try:
+            model = cls(widths=tuple(config["widths"]), kernel=config["kernel"])
+        except (TypeError, KeyError, ValueError):
+            raise CorruptFileError(f"{path}: no usable architecture config ({config!r})") from None
+        model.load_state_arrays(arrays, source=str(path))
+        return model

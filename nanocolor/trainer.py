@@ -1,0 +1,213 @@
+"""The training loop: data, epochs, validation, checkpoints, previews and a CSV log.
+
+A run folder holds:
+    checkpoint.npz  weights + Adam state + position (epoch, step), written atomically
+    model.npz       the latest weights alone (float16), what colorize.py reads
+    log.csv         one row per epoch: losses, validation PSNR, seconds
+    preview.png     fixed validation photos: grayscale | ground truth | colorized
+The order of mini-batches depends only on (seed, epoch), so --resume continues exactly.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from . import backend
+from .color import lab_to_rgb, unscale_ab, unscale_lightness
+from .data import DataError, epoch_plan, load_dataset, make_batch, split_indices
+from .infer import side_by_side
+from .loss import MSELoss
+from .metrics import psnr
+from .model import DEFAULT_WIDTHS, ColorNet
+from .optim import Adam
+from .serialize import atomic_write_bytes, load_npz, save_npz
+
+PREVIEW_IMAGES = 4
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    size: int = 64
+    val_fraction: float = 0.1
+    seed: int = 0
+    widths: tuple = DEFAULT_WIDTHS
+    limit: int | None = None          # use only the first `limit` images (quick experiments)
+    progress: bool = True
+    history: list = field(default_factory=list, repr=False)
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early: interrupted by the user (exit 130) or diverged (exit 1)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def lab_to_rgb_batch(lightness, ab) -> np.ndarray:
+    """Scaled lightness (N, H, W, 1) + scaled ab (N, H, W, 2) -> RGB (N, H, W, 3) in [0, 1]."""
+    lab = np.concatenate([unscale_lightness(backend.to_numpy(lightness)),
+                          unscale_ab(backend.to_numpy(ab))], axis=-1).astype(np.float64)
+    return lab_to_rgb(lab)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.checkpoint_path = self.out / "checkpoint.npz"
+        self.epoch, self.step, self.loss_sum, self.cpu_seconds = 0, 0, 0.0, 0.0
+        if resume:
+            self._load_checkpoint()
+        self.lightness, self.ab = load_dataset(cfg.data, cfg.size, limit=cfg.limit, progress=cfg.progress)
+        self.train_idx, self.val_idx = split_indices(len(self.lightness), cfg.val_fraction, cfg.seed)
+        if len(self.train_idx) < cfg.batch_size:
+            raise DataError(f"batch size {cfg.batch_size} is larger than the {len(self.train_idx)} "
+                            f"training images: lower --batch-size or add photos")
+        factor = 2 ** (len(cfg.widths) - 1)
+        if cfg.size % factor:
+            raise ValueError(f"--size {cfg.size} must divide by {factor}, the downsampling factor "
+                             f"of a {len(cfg.widths)}-width network")
+        if not resume:
+            self.model = ColorNet(cfg.widths, seed=cfg.seed)
+            self.optimizer = Adam(self.model.param_layers, lr=cfg.lr)
+        self.loss = MSELoss()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        arrays = self.model.state_arrays()
+        for name, a in self.optimizer.state_dict().items():
+            arrays[f"adam.{name}"] = backend.to_numpy(a) if hasattr(a, "shape") else np.array(a)
+        train_config = {k: v for k, v in asdict(self.cfg).items() if k != "history"}
+        save_npz(self.checkpoint_path, arrays, kind="checkpoint", config=self.model.config,
+                 train_config=train_config, epoch=self.epoch, step=self.step, loss_sum=self.loss_sum,
+                 cpu_seconds=self.cpu_seconds, history=self.cfg.history)
+
+    def _load_checkpoint(self) -> None:
+        arrays, meta = load_npz(self.checkpoint_path, kinds=("checkpoint",))
+        stored = meta["train_config"]
+        for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
+            setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
+        self.cfg.history = meta["history"]
+        self.model = ColorNet(tuple(meta["config"]["widths"]), kernel=meta["config"]["kernel"])
+        self.model.load_state_arrays(arrays, source=str(self.checkpoint_path))
+        self.optimizer = Adam(self.model.param_layers, lr=self.cfg.lr)
+        self.optimizer.load_state_dict({name[5:]: a for name, a in arrays.items() if name.startswith("adam.")})
+        self.epoch, self.step = meta["epoch"], meta["step"]
+        self.loss_sum, self.cpu_seconds = meta["loss_sum"], meta["cpu_seconds"]
+
+    # -- one epoch ------------------------------------------------------------------------------
+    def train_step(self, lightness, ab_true) -> float:
+        ab_pred = self.model.forward(lightness)
+        loss = self.loss.forward(ab_pred, ab_true)
+        if not math.isfinite(loss):
+            return loss
+        self.model.backward(self.loss.backward())
+        self.optimizer.step()
+        return loss
+
+    def validate(self, batch_size: int = 64) -> tuple[float, float]:
+        """Mean validation MSE (scaled ab) and mean PSNR (dB, 8-bit RGB) over the validation set."""
+        if len(self.val_idx) == 0:
+            return float("nan"), float("nan")
+        losses, psnrs = [], []
+        for start in range(0, len(self.val_idx), batch_size):
+            idx = self.val_idx[start:start + batch_size]
+            L, ab_true = self.lightness[idx], self.ab[idx]
+            ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L)))
+            losses.append(float(np.mean((ab_pred - ab_true) ** 2)) * len(idx))
+            pred_rgb, true_rgb = lab_to_rgb_batch(L, ab_pred), lab_to_rgb_batch(L, ab_true)
+            psnrs += [psnr(np.round(p * 255), np.round(t * 255)) for p, t in zip(pred_rgb, true_rgb)]
+        return sum(losses) / len(self.val_idx), float(np.mean(psnrs))
+
+    def write_preview(self) -> None:
+        idx = self.val_idx[:PREVIEW_IMAGES] if len(self.val_idx) else self.train_idx[:PREVIEW_IMAGES]
+        L, ab_true = self.lightness[idx], self.ab[idx]
+        ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L)))
+        gray = lab_to_rgb_batch(L, np.zeros_like(ab_true))
+        truth, pred = lab_to_rgb_batch(L, ab_true), lab_to_rgb_batch(L, ab_pred)
+        picture = side_by_side(list(zip(gray, truth, pred)))
+        zoom = max(1, 128 // self.cfg.size)  # small training images are shown enlarged
+        picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.Resampling.NEAREST)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        atomic_write_bytes(self.out / "preview.png", buffer.getvalue())
+
+    def write_log(self) -> None:
+        buffer = io.StringIO()
+        fields = ["epoch", "train_loss", "val_loss", "val_psnr", "seconds"]
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.cfg.history)
+        atomic_write_bytes(self.out / "log.csv", buffer.getvalue().encode())
+
+    def run(self) -> dict:
+        """Train up to cfg.epochs; returns the last epoch's history row (empty if nothing to do)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while self.epoch < cfg.epochs:
+                self._run_epoch()
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        return cfg.history[-1] if cfg.history else {}
+
+    def _run_epoch(self) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        plan = epoch_plan(len(self.train_idx), cfg.batch_size, cfg.seed, epoch)
+        started, cpu_started = time.time(), time.process_time()
+        bar = tqdm(total=len(plan), initial=self.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not cfg.progress, leave=False)
+        try:
+            for positions, flips in plan[self.step:]:
+                L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions], flips)
+                loss = self.train_step(backend.xp.asarray(L), backend.xp.asarray(ab_true))
+                if not math.isfinite(loss):
+                    raise TrainingStopped(
+                        f"training diverged: loss is {loss} at epoch {epoch + 1}, step {self.step + 1}; "
+                        f"the last good checkpoint is kept in {self.checkpoint_path} (try a lower --lr)", 1)
+                self.step += 1
+                self.loss_sum += loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.loss_sum / self.step:.5f}")
+        except KeyboardInterrupt:
+            bar.close()
+            self.cpu_seconds += time.process_time() - cpu_started
+            self.save_checkpoint()
+            raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {self.step}; checkpoint saved: "
+                                  f"continue with --resume {self.out}", 130) from None
+        bar.close()
+        val_loss, val_psnr = self.validate()
+        self.cpu_seconds += time.process_time() - cpu_started
+        row = {"epoch": epoch + 1, "train_loss": round(self.loss_sum / max(self.step, 1), 6),
+               "val_loss": round(val_loss, 6), "val_psnr": round(val_psnr, 3),
+               "seconds": round(time.time() - started, 1)}
+        cfg.history.append(row)
+        self.epoch, self.step, self.loss_sum = epoch + 1, 0, 0.0
+        self.save_checkpoint()
+        self.model.save(self.out / "model.npz", train_size=cfg.size, epochs=self.epoch,
+                        cpu_seconds=round(self.cpu_seconds, 1))
+        self.write_preview()
+        self.write_log()
+        if cfg.progress:
+            tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  "
+                       f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  "
+                       f"({row['seconds']:.0f} s)")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM is handled like Ctrl-C: save, then stop
