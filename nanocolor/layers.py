@@ -31,20 +31,45 @@ class Layer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Convolution: im2col + one GEMM forward, two GEMMs + col2im backward.
+# Convolution: im2col + one GEMM forward; backward is two more GEMMs.
 
-def im2col(x_pad, k: int, H: int, W: int):
-    """(N, H+k-1, W+k-1, C) padded input -> (N*H*W, k*k*C) patch matrix, one copy.
+_workspace: dict = {}
 
-    A strided view lays every k x k patch out without copying; reshape then copies it once,
-    row (n, y, x) holding the patch whose top-left corner is pixel (y, x) of the padded input.
+
+def scratch(tag: str, shape: tuple, dtype, like, zero: bool = False):
+    """A reusable scratch array, allocated once per (tag, shape, dtype) and shared by all layers.
+
+    Scratch arrays hold temporaries only; a 'pad' buffer is zeroed once and its users write only
+    its interior, so its border stays zero across every reuse.
     """
+    xp = array_module(like)
+    key = (tag, tuple(shape), xp.dtype(dtype).str, xp.__name__)
+    buf = _workspace.get(key)
+    if buf is None:
+        buf = _workspace[key] = (xp.zeros if zero else xp.empty)(shape, dtype=dtype)
+    return buf
+
+
+def patches(x_pad, k: int, H: int, W: int):
+    """(N, H+k-1, W+k-1, C) -> strided view (N, H, W, k, k, C) of every k x k patch, no copy."""
     xp = array_module(x_pad)
     N, _, _, C = x_pad.shape
     sN, sH, sW, sC = x_pad.strides
-    patches = xp.lib.stride_tricks.as_strided(
+    return xp.lib.stride_tricks.as_strided(
         x_pad, shape=(N, H, W, k, k, C), strides=(sN, sH, sW, sH, sW, sC))
-    return patches.reshape(N * H * W, k * k * C)
+
+
+def im2col(x_pad, k: int, H: int, W: int, out=None):
+    """(N, H+k-1, W+k-1, C) padded input -> (N*H*W, k*k*C) patch matrix, in one copy.
+
+    Row (n, y, x) holds the patch whose top-left corner is pixel (y, x) of the padded input.
+    """
+    xp = array_module(x_pad)
+    N, _, _, C = x_pad.shape
+    if out is None:
+        out = xp.empty((N * H * W, k * k * C), dtype=x_pad.dtype)
+    xp.copyto(out.reshape(N, H, W, k, k, C), patches(x_pad, k, H, W))
+    return out
 
 
 def col2im(cols, x_pad_shape: tuple, k: int, H: int, W: int):
@@ -62,11 +87,23 @@ def col2im(cols, x_pad_shape: tuple, k: int, H: int, W: int):
     return dx_pad
 
 
+def pad_into(x, p: int, tag: str):
+    """Zero-pad H and W of x (N, H, W, C) by p, into a reused scratch buffer."""
+    N, H, W, C = x.shape
+    x_pad = scratch(tag, (N, H + 2 * p, W + 2 * p, C), x.dtype, x, zero=True)
+    x_pad[:, p:p + H, p:p + W, :] = x
+    return x_pad
+
+
 class Conv2d(Layer):
     """k x k convolution, stride 1, 'same' zero padding, with bias. x (N, H, W, C) -> (N, H, W, F).
 
     Weights (k, k, C, F) are He-initialized: std sqrt(2 / (k*k*C)), right for ReLU networks.
+    dx is computed as a convolution of dout with the flipped kernel (one im2col + one GEMM);
+    `dx_method = "col2im"` selects the textbook scatter-add of the column gradients instead.
     """
+
+    dx_method = "transposed_conv"
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3, rng=None, dtype=np.float32):
         super().__init__()
@@ -83,27 +120,36 @@ class Conv2d(Layer):
     def forward(self, x):
         xp = array_module(x)
         N, H, W, C = x.shape
-        p = self.k // 2
-        x_pad = xp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        cols = im2col(x_pad, self.k, H, W)                       # (N*H*W, k*k*C)
-        w_mat = self.params["W"].reshape(-1, self.c_out)          # (k*k*C, F)
-        out = cols @ w_mat
+        k, F = self.k, self.c_out
+        x_pad = pad_into(x, k // 2, "pad")
+        # The patch matrix is kept for backward (dW needs it): one buffer per layer and shape.
+        cols = getattr(self, "_cols", None)
+        if cols is None or cols.shape != (N * H * W, k * k * C) or cols.dtype != x.dtype \
+                or array_module(cols) is not xp:
+            cols = self._cols = xp.empty((N * H * W, k * k * C), dtype=x.dtype)
+        im2col(x_pad, k, H, W, out=cols)
+        out = cols @ self.params["W"].reshape(k * k * C, F)
         out += self.params["b"]
-        self.cache = (cols, x_pad.shape)
-        return out.reshape(N, H, W, self.c_out)
+        self.cache = (cols, x.shape)
+        return out.reshape(N, H, W, F)
 
     def backward(self, dout):
-        cols, x_pad_shape = self.cache
-        N, H, W, F = dout.shape
+        cols, (N, H, W, C) = self.cache
+        k, F = self.k, self.c_out
         dout2d = dout.reshape(N * H * W, F)
         self.grads["W"] = (cols.T @ dout2d).reshape(self.params["W"].shape)
         self.grads["b"] = dout2d.sum(axis=0)
         if not self.input_grad:
             return None
-        dcols = dout2d @ self.params["W"].reshape(-1, F).T       # (N*H*W, k*k*C)
-        dx_pad = col2im(dcols, x_pad_shape, self.k, H, W)
-        p = self.k // 2
-        return dx_pad[:, p:p + H, p:p + W, :]
+        if self.dx_method == "col2im":
+            dcols = dout2d @ self.params["W"].reshape(k * k * C, F).T     # (N*H*W, k*k*C)
+            p = k // 2
+            return col2im(dcols, (N, H + 2 * p, W + 2 * p, C), k, H, W)[:, p:p + H, p:p + W, :]
+        # dx[y, x, c] = sum_{i, j, f} dout_pad[y + i, x + j, f] * W[k-1-i, k-1-j, c, f]
+        dout_pad = pad_into(dout, k // 2, "pad")
+        dcols = im2col(dout_pad, k, H, W, out=scratch("cols", (N * H * W, k * k * F), dout.dtype, dout))
+        w_flipped = self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2).reshape(k * k * F, C)
+        return (dcols @ w_flipped).reshape(N, H, W, C)
 
 
 # ---------------------------------------------------------------------------------------------
