@@ -1,0 +1,290 @@
+"""Every layer's backward pass against central differences (float64, relative error < 1e-6),
+the fast convolution against a slow loop reference, and the whole network end to end."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nanocolor.gradcheck import numeric_gradient, relative_error
+from nanocolor.layers import Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
+from nanocolor.loss import MSELoss
+from nanocolor.model import ColorNet
+
+TOL = 1e-6
+
+
+def check_layer(layer, x: np.ndarray, rng: np.random.Generator) -> None:
+    """Gradcheck dx and every parameter gradient of `layer` at input x (N, H, W, C), float64.
+
+    The scalar is f = sum(forward(x) * dout) for a fixed random dout, so df/dout-path is dout.
+    """
+    out = layer.forward(x)
+    dout = rng.standard_normal(out.shape)
+    f = lambda: float(np.sum(layer.forward(x) * dout))
+    layer.forward(x)
+    dx = layer.backward(dout.copy())
+    analytic_params = {name: np.array(g, copy=True) for name, g in layer.grads.items()}
+    assert dx.shape == x.shape
+    assert dx.dtype == np.float64
+    err = relative_error(dx, numeric_gradient(f, x))
+    assert err < TOL, f"{type(layer).__name__} dx relative error {err:.2e}"
+    for name, p in layer.params.items():
+        assert analytic_params[name].shape == p.shape
+        err = relative_error(analytic_params[name], numeric_gradient(f, p))
+        assert err < TOL, f"{type(layer).__name__} d{name} relative error {err:.2e}"
+
+
+def conv64(c_in: int, c_out: int, k: int, seed: int = 0) -> Conv2d:
+    conv = Conv2d(c_in, c_out, k, rng=np.random.default_rng(seed), dtype=np.float64)
+    conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out)  # non-zero bias
+    return conv
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d
+
+@pytest.mark.parametrize("shape,c_out,k", [
+    ((2, 5, 7, 3), 4, 3),   # odd H and W
+    ((1, 4, 6, 1), 2, 3),   # batch 1, one input channel
+    ((2, 3, 5, 2), 3, 1),   # 1x1 kernel
+    ((1, 7, 5, 2), 3, 5),   # 5x5 kernel wider than padding on a small image
+    ((1, 2, 3, 1), 1, 5),   # kernel larger than the image
+])
+@pytest.mark.parametrize("dx_method", ["transposed_conv", "col2im"])
+def test_conv_gradients(shape, c_out, k, dx_method, rng):
+    conv = conv64(shape[-1], c_out, k)
+    conv.dx_method = dx_method  # both ways of computing dx must agree with the numbers
+    check_layer(conv, rng.standard_normal(shape), rng)
+
+
+def test_conv_results_survive_other_layers_calls(rng):
+    """Outputs, caches and gradients belong to their layer, not to scratch space that the next
+    layer of the same shape overwrites: interleaved calls give the same numbers as lone ones."""
+    x, y = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((2, 5, 4, 3))
+    dout_a, dout_b = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((2, 5, 4, 3))
+    lone = conv64(3, 3, 3, seed=0)
+    out_lone = lone.forward(x).copy()
+    dx_lone = lone.backward(dout_a.copy()).copy()
+    dw_lone = lone.grads["W"].copy()
+
+    a, b = conv64(3, 3, 3, seed=0), conv64(3, 3, 3, seed=5)
+    out_a = a.forward(x)
+    b.forward(y)
+    dx_a = a.backward(dout_a.copy())
+    b.backward(dout_b.copy())
+    np.testing.assert_array_equal(out_a, out_lone)
+    np.testing.assert_array_equal(dx_a, dx_lone)
+    np.testing.assert_array_equal(a.grads["W"], dw_lone)
+
+
+def slow_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Textbook 'same' convolution (cross-correlation), zero padding, stride 1, with loops.
+
+    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F).
+    """
+    N, H, W, C = x.shape
+    k, F = w.shape[0], w.shape[-1]
+    p = k // 2
+    out = np.zeros((N, H, W, F))
+    for n in range(N):
+        for y in range(H):
+            for xx in range(W):
+                for f in range(F):
+                    total = b[f]
+                    for i in range(k):
+                        for j in range(k):
+                            yy, xj = y + i - p, xx + j - p
+                            if 0 <= yy < H and 0 <= xj < W:
+                                for c in range(C):
+                                    total += x[n, yy, xj, c] * w[i, j, c, f]
+                    out[n, y, xx, f] = total
+    return out
+
+
+@pytest.mark.parametrize("shape,c_out,k", [((2, 5, 7, 3), 4, 3), ((1, 6, 3, 1), 2, 5), ((2, 3, 4, 2), 3, 1)])
+def test_conv_forward_matches_loop_reference(shape, c_out, k, rng):
+    conv = conv64(shape[-1], c_out, k)
+    x = rng.standard_normal(shape)
+    expected = slow_conv(x, conv.params["W"], conv.params["b"])
+    np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_float32_forward_matches_reference(rng):
+    conv = Conv2d(3, 5, 3, rng=np.random.default_rng(0), dtype=np.float32)
+    x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+    out = conv.forward(x)
+    assert out.dtype == np.float32
+    expected = slow_conv(x.astype(np.float64), conv.params["W"].astype(np.float64), conv.params["b"])
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_single_pixel_impulse_gives_flipped_kernel(rng):
+    """A unit impulse in the middle of a zero image reproduces the kernel, spatially flipped."""
+    conv = conv64(1, 1, 3)
+    x = np.zeros((1, 5, 5, 1))
+    x[0, 2, 2, 0] = 1.0
+    out = conv.forward(x)[0, 1:4, 1:4, 0] - conv.params["b"][0]
+    np.testing.assert_allclose(out, conv.params["W"][::-1, ::-1, 0, 0], atol=1e-14)
+
+
+def test_conv_he_init_and_even_kernel():
+    conv = Conv2d(64, 128, 3, rng=np.random.default_rng(0))
+    assert conv.params["W"].shape == (3, 3, 64, 128) and conv.params["b"].shape == (128,)
+    assert np.all(conv.params["b"] == 0)
+    # He init: std sqrt(2 / fan_in) with fan_in = 3*3*64
+    assert abs(conv.params["W"].std() / np.sqrt(2 / 576) - 1) < 0.02
+    with pytest.raises(ValueError):
+        Conv2d(1, 1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# MaxPool2d
+
+def distinct_values(shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    """Random values at least 1e-3 apart, so no window is near a tie while eps = 1e-6 probes it."""
+    return rng.permutation(np.arange(int(np.prod(shape)))).reshape(shape) * 1e-3 + rng.uniform(0, 1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 5, 7, 2), (2, 3, 3, 1), (1, 2, 2, 1)])
+def test_maxpool_gradients(shape, rng):
+    check_layer(MaxPool2d(), distinct_values(shape, rng), rng)
+
+
+def test_maxpool_odd_size_drops_last_row_and_column(rng):
+    x = rng.standard_normal((2, 5, 7, 3))
+    pool = MaxPool2d()
+    out = pool.forward(x)
+    assert out.shape == (2, 2, 3, 3)
+    expected = x[:, :4, :6].reshape(2, 2, 2, 3, 2, 3).max(axis=(2, 4))
+    np.testing.assert_array_equal(out, expected)
+    dx = pool.backward(np.ones_like(out))
+    assert np.all(dx[:, 4, :, :] == 0) and np.all(dx[:, :, 6, :] == 0)  # dropped pixels get no gradient
+    assert dx.sum() == out.size
+
+
+def test_maxpool_ties_route_gradient_to_one_element():
+    """A window of equal values passes its gradient to exactly one of them, not to all four."""
+    x = np.zeros((1, 4, 4, 2))
+    x[0, 2:, 2:, 1] = 5.0       # one window all tied at 5
+    x[0, 0, 1, 0] = x[0, 1, 0, 0] = 3.0  # two tied maxima in another
+    pool = MaxPool2d()
+    out = pool.forward(x)
+    dout = np.arange(1, out.size + 1, dtype=np.float64).reshape(out.shape)
+    dx = pool.backward(dout)
+    windows = dx.reshape(1, 2, 2, 2, 2, 2)
+    assert np.count_nonzero(dx) == out.size  # one receiver per window
+    np.testing.assert_array_equal(windows.sum(axis=(2, 4)), dout)  # nothing lost, nothing doubled
+    # the receiver is a maximum of its window
+    receivers = windows != 0
+    window_x = x.reshape(1, 2, 2, 2, 2, 2)
+    assert np.all(window_x[receivers] == np.broadcast_to(out[:, :, None, :, None, :], window_x.shape)[receivers])
+
+
+# ---------------------------------------------------------------------------------------------
+# Upsample2d, ReLU, Tanh
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 2), (1, 1, 1, 1), (1, 4, 2, 3)])
+def test_upsample_gradients(shape, rng):
+    check_layer(Upsample2d(), rng.standard_normal(shape), rng)
+
+
+def test_upsample_is_nearest_neighbour(rng):
+    x = rng.standard_normal((2, 3, 5, 2))
+    out = Upsample2d().forward(x)
+    assert out.shape == (2, 6, 10, 2)
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
+
+
+def away_from_zero(shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    """Random values with |x| >= 0.1: ReLU's kink at 0 stays far from the finite-difference probes."""
+    x = rng.standard_normal(shape)
+    return np.where(np.abs(x) < 0.1, 0.1 * np.sign(x) + 0.1 * (x == 0), x)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
+def test_relu_gradients(shape, rng):
+    check_layer(ReLU(), away_from_zero(shape, rng), rng)
+
+
+def test_relu_forward(rng):
+    x = away_from_zero((2, 3, 3, 2), rng)
+    np.testing.assert_array_equal(ReLU().forward(x), np.where(x > 0, x, 0))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
+def test_tanh_gradients(shape, rng):
+    check_layer(Tanh(), 1.5 * rng.standard_normal(shape), rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 2), (1, 1, 1, 1)])
+def test_mse_loss_value_and_gradient(shape, rng):
+    pred, target = rng.standard_normal(shape), rng.standard_normal(shape)
+    loss = MSELoss()
+    value = loss.forward(pred, target)
+    assert value == pytest.approx(np.sum((pred - target) ** 2) / pred.size, rel=1e-12)
+    dpred = loss.backward()
+    numeric = numeric_gradient(lambda: MSELoss().forward(pred, target), pred)
+    assert relative_error(dpred, numeric) < TOL
+
+
+def test_mse_loss_is_zero_for_equal_inputs(rng):
+    x = rng.standard_normal((2, 2, 2, 2))
+    loss = MSELoss()
+    assert loss.forward(x, x.copy()) == 0.0
+    assert np.all(loss.backward() == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward leaves dout alone
+
+@pytest.mark.parametrize("make_layer,shape", [
+    (lambda: conv64(2, 3, 3), (2, 5, 3, 2)),
+    (MaxPool2d, (2, 5, 3, 2)),
+    (Upsample2d, (2, 5, 3, 2)),
+    (ReLU, (2, 5, 3, 2)),
+    (Tanh, (2, 5, 3, 2)),
+], ids=["conv", "maxpool", "upsample", "relu", "tanh"])
+def test_backward_does_not_modify_dout(make_layer, shape, rng):
+    layer = make_layer()
+    x = rng.standard_normal(shape)
+    x_before = x.copy()
+    out = layer.forward(x)
+    dout = rng.standard_normal(out.shape)
+    dout_before = dout.copy()
+    dx = layer.backward(dout)
+    np.testing.assert_array_equal(dout, dout_before)
+    np.testing.assert_array_equal(x, x_before)  # forward does not touch its input either
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole network
+
+@pytest.mark.parametrize("widths,kernel,shape", [
+    ((3, 4), 3, (2, 4, 6, 1)),      # one pool/upsample level, non-square
+    ((2, 3, 4), 3, (1, 4, 8, 1)),   # two levels, batch 1
+    ((3,), 5, (2, 3, 5, 1)),        # no pooling: odd sizes, 5x5 kernels
+])
+def test_colornet_end_to_end_gradients(widths, kernel, shape, rng):
+    """d MSE / d every parameter of a tiny float64 ColorNet, by backprop vs central differences."""
+    model = ColorNet(widths, kernel=kernel, seed=3, dtype=np.float64)
+    for layer in model.param_layers:  # non-zero biases so their gradients are exercised too
+        layer.params["b"] = rng.standard_normal(layer.params["b"].shape) * 0.1
+    lightness = rng.uniform(-1, 1, shape)
+    ab_true = rng.uniform(-0.5, 0.5, shape[:3] + (2,))
+    loss = MSELoss()
+    f = lambda: MSELoss().forward(model.forward(lightness), ab_true)
+
+    ab_pred = model.forward(lightness)
+    assert ab_pred.shape == shape[:3] + (2,) and ab_pred.dtype == np.float64
+    loss.forward(ab_pred, ab_true)
+    model.backward(loss.backward())
+    analytic = [{name: np.array(g, copy=True) for name, g in layer.grads.items()} for layer in model.param_layers]
+
+    assert len(analytic) == 2 * len(widths)
+    for i, layer in enumerate(model.param_layers):
+        for name, p in layer.params.items():
+            err = relative_error(analytic[i][name], numeric_gradient(f, p))
+            assert err < TOL, f"layer {i} d{name}: relative error {err:.2e}"
