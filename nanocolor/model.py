@@ -6,6 +6,8 @@ Encoder: for each width but the last, Conv(k x k) + ReLU + MaxPool (halves H and
 bottleneck Conv + ReLU to the last width. Decoder: for each width back down, Conv + ReLU +
 Upsample (doubles H and W); a final Conv to 2 channels + Tanh. H and W must divide by
 2**(len(widths) - 1), the network's downsampling factor.
+For the classification loss (classify.py) the head is instead a Conv to Q color-bin logits,
+(N, H, W, Q), with no activation: ColorNet(..., out_channels=Q, head="logits").
 """
 from __future__ import annotations
 
@@ -22,10 +24,14 @@ DEFAULT_WIDTHS = (32, 64, 128, 256)
 
 
 class ColorNet:
-    def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32):
+    def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32,
+                 out_channels: int = 2, head: str = "tanh"):
         if len(widths) < 1 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be positive channel counts, got {widths}")
-        self.config = {"widths": [int(w) for w in widths], "kernel": int(kernel)}
+        if head not in ("tanh", "logits"):
+            raise ValueError(f"head must be 'tanh' (ab regression) or 'logits' (bin classification), got {head!r}")
+        self.config = {"widths": [int(w) for w in widths], "kernel": int(kernel),
+                       "out_channels": int(out_channels), "head": head}
         rng = np.random.default_rng(seed)
         conv = lambda c_in, c_out: Conv2d(c_in, c_out, kernel, rng=rng, dtype=dtype)
         layers, c = [], 1
@@ -37,7 +43,7 @@ class ColorNet:
         for w in reversed(widths[:-1]):
             layers += [conv(c, w), ReLU(), Upsample2d()]
             c = w
-        layers += [conv(c, 2), Tanh()]
+        layers += [conv(c, out_channels)] + ([Tanh()] if head == "tanh" else [])
         layers[0].input_grad = False  # nobody needs the gradient w.r.t. the input image
         self.layers = layers
         self.to_device()
@@ -61,7 +67,7 @@ class ColorNet:
         return self
 
     def forward(self, lightness):
-        """(N, H, W, 1) scaled lightness -> (N, H, W, 2) scaled ab."""
+        """(N, H, W, 1) scaled lightness -> (N, H, W, 2) scaled ab (or (N, H, W, Q) bin logits)."""
         N, H, W, _ = lightness.shape
         f = self.downsample_factor
         if H % f or W % f:
@@ -112,7 +118,8 @@ class ColorNet:
         arrays, meta = load_npz(path)
         config = meta.get("config")
         try:
-            model = cls(widths=tuple(config["widths"]), kernel=config["kernel"])
+            model = cls(widths=tuple(config["widths"]), kernel=config["kernel"],
+                        out_channels=config.get("out_channels", 2), head=config.get("head", "tanh"))
         except (TypeError, KeyError, ValueError):
             raise CorruptFileError(f"{path}: no usable architecture config ({config!r})") from None
         model.load_state_arrays(arrays, source=str(path))
