@@ -11,10 +11,12 @@ import numpy as np
 from .backend import array_module
 
 AB_SCALE = 110.0
-WHITE_D65 = (0.95047, 1.0, 1.08883)  # XYZ of the D65 reference white, Y = 1
 RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
                        [0.2126729, 0.7151522, 0.0721750],
                        [0.0193339, 0.1191920, 0.9503041]])
+# XYZ of the D65 reference white, (0.95047, 1.0, 1.08883) to 7 digits; taken as the image of
+# sRGB white under the matrix above, so white maps to exactly L* = 100 and every gray to a = b = 0.
+WHITE_D65 = tuple(RGB_TO_XYZ.sum(axis=1))
 XYZ_TO_RGB = np.linalg.inv(RGB_TO_XYZ)
 _DELTA = 6 / 29  # where CIE's cube root hands over to a straight line
 
