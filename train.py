@@ -4,6 +4,7 @@
 With no arguments it trains on the sample photos bundled in data/sample. Examples:
     python train.py --data ~/photos --epochs 50 --out runs/photos
     python train.py --resume runs/photos --epochs 80      # continue (and extend) a run
+    mpirun -n 4 python train.py --data ~/photos --out runs/photos4   # data-parallel on 4 processes
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from nanocolor import backend
 from nanocolor.data import DataError
+from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
 from nanocolor.model import DEFAULT_WIDTHS
 from nanocolor.serialize import CorruptFileError
 from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
@@ -23,16 +25,19 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(HERE / "data" / "sample"),
+    p.add_argument("--data",
                    help="folder of color photos, searched recursively; a Kaggle-style folder with "
-                        "color/ and gray/ trains on color/ (default: the bundled sample)")
+                        "color/ and gray/ trains on color/ (default: the run's own folder with "
+                        "--resume, else the bundled sample)")
     p.add_argument("--out", help="run folder for checkpoint, weights, log and preview "
                                  "(default: runs/<date-time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its checkpoint (its settings are kept; "
                         "--epochs may extend it)")
     p.add_argument("--epochs", type=int, default=None, help="total epochs to train (default 50)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per mini-batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per mini-batch (default 16); under mpirun the global batch, "
+                        "split evenly over the processes")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--size", type=int, default=64,
                    help="training images are center-cropped and resized to SIZE x SIZE (default 64)")
@@ -45,37 +50,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None,
                    help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help=argparse.SUPPRESS)  # float64 parameters: only for exactness checks
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    world = World()
     try:
+        world = init_world()
         backend.use_device(args.device)
+        use_local_gpu(world, backend.xp)
         widths = tuple(int(w) for w in args.widths.split(","))
         out = args.resume or args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-        cfg = TrainConfig(data=args.data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
+        data = args.data or (None if args.resume else str(HERE / "data" / "sample"))
+        cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
                           lr=args.lr, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          widths=widths, limit=args.limit, progress=not args.quiet)
+                          widths=widths, limit=args.limit, progress=not args.quiet and world.is_root)
         if args.epochs is not None and args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         if args.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if not args.resume and (Path(out) / "checkpoint.npz").exists():
             raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
-        trainer = Trainer(cfg, resume=bool(args.resume))
+        trainer = Trainer(cfg, resume=bool(args.resume), world=world, dtype=args.dtype)
         if args.resume and args.epochs is None:
             cfg.epochs = max(trainer.epoch, 50)
         last = trainer.run()
     except TrainingStopped as stop:
-        print(f"train.py: {stop}", file=sys.stderr)
+        if world.is_root:
+            print(f"train.py: {stop}", file=sys.stderr)
         return stop.exit_code
-    except (backend.DeviceError, DataError, CorruptFileError, ValueError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+    except (backend.DeviceError, DataError, CorruptFileError, DistributedError, ValueError) as err:
+        print(f"train.py: {_rank_tag(world)}error: {err}", file=sys.stderr)
         return 2
+    if not world.is_root:
+        return 0
     print(f"done: {cfg.epochs} epochs, val PSNR {last.get('val_psnr', float('nan'))} dB; "
           f"weights in {Path(out) / 'model.npz'}")
     return 0
+
+
+def _rank_tag(world: World) -> str:
+    """'' alone; 'rank 1: ' under MPI, where an error may hit only some processes."""
+    return f"rank {world.rank}: " if world.size > 1 else ""
 
 
 if __name__ == "__main__":

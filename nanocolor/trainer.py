@@ -6,6 +6,11 @@ A run folder holds:
     log.csv         one row per epoch: losses, validation PSNR, seconds
     preview.png     fixed validation photos: grayscale | ground truth | colorized
 The order of mini-batches depends only on (seed, epoch), so --resume continues exactly.
+
+Data-parallel over MPI (see distributed.py): with N processes every global batch of the same
+plan is cut into N equal shards, rank r computing shard r; the averaged gradient equals the
+one-process gradient of the whole batch, so every rank takes the same Adam step. Validation is
+split across ranks and its sums reduced; only rank 0 writes files and shows progress.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import io
 import math
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from tqdm import tqdm
 from . import backend
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import DataError, epoch_plan, load_dataset, make_batch, split_indices
+from .distributed import GradientAverager, World
 from .infer import side_by_side
 from .loss import MSELoss
 from .metrics import psnr
@@ -36,7 +43,7 @@ PREVIEW_IMAGES = 4
 
 @dataclass
 class TrainConfig:
-    data: str
+    data: str | None                  # None with resume: the data folder stored in the checkpoint
     out: str
     epochs: int = 50
     batch_size: int = 16
@@ -66,13 +73,28 @@ def lab_to_rgb_batch(lightness, ab) -> np.ndarray:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    """Trains one model, alone or as one rank of an MPI `world`.
+
+    dtype is the parameter precision of a new run (float64 only for exactness checks); a resumed
+    run keeps its checkpoint's precision.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, world: World | None = None, dtype=np.float32):
         self.cfg, self.out = cfg, Path(cfg.out)
+        self.world = world or World()
+        self.progress = cfg.progress and self.world.is_root  # the other ranks stay quiet
         self.checkpoint_path = self.out / "checkpoint.npz"
         self.epoch, self.step, self.loss_sum, self.cpu_seconds = 0, 0, 0.0, 0.0
+        self.dtype = np.dtype(dtype)
         if resume:
             self._load_checkpoint()
-        self.lightness, self.ab = load_dataset(cfg.data, cfg.size, limit=cfg.limit, progress=cfg.progress)
+        if cfg.batch_size % self.world.size:
+            raise ValueError(f"batch size {cfg.batch_size} must divide by the {self.world.size} processes: "
+                             f"each takes an equal share of every batch")
+        with warnings.catch_warnings():
+            if not self.world.is_root:
+                warnings.simplefilter("ignore")  # rank 0 already reports skipped images
+            self.lightness, self.ab = load_dataset(cfg.data, cfg.size, limit=cfg.limit, progress=self.progress)
         self.train_idx, self.val_idx = split_indices(len(self.lightness), cfg.val_fraction, cfg.seed)
         if len(self.train_idx) < cfg.batch_size:
             raise DataError(f"batch size {cfg.batch_size} is larger than the {len(self.train_idx)} "
@@ -82,9 +104,10 @@ class Trainer:
             raise ValueError(f"--size {cfg.size} must divide by {factor}, the downsampling factor "
                              f"of a {len(cfg.widths)}-width network")
         if not resume:
-            self.model = ColorNet(cfg.widths, seed=cfg.seed)
+            self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype)
             self.optimizer = Adam(self.model.param_layers, lr=cfg.lr)
         self.loss = MSELoss()
+        self.averager = GradientAverager(self.model.param_layers, self.world) if self.world.size > 1 else None
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -102,7 +125,10 @@ class Trainer:
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
         self.cfg.history = meta["history"]
-        self.model = ColorNet(tuple(meta["config"]["widths"]), kernel=meta["config"]["kernel"])
+        if self.cfg.data is None:  # resume on the photos the run was started with
+            self.cfg.data = stored["data"]
+        self.dtype = arrays["layer0.W"].dtype if "layer0.W" in arrays else np.dtype(np.float32)
+        self.model = ColorNet(tuple(meta["config"]["widths"]), kernel=meta["config"]["kernel"], dtype=self.dtype)
         self.model.load_state_arrays(arrays, source=str(self.checkpoint_path))
         self.optimizer = Adam(self.model.param_layers, lr=self.cfg.lr)
         self.optimizer.load_state_dict({name[5:]: a for name, a in arrays.items() if name.startswith("adam.")})
@@ -111,32 +137,46 @@ class Trainer:
 
     # -- one epoch ------------------------------------------------------------------------------
     def train_step(self, lightness, ab_true) -> float:
+        """One Adam step on this rank's shard; returns the loss of the whole (global) batch."""
         ab_pred = self.model.forward(lightness)
         loss = self.loss.forward(ab_pred, ab_true)
-        if not math.isfinite(loss):
-            return loss
-        self.model.backward(self.loss.backward())
+        if self.averager is None:
+            if not math.isfinite(loss):
+                return loss
+            self.model.backward(self.loss.backward())
+        else:
+            # Every rank joins the Allreduce, even with a diverged shard: a NaN anywhere makes the
+            # reduced loss NaN everywhere, so all ranks stop together.
+            self.model.backward(self.loss.backward())
+            loss = self.averager.average(loss)
+            if not math.isfinite(loss):
+                return loss
         self.optimizer.step()
         return loss
 
     def validate(self, batch_size: int = 64) -> tuple[float, float]:
-        """Mean validation MSE (scaled ab) and mean PSNR (dB, 8-bit RGB) over the validation set."""
+        """Mean validation MSE (scaled ab) and mean PSNR (dB, 8-bit RGB) over the validation set.
+
+        Each rank scores a contiguous share of the validation photos; the sums are reduced.
+        """
         if len(self.val_idx) == 0:
             return float("nan"), float("nan")
+        share = np.array_split(self.val_idx, self.world.size)[self.world.rank]
         losses, psnrs = [], []
-        for start in range(0, len(self.val_idx), batch_size):
-            idx = self.val_idx[start:start + batch_size]
+        for start in range(0, len(share), batch_size):
+            idx = share[start:start + batch_size]
             L, ab_true = self.lightness[idx], self.ab[idx]
-            ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L)))
+            ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L, dtype=self.dtype)))
             losses.append(float(np.mean((ab_pred - ab_true) ** 2)) * len(idx))
             pred_rgb, true_rgb = lab_to_rgb_batch(L, ab_pred), lab_to_rgb_batch(L, ab_true)
             psnrs += [psnr(np.round(p * 255), np.round(t * 255)) for p, t in zip(pred_rgb, true_rgb)]
-        return sum(losses) / len(self.val_idx), float(np.mean(psnrs))
+        loss_total, psnr_total, count = self.world.sum([sum(losses), np.sum(psnrs), len(psnrs)])
+        return float(loss_total) / len(self.val_idx), float(psnr_total / count)
 
     def write_preview(self) -> None:
         idx = self.val_idx[:PREVIEW_IMAGES] if len(self.val_idx) else self.train_idx[:PREVIEW_IMAGES]
         L, ab_true = self.lightness[idx], self.ab[idx]
-        ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L)))
+        ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L, dtype=self.dtype)))
         gray = lab_to_rgb_batch(L, np.zeros_like(ab_true))
         truth, pred = lab_to_rgb_batch(L, ab_true), lab_to_rgb_batch(L, ab_pred)
         picture = side_by_side(list(zip(gray, truth, pred)))
@@ -157,7 +197,8 @@ class Trainer:
     def run(self) -> dict:
         """Train up to cfg.epochs; returns the last epoch's history row (empty if nothing to do)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.world.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             while self.epoch < cfg.epochs:
@@ -169,13 +210,16 @@ class Trainer:
     def _run_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
         plan = epoch_plan(len(self.train_idx), cfg.batch_size, cfg.seed, epoch)
+        shard_size = cfg.batch_size // self.world.size
+        shard = slice(self.world.rank * shard_size, (self.world.rank + 1) * shard_size)  # this rank's share
         started, cpu_started = time.time(), time.process_time()
         bar = tqdm(total=len(plan), initial=self.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not cfg.progress, leave=False)
+                   unit="batch", disable=not self.progress, leave=False)
         try:
             for positions, flips in plan[self.step:]:
-                L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions], flips)
-                loss = self.train_step(backend.xp.asarray(L), backend.xp.asarray(ab_true))
+                L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard])
+                loss = self.train_step(backend.xp.asarray(L, dtype=self.dtype),
+                                       backend.xp.asarray(ab_true, dtype=self.dtype))
                 if not math.isfinite(loss):
                     raise TrainingStopped(
                         f"training diverged: loss is {loss} at epoch {epoch + 1}, step {self.step + 1}; "
@@ -187,23 +231,26 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             self.cpu_seconds += time.process_time() - cpu_started
-            self.save_checkpoint()
+            if self.world.is_root:
+                self.save_checkpoint()
             raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {self.step}; checkpoint saved: "
                                   f"continue with --resume {self.out}", 130) from None
         bar.close()
         val_loss, val_psnr = self.validate()
-        self.cpu_seconds += time.process_time() - cpu_started
+        self.cpu_seconds += float(self.world.sum([time.process_time() - cpu_started])[0])  # all ranks' CPU
         row = {"epoch": epoch + 1, "train_loss": round(self.loss_sum / max(self.step, 1), 6),
                "val_loss": round(val_loss, 6), "val_psnr": round(val_psnr, 3),
                "seconds": round(time.time() - started, 1)}
         cfg.history.append(row)
         self.epoch, self.step, self.loss_sum = epoch + 1, 0, 0.0
+        if not self.world.is_root:
+            return
         self.save_checkpoint()
         self.model.save(self.out / "model.npz", train_size=cfg.size, epochs=self.epoch,
                         cpu_seconds=round(self.cpu_seconds, 1))
         self.write_preview()
         self.write_log()
-        if cfg.progress:
+        if self.progress:
             tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  "
                        f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  "
                        f"({row['seconds']:.0f} s)")
