@@ -45,14 +45,51 @@ def rgb_to_lab(rgb):
     return xp.stack([L, a, b], axis=-1)
 
 
-def lab_to_rgb(lab):
-    """CIE L*a*b*, shape (..., 3) -> sRGB in [0, 1], shape (..., 3) (out-of-gamut colors clipped)."""
+def lab_to_linear_rgb(lab):
+    """CIE L*a*b*, shape (..., 3) -> linear-light RGB, shape (..., 3), unclipped.
+
+    A channel outside [0, 1] means the color lies outside the sRGB gamut.
+    """
     xp = array_module(lab)
     fy = (lab[..., 0] + 16) / 116
     f = xp.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
     t = xp.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4 / 29))
     xyz = t * xp.asarray(WHITE_D65, dtype=lab.dtype)
-    return _linear_to_srgb(xyz @ xp.asarray(XYZ_TO_RGB.T, dtype=lab.dtype))
+    return xyz @ xp.asarray(XYZ_TO_RGB.T, dtype=lab.dtype)
+
+
+def lab_to_rgb(lab):
+    """CIE L*a*b*, shape (..., 3) -> sRGB in [0, 1], shape (..., 3) (out-of-gamut colors clipped)."""
+    return _linear_to_srgb(lab_to_linear_rgb(lab))
+
+
+def in_gamut(lab, tol: float = 1e-9):
+    """Boolean mask (...,): which L*a*b* colors (..., 3) an sRGB display can show."""
+    linear = lab_to_linear_rgb(lab)
+    return ((linear >= -tol) & (linear <= 1 + tol)).all(axis=-1)
+
+
+def fit_to_gamut(lab, steps: int = 30):
+    """Bring out-of-gamut colors (..., 3) into sRGB by shrinking a*b* toward 0 at fixed L*.
+
+    Clipping RGB instead would change the lightness. Hue is kept: a*b* is only scaled, by the
+    largest factor in [0, 1] that stays in gamut (bisection, 2**-steps precise, run only on the
+    out-of-gamut colors). A gray (a* = b* = 0) with L* in [0, 100] is always in gamut.
+    """
+    xp = array_module(lab)
+    lab = lab.copy()
+    outside = ~in_gamut(lab)
+    if not bool(outside.any()):
+        return lab
+    L, ab = lab[outside][:, :1], lab[outside][:, 1:]
+    lo = xp.zeros_like(L)  # a scale known to be in gamut
+    hi = xp.ones_like(L)   # a scale known to be out of gamut
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        ok = in_gamut(xp.concatenate([L, ab * mid], axis=-1))[:, None]
+        lo, hi = xp.where(ok, mid, lo), xp.where(ok, hi, mid)
+    lab[outside] = xp.concatenate([L, ab * lo], axis=-1)
+    return lab
 
 
 def scale_lightness(L):
