@@ -7,12 +7,12 @@ crash at any moment leaves either the old file or the new one, never a half-writ
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,26 @@ def _checksum(arrays: dict) -> str:
     return digest.hexdigest()
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once (at import, single-threaded): mkstemp's files would otherwise stay 0600
+
+
+def _temp_pattern(path: Path) -> tuple[str, str]:
+    return f".{path.name}.", ".tmp"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers only ever see the old or the complete new file."""
+    """Write `data` to `path` so that readers only ever see the old or the complete new file.
+
+    The new file gets the old file's permissions, or the usual ones (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
+    prefix, suffix = _temp_pattern(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -53,6 +67,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete temp files that writes of `path` left behind when their process was killed.
+
+    Call it only while no other process writes `path` (e.g. when a training run starts).
+    """
+    path = Path(path)
+    prefix, suffix = _temp_pattern(path)
+    stale = [p for p in path.parent.glob(f"{glob.escape(prefix)}*{suffix}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_npz(path: str | os.PathLike, arrays: dict, kind: str, **meta) -> None:
@@ -70,9 +97,16 @@ def load_npz(path: str | os.PathLike, kinds: tuple = ("weights", "checkpoint")) 
     if not path.is_file():
         raise CorruptFileError(f"{path}: no such file")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise CorruptFileError(f"{path}: cannot read it ({err.strerror})") from None
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        raise CorruptFileError(f"{path}: not an .npz file" + (" (it is empty)" if not magic else ""))
+    try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except Exception as err:  # zipfile/numpy raise BadZipFile, ValueError, NotImplementedError, ... on bad bytes
         raise CorruptFileError(f"{path}: not a readable .npz file ({err.__class__.__name__}: {err})") from None
     if "__meta__" not in arrays:
         raise CorruptFileError(f"{path}: not a nanocolor file (no metadata record)")
@@ -80,6 +114,8 @@ def load_npz(path: str | os.PathLike, kinds: tuple = ("weights", "checkpoint")) 
         meta = json.loads(str(arrays.pop("__meta__")))
     except json.JSONDecodeError:
         raise CorruptFileError(f"{path}: metadata record is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{path}: metadata record is not a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CorruptFileError(f"{path}: format version {version!r}, this nanocolor reads version {FORMAT_VERSION}")
