@@ -33,12 +33,18 @@ class DataError(ValueError):
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image, upright as a viewer shows it (EXIF orientation applied)."""
+    """Open and fully decode an image, upright as a viewer shows it (EXIF orientation applied).
+
+    Raises ImageError, naming the file, for anything that is not a decodable image of at most
+    MAX_PIXELS pixels; the pixel count is checked from the header, before decoding.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if not path.is_file():
         raise ImageError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -46,23 +52,39 @@ def open_image(path: str | os.PathLike) -> Image.Image:
                 raise ImageError(f"{path}: {width}x{height} pixels is above the limit of "
                                  f"{MAX_PIXELS:,} (possible decompression bomb)")
             img.load()
-            return ImageOps.exif_transpose(img)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file (or an unsupported format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageError(f"{path}: cannot decode image ({err})") from None
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory to decode it") from None
+    except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, ... on bad data
+        raise ImageError(f"{path}: cannot decode image ({err.__class__.__name__}: {err})") from None
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored rather than lose the photo
+        return img
+
+
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def gray_levels(img: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit or float gray image -> float32 (H, W) in [0, 1], at full precision."""
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "I":
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0  # 32-bit ints holding 16- or 8-bit data
+    else:
+        top = 1.0 if values.max(initial=0) <= 1.0 else 255.0  # float data in [0, 1] or [0, 255]
+    return np.clip(values / top, 0, 1).astype(np.float32)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode (RGBA, palette, 16-bit, float, CMYK, ...) -> 8-bit RGB; alpha is dropped."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode != "F" and values.max() > 255 else 255.0
-        if img.mode == "F" and values.max() <= 1.0:
-            top = 1.0
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if img.mode in HIGH_BIT_MODES:
+        gray = (gray_levels(img) * 255.0 + 0.5).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -79,8 +101,24 @@ def alpha_channel(img: Image.Image) -> np.ndarray | None:
 
 
 def rgb_array(img: Image.Image) -> np.ndarray:
-    """8-bit RGB PIL image -> float32 (H, W, 3) in [0, 1]."""
-    return np.asarray(img, dtype=np.float32) / 255.0
+    """Any PIL image -> float32 RGB (H, W, 3) in [0, 1]; 16-bit and float grays keep their precision."""
+    if img.mode in HIGH_BIT_MODES:
+        return np.repeat(gray_levels(img)[..., None], 3, axis=-1)
+    return np.asarray(to_rgb(img), dtype=np.float32) / 255.0
+
+
+def read_photo(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode an image file -> RGB float32 (H, W, 3) in [0, 1] and its alpha, uint8 (H, W) or None.
+
+    Raises ImageError, naming the file, when it cannot be read or converted.
+    """
+    img = open_image(path)
+    try:
+        return rgb_array(img), alpha_channel(img)
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory for a {img.width}x{img.height} image") from None
+    except (ValueError, OSError) as err:
+        raise ImageError(f"{path}: cannot convert a {img.mode} image to RGB ({err})") from None
 
 
 def is_grayscale(rgb: np.ndarray) -> bool:
@@ -112,6 +150,8 @@ def load_dataset(root: str | os.PathLike, size: int, limit: int | None = None,
     Returns lightness (N, S, S, 1) and ab (N, S, S, 2), scaled to [-1, 1]. Unreadable and
     already-gray images are skipped and counted in one warning.
     """
+    if size < 1:
+        raise ValueError(f"image size must be at least 1 pixel, got {size}")
     paths = find_images(root)
     if not paths:
         raise DataError(f"{root}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -121,7 +161,7 @@ def load_dataset(root: str | os.PathLike, size: int, limit: int | None = None,
     for path in tqdm(paths, desc="loading images", unit="img", disable=not progress, leave=False):
         try:
             img = to_rgb(open_image(path))
-        except ImageError:
+        except (ImageError, ValueError, OSError):  # undecodable, or a mode PIL cannot make RGB
             unreadable += 1
             continue
         rgb = rgb_array(ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC))
