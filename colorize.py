@@ -9,18 +9,13 @@ input's exact size and lightness, and keeps its alpha channel. Examples:
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from nanocolor import backend
-from nanocolor.data import IMAGE_EXTENSIONS, ImageError, alpha_channel, open_image, rgb_array, to_rgb
-from nanocolor.infer import colorize_array, gray_of, side_by_side, to_uint8
-from nanocolor.model import ColorNet
-from nanocolor.serialize import CorruptFileError, atomic_write_bytes, load_npz
+from nanocolor.data import IMAGE_EXTENSIONS, ImageError
+from nanocolor.infer import colorize_file, load_colorizer
+from nanocolor.serialize import CorruptFileError
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "nanocolor" / "weights" / "colornet.npz"
 
@@ -52,51 +47,56 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
-    pixels = to_uint8(rgb)
-    img = Image.fromarray(np.dstack([pixels, alpha]), "RGBA") if alpha is not None else Image.fromarray(pixels)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
+def output_paths(path: Path, output_dir: str | None, compare: bool) -> tuple[Path, Path | None]:
+    """Where the colorized image (and the comparison picture) of `path` go."""
+    out_path = Path(output_dir) / f"{path.stem}.png" if output_dir else path.with_name(f"{path.stem}_color.png")
+    compare_path = out_path.with_name(out_path.stem.removesuffix("_color") + "_compare.png") if compare else None
+    return out_path, compare_path
 
 
-def colorize_file(model: ColorNet, path: Path, out_path: Path, work_size: int, compare: bool) -> None:
-    img = open_image(path)
-    rgb = rgb_array(to_rgb(img))
-    colorized = colorize_array(model, rgb, work_size)
-    data = encode_png(colorized, alpha_channel(img))  # encode fully before touching the disk
-    atomic_write_bytes(out_path, data)
-    if compare:
-        picture = side_by_side([(gray_of(rgb), rgb, colorized)])
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        atomic_write_bytes(out_path.with_name(out_path.stem.removesuffix("_color") + "_compare.png"),
-                           buffer.getvalue())
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.work_size is not None and args.work_size < 1:
+        print("colorize.py: error: --work-size must be at least 1", file=sys.stderr)
+        return 2
     try:
         backend.use_device(args.device)
-        model = ColorNet.load(args.weights)
-        work_size = args.work_size or 2 * int(load_npz(args.weights)[1].get("train_size", 64))
+        model, work_size = load_colorizer(args.weights)
     except (backend.DeviceError, CorruptFileError) as err:
-        print(f"colorize.py: error: {err}", file=sys.stderr)
+        print(f"colorize.py: error: {one_line(err)}", file=sys.stderr)
         return 2
-    failures = 0
+    work_size = args.work_size or work_size
     paths = expand_inputs(args.inputs)
     if not paths:
         print("colorize.py: error: no image files found in the given folders", file=sys.stderr)
         return 1
-    for path in paths:
-        out_path = Path(args.output) / f"{path.stem}.png" if args.output else path.with_name(f"{path.stem}_color.png")
+    failures, claimed = 0, {}
+    for done, path in enumerate(paths):
+        out_path, compare_path = output_paths(path, args.output, args.compare)
         try:
-            colorize_file(model, path, out_path, work_size, args.compare)
+            first = claimed.setdefault(out_path.resolve(), path)
+            if first != path:  # e.g. photo.jpg and photo.png into one --output folder
+                raise FileExistsError(f"{path}: its output {out_path} would overwrite that of {first}")
+            colorize_file(model, path, out_path, work_size, compare_path)
             print(f"{path} -> {out_path}")
-        except (ImageError, OSError) as err:
+        except KeyboardInterrupt:
+            print(f"colorize.py: interrupted after {done} of {len(paths)} images", file=sys.stderr)
+            return 130
+        except Exception as err:  # one bad file must not stop the batch
             failures += 1
-            reason = str(err) if isinstance(err, ImageError) else f"{path}: cannot write {out_path} ({err.strerror or err})"
-            print(f"colorize.py: error: {reason}", file=sys.stderr)
+            if isinstance(err, ImageError) or (isinstance(err, OSError) and not err.strerror):
+                reason = str(err)
+            elif isinstance(err, OSError):
+                reason = f"{path}: cannot write {out_path} ({err.strerror})"
+            elif isinstance(err, MemoryError):
+                reason = f"{path}: not enough memory to colorize it"
+            else:
+                reason = f"{path}: failed ({err.__class__.__name__}: {err})"
+            print(f"colorize.py: error: {one_line(reason)}", file=sys.stderr)
     if failures:
         print(f"colorize.py: {failures} of {len(paths)} images failed", file=sys.stderr)
     return 1 if failures else 0

@@ -3,15 +3,24 @@
 The network runs at a small working size (the longer side, rounded to its downsampling
 factor); its ab prediction is upsampled to the full image and joined with the input's own
 full-resolution lightness, so fine detail comes from the photo and only color from the net.
+Predicted colors that sRGB cannot show are pulled into gamut at fixed lightness, so the output's
+L* is the input's, up to 8-bit rounding.
 """
 from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from . import backend
-from .color import lab_to_rgb, rgb_to_lab, scale_lightness, unscale_ab
+from .color import fit_to_gamut, lab_to_rgb, rgb_to_lab, scale_lightness, unscale_ab
+from .data import read_photo
 from .model import ColorNet
+from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 
 
 def working_shape(height: int, width: int, work_size: int, factor: int) -> tuple[int, int]:
@@ -40,11 +49,58 @@ def predict_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
 
 
 def colorize_array(model: ColorNet, rgb: np.ndarray, work_size: int) -> np.ndarray:
-    """RGB (H, W, 3) in [0, 1] (its color is ignored) -> colorized RGB (H, W, 3) in [0, 1]."""
+    """RGB (H, W, 3) in [0, 1] (its color is ignored) -> colorized RGB (H, W, 3) in [0, 1], same L*."""
     lab = rgb_to_lab(rgb.astype(np.float64))
     L = lab[..., 0]
     ab = predict_ab(model, L.astype(np.float32), work_size)
-    return lab_to_rgb(np.concatenate([L[..., None], ab.astype(np.float64)], axis=-1))
+    return lab_to_rgb(fit_to_gamut(np.concatenate([L[..., None], ab.astype(np.float64)], axis=-1)))
+
+
+def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
+    """A model for colorize_array from a weights file or checkpoint, and its default work size
+    (twice its training size). Raises CorruptFileError, naming the file, for anything unusable."""
+    try:
+        model = ColorNet.load(path)
+        _, meta = load_npz(path)
+    except CorruptFileError:
+        raise
+    except Exception as err:  # e.g. arrays of a type no parameter can take
+        raise CorruptFileError(f"{path}: cannot build a model from it ({err.__class__.__name__}: {err})") from None
+    if model.config.get("head", "tanh") != "tanh" or model.config.get("out_channels", 2) != 2:
+        raise CorruptFileError(f"{path}: holds a {model.config.get('head')!r} model with "
+                               f"{model.config.get('out_channels')} outputs; colorizing needs the a*b* (tanh) model")
+    train_size = meta.get("train_size") or (meta.get("train_config") or {}).get("size") or 64
+    return model, 2 * int(train_size)
+
+
+def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
+    """RGB (H, W, 3) in [0, 1] and optional alpha uint8 (H, W) -> the bytes of an 8-bit PNG."""
+    pixels = to_uint8(rgb)
+    img = Image.fromarray(np.dstack([pixels, alpha]), "RGBA") if alpha is not None else Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.PathLike, work_size: int,
+                  compare_path: str | os.PathLike | None = None) -> None:
+    """Colorize one image file into a PNG at out_path (alpha kept), and optionally a
+    grayscale | original | colorized picture at compare_path.
+
+    Raises ImageError for an unreadable input and OSError for an unwritable output; each output
+    is encoded in memory, then written atomically, so no half-written file ever appears.
+    """
+    path, out_path = Path(path), Path(out_path)
+    if out_path.resolve() == path.resolve() or (compare_path and Path(compare_path).resolve() == path.resolve()):
+        raise FileExistsError(errno.EEXIST, "it is the input itself; refusing to overwrite it", str(out_path))
+    rgb, alpha = read_photo(path)
+    colorized = colorize_array(model, rgb, work_size)
+    atomic_write_bytes(out_path, encode_png(colorized, alpha))
+    if compare_path:
+        picture = side_by_side([(gray_of(rgb), rgb, colorized)])
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        atomic_write_bytes(compare_path, buffer.getvalue())
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
