@@ -1,0 +1,495 @@
+"""Side-by-side benchmark: nanocolor against PyTorch on the reference colorization network.
+
+    python bench/bench.py                      # CPU, 2 threads, both configurations, a table
+    python bench/bench.py --json --steps 3     # one JSON object per configuration
+    python bench/bench.py --device gpu         # CuPy against PyTorch CUDA
+
+Both sides run the same network (Conv 1->64, pool, 64->128, pool, 128->256, pool, 256->512,
+512->256, up, 256->128, up, 128->64, up, 64->2 + tanh; 3x3, ReLU; 3,099,714 parameters) from the
+same initial weights, in float32. Before any timing, one batch must give the same MSE loss and
+the same weight gradients on both sides (relative difference < 1e-3), or the run aborts.
+
+Each side is timed in its own subprocess (peak memory of one side never mixes with the other's)
+with the same thread count: OMP/OpenBLAS/MKL variables are set before NumPy or PyTorch load.
+Timings are medians over --steps timed steps after --warmup untimed ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+if __name__ == "__main__":
+    # BLAS reads its thread count once, when NumPy loads: set it before the first numpy import.
+    _pre = argparse.ArgumentParser(add_help=False)
+    _pre.add_argument("--threads", type=int, default=2)
+    _threads = str(_pre.parse_known_args()[0].threads)
+    for _var in THREAD_ENV_VARS:
+        os.environ[_var] = _threads
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+from nanocolor import backend  # noqa: E402
+from nanocolor.layers import Conv2d, MaxPool2d, Upsample2d  # noqa: E402
+from nanocolor.loss import MSELoss  # noqa: E402
+from nanocolor.model import ColorNet  # noqa: E402
+from nanocolor.optim import Adam  # noqa: E402
+
+REFERENCE_WIDTHS = (64, 128, 256, 512)
+REFERENCE_PARAMS = 3_099_714
+DEFAULT_CONFIGS = ("128x128x16", "64x64x32")  # height x width x batch
+PARITY_TOL_FLOAT32 = 1e-3
+LR = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The two networks, the same weights, the same batch.
+
+def parse_config(text: str) -> tuple[int, int, int]:
+    """'128x128x16' -> (height, width, batch)."""
+    try:
+        height, width, batch = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"configuration {text!r} is not HEIGHTxWIDTHxBATCH") from None
+    return height, width, batch
+
+
+def make_batch(height: int, width: int, batch: int, dtype=np.float32, seed: int = 1):
+    """Synthetic (lightness (N, H, W, 1), ab_true (N, H, W, 2)), both in [-1, 1], NumPy on the host."""
+    rng = np.random.default_rng(seed)
+    lightness = rng.uniform(-1, 1, (batch, height, width, 1)).astype(dtype)
+    ab_true = (0.5 * rng.uniform(-1, 1, (batch, height, width, 2))).astype(dtype)
+    return lightness, ab_true
+
+
+def torch_reference_net(widths: tuple = REFERENCE_WIDTHS, kernel: int = 3):
+    """The reference network in PyTorch (NCHW), written out independently of ColorNet."""
+    from torch import nn
+    conv = lambda c_in, c_out: nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2)
+    layers, c = [], 1
+    for w in widths[:-1]:
+        layers += [conv(c, w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        c = w
+    layers += [conv(c, widths[-1]), nn.ReLU(inplace=True)]
+    c = widths[-1]
+    for w in reversed(widths[:-1]):
+        layers += [conv(c, w), nn.ReLU(inplace=True), nn.Upsample(scale_factor=2, mode="nearest")]
+        c = w
+    layers += [conv(c, 2), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def nanocolor_convs(model: ColorNet) -> list:
+    return [layer for layer in model.layers if isinstance(layer, Conv2d)]
+
+
+def torch_convs(net) -> list:
+    from torch import nn
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+
+def copy_weights(model: ColorNet, net) -> None:
+    """Load nanocolor's weights into the PyTorch twin: W (k, k, C, F) -> weight (F, C, k, k)."""
+    import torch
+    ours, theirs = nanocolor_convs(model), torch_convs(net)
+    if len(ours) != len(theirs):
+        raise ValueError(f"nanocolor has {len(ours)} convs, the PyTorch net {len(theirs)}")
+    with torch.no_grad():
+        for layer, conv in zip(ours, theirs):
+            W = backend.to_numpy(layer.params["W"]).transpose(3, 2, 0, 1)
+            if W.shape != tuple(conv.weight.shape):
+                raise ValueError(f"conv weight shapes differ: {W.shape} vs {tuple(conv.weight.shape)}")
+            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(W)))
+            conv.bias.copy_(torch.from_numpy(backend.to_numpy(layer.params["b"])))
+
+
+def to_nchw(a: np.ndarray, device: str = "cpu"):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(device)
+
+
+def rel_diff(ours, reference) -> float:
+    """||ours - reference|| / ||reference|| in float64 (0 when both are zero)."""
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    norm = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a))
+
+
+def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarray,
+                 device: str = "cpu") -> dict:
+    """One training step on both sides from equal weights; relative differences of everything.
+
+    Returns {'loss': d, 'conv<i>.W': d, 'conv<i>.b': d, ..., 'adam_update': d}: loss, every
+    weight and bias gradient, and the parameter change made by one Adam step.
+    """
+    import torch
+    dtype = torch.float64 if lightness.dtype == np.float64 else torch.float32
+    net.to(dtype)  # before copying, so float64 weights are not rounded through float32
+    copy_weights(model, net)
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    net.to(torch_device)
+    before = [backend.to_numpy(layer.params["W"]).copy() for layer in nanocolor_convs(model)]
+
+    loss_fn = MSELoss()
+    ab_pred = model.forward(backend.xp.asarray(lightness))
+    loss = loss_fn.forward(ab_pred, backend.xp.asarray(ab_true))
+    model.backward(loss_fn.backward())
+
+    net.zero_grad(set_to_none=True)
+    torch_loss = torch.nn.functional.mse_loss(net(to_nchw(lightness, torch_device)),
+                                              to_nchw(ab_true, torch_device))
+    torch_loss.backward()
+
+    diffs = {"loss": rel_diff(loss, torch_loss.item())}
+    for i, (layer, conv) in enumerate(zip(nanocolor_convs(model), torch_convs(net))):
+        dW_torch = conv.weight.grad.detach().cpu().numpy().transpose(2, 3, 1, 0)
+        diffs[f"conv{i}.W"] = rel_diff(backend.to_numpy(layer.grads["W"]), dW_torch)
+        diffs[f"conv{i}.b"] = rel_diff(backend.to_numpy(layer.grads["b"]), conv.bias.grad.cpu().numpy())
+
+    # Both optimizers step from PyTorch's gradients, so the update compares Adam alone
+    # (a near-zero gradient's float32 sign would otherwise decide a whole lr-sized move).
+    for layer, conv in zip(nanocolor_convs(model), torch_convs(net)):
+        layer.grads["W"] = backend.xp.asarray(np.ascontiguousarray(
+            conv.weight.grad.detach().cpu().numpy().transpose(2, 3, 1, 0)))
+        layer.grads["b"] = backend.xp.asarray(conv.bias.grad.detach().cpu().numpy())
+    Adam(model.param_layers, lr=LR).step()
+    torch.optim.Adam(net.parameters(), lr=LR).step()
+    ours = np.concatenate([(backend.to_numpy(layer.params["W"]) - w0).ravel()
+                           for layer, w0 in zip(nanocolor_convs(model), before)])
+    theirs = np.concatenate([(conv.weight.detach().cpu().numpy().transpose(2, 3, 1, 0) - w0).ravel()
+                             for conv, w0 in zip(torch_convs(net), before)])
+    diffs["adam_update"] = rel_diff(ours, theirs)
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting and measuring.
+
+def conv_flops_per_image(model: ColorNet, height: int, width: int) -> int:
+    """Forward multiply-add FLOPs of every conv for one image: 2*H*W*k*k*C_in*C_out each."""
+    flops, h, w = 0, height, width
+    for layer in model.layers:
+        if isinstance(layer, Conv2d):
+            flops += 2 * h * w * layer.k * layer.k * layer.c_in * layer.c_out
+        elif isinstance(layer, MaxPool2d):
+            h, w = h // 2, w // 2
+        elif isinstance(layer, Upsample2d):
+            h, w = h * 2, w * 2
+    return flops
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-memory mark at the current RSS (Linux), so setup peaks do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 2**10 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory (MiB) since reset_peak_rss(), or since the process started.
+
+    VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's RSS at fork time.
+    """
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+
+
+def current_rss_mb() -> float | None:
+    rss = _proc_status_mb("VmRSS")
+    if rss is not None:
+        return rss
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def time_steps(step, sync, warmup: int, steps: int) -> float:
+    """Median seconds of `steps` calls of step() after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_nanocolor(height: int, width: int, batch: int, warmup: int, steps: int, device: str) -> dict:
+    backend.use_device(device)
+    xp = backend.xp
+    sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
+    model = ColorNet(REFERENCE_WIDTHS)
+    optimizer, loss_fn = Adam(model.param_layers, lr=LR), MSELoss()
+    lightness, ab_true = (xp.asarray(a) for a in make_batch(height, width, batch))
+    rss_before = current_rss_mb()
+    reset_peak_rss()
+
+    def train_step():
+        loss_fn.forward(model.forward(lightness), ab_true)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+
+    result = {"train_s": time_steps(train_step, sync, warmup, steps), "peak_rss_mb": peak_rss_mb()}
+    if device == "gpu":
+        result["gpu_pool_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
+    result["infer_s"] = time_steps(lambda: model.forward(lightness), sync, warmup, steps)
+    result["rss_before_mb"] = rss_before
+    return result
+
+
+def run_torch(height: int, width: int, batch: int, warmup: int, steps: int, device: str,
+              threads: int, channels_last: bool) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    if device == "gpu":
+        torch.backends.cudnn.allow_tf32 = False  # a float32 race: no TF32 tensor-core shortcuts
+        torch.backends.cuda.matmul.allow_tf32 = False
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+    model = ColorNet(REFERENCE_WIDTHS)  # only for its initial weights
+    net = torch_reference_net()
+    copy_weights(model, net)
+    del model
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(torch_device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+    lightness, ab_true = (to_nchw(a, torch_device).contiguous(memory_format=memory_format)
+                          for a in make_batch(height, width, batch))
+    rss_before = current_rss_mb()
+    reset_peak_rss()
+    if device == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(net(lightness), ab_true).backward()
+        optimizer.step()
+
+    def infer_step():
+        with torch.inference_mode():
+            net(lightness)
+
+    result = {"train_s": time_steps(train_step, sync, warmup, steps), "peak_rss_mb": peak_rss_mb()}
+    if device == "gpu":
+        result["gpu_pool_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    result["infer_s"] = time_steps(infer_step, sync, warmup, steps)
+    result["rss_before_mb"] = rss_before
+    return result
+
+
+def run_gemm(device: str, n: int = 2048, repeats: int = 5) -> dict:
+    """GFLOP/s of one n x n float32 matrix multiply through NumPy (CPU) or CuPy (GPU)."""
+    backend.use_device(device)
+    xp = backend.xp
+    sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
+    rng = np.random.default_rng(0)
+    a, b = (xp.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    out = xp.empty((n, n), dtype=xp.float32)
+    seconds = time_steps(lambda: xp.matmul(a, b, out=out), sync, warmup=2, steps=repeats)
+    return {"gemm_gflops": 2 * n**3 / seconds / 1e9, "gemm_n": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration: parity in this process, each measurement in a fresh subprocess.
+
+def run_worker(args) -> dict:
+    if args.worker == "gemm":
+        return run_gemm(args.device)
+    height, width, batch = parse_config(args.configs[0])
+    if args.worker == "nanocolor":
+        return run_nanocolor(height, width, batch, args.warmup, args.steps, args.device)
+    return run_torch(height, width, batch, args.warmup, args.steps, args.device, args.threads,
+                     args.torch_channels_last)
+
+
+def spawn(worker: str, config: str, args) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--configs", config,
+               "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device]
+    if args.torch_channels_last:
+        command.append("--torch-channels-last")
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise RuntimeError(f"{worker} worker failed ({done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parity_or_abort(height: int, width: int, batch: int, device: str, threads: int) -> tuple[float, float]:
+    """(worst relative difference of loss and gradients, that of the Adam update); exits when above tolerance."""
+    import torch
+    torch.set_num_threads(threads)
+    if device == "gpu":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    backend.use_device(device)
+    model = ColorNet(REFERENCE_WIDTHS)
+    if model.num_params() != REFERENCE_PARAMS:
+        sys.exit(f"nanocolor's reference net has {model.num_params():,} parameters, not {REFERENCE_PARAMS:,}")
+    net = torch_reference_net()
+    n_torch = sum(p.numel() for p in net.parameters())
+    if n_torch != REFERENCE_PARAMS:
+        sys.exit(f"the PyTorch reference net has {n_torch:,} parameters, not {REFERENCE_PARAMS:,}")
+    diffs = check_parity(model, net, *make_batch(height, width, batch), device=device)
+    if not max(diffs.values()) < PARITY_TOL_FLOAT32:
+        lines = "\n".join(f"  {name:12s} {d:.3e}" for name, d in diffs.items())
+        sys.exit(f"parity check FAILED at {height}x{width} batch {batch}: nanocolor and PyTorch differ "
+                 f"(relative difference, tolerance {PARITY_TOL_FLOAT32:g}):\n{lines}")
+    worst_name = max((name for name in diffs if name != "adam_update"), key=diffs.get)
+    return diffs[worst_name], diffs["adam_update"]
+
+
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical CPUs"
+    if device == "gpu":
+        import torch
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def benchmark_config(config: str, args, gemm: dict) -> dict:
+    height, width, batch = parse_config(config)
+    worst, adam_diff = parity_or_abort(height, width, batch, args.device, args.threads)
+    ours, theirs = spawn("nanocolor", config, args), spawn("torch", config, args)
+    flops = conv_flops_per_image(ColorNet(REFERENCE_WIDTHS), height, width)
+    train_gflops = 3 * flops * batch / ours["train_s"] / 1e9
+    row = {
+        "config": f"{height}x{width} batch {batch}",
+        "device": args.device,
+        "threads": args.threads,
+        "nanocolor_train_img_s": batch / ours["train_s"],
+        "torch_train_img_s": batch / theirs["train_s"],
+        "train_ratio": theirs["train_s"] / ours["train_s"],
+        "nanocolor_infer_img_s": batch / ours["infer_s"],
+        "torch_infer_img_s": batch / theirs["infer_s"],
+        "infer_ratio": theirs["infer_s"] / ours["infer_s"],
+        "gemm_gflops": gemm["gemm_gflops"],
+        "nanocolor_train_gflops": train_gflops,
+        "train_gflops_fraction_of_gemm": train_gflops / gemm["gemm_gflops"],
+        "nanocolor_peak_rss_mb": ours["peak_rss_mb"],
+        "torch_peak_rss_mb": theirs["peak_rss_mb"],
+        "nanocolor_rss_before_train_mb": ours["rss_before_mb"],
+        "torch_rss_before_train_mb": theirs["rss_before_mb"],
+        "peak_rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+        "parity_max_rel_diff": worst,
+        "parity_adam_update_rel_diff": adam_diff,
+        "forward_gflop_per_image": flops / 1e9,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "torch_memory_format": "channels_last" if args.torch_channels_last else "contiguous (NCHW)",
+    }
+    if args.device == "gpu":
+        row["nanocolor_gpu_pool_mb"], row["torch_gpu_pool_mb"] = ours["gpu_pool_mb"], theirs["gpu_pool_mb"]
+    return row
+
+
+def print_table(rows: list, header: str) -> None:
+    print(header)
+    for row in rows:
+        print(f"\n{row['config']}  (median of {row['steps']} steps after {row['warmup']} warm-up; "
+              f"parity: loss/gradients max rel. diff {row['parity_max_rel_diff']:.1e}, "
+              f"Adam update {row['parity_adam_update_rel_diff']:.1e})")
+        print(f"  {'':28s}{'nanocolor':>12s}{'PyTorch':>12s}{'ratio':>8s}")
+        print(f"  {'training step, images/s':28s}{row['nanocolor_train_img_s']:12.2f}"
+              f"{row['torch_train_img_s']:12.2f}{row['train_ratio']:8.2f}")
+        print(f"  {'inference, images/s':28s}{row['nanocolor_infer_img_s']:12.2f}"
+              f"{row['torch_infer_img_s']:12.2f}{row['infer_ratio']:8.2f}")
+        print(f"  {'peak RSS in training, MiB':28s}{row['nanocolor_peak_rss_mb']:12.0f}"
+              f"{row['torch_peak_rss_mb']:12.0f}{row['peak_rss_ratio']:8.2f}")
+        if row["nanocolor_rss_before_train_mb"] is not None:
+            print(f"  {'  of which added by steps':28s}"
+                  f"{row['nanocolor_peak_rss_mb'] - row['nanocolor_rss_before_train_mb']:12.0f}"
+                  f"{row['torch_peak_rss_mb'] - row['torch_rss_before_train_mb']:12.0f}")
+        print(f"  nanocolor training: {row['nanocolor_train_gflops']:.1f} GFLOP/s = "
+              f"{100 * row['train_gflops_fraction_of_gemm']:.0f}% of the {row['gemm_gflops']:.1f} GFLOP/s "
+              f"float32 GEMM ceiling ({row['forward_gflop_per_image']:.3f} GFLOP forward per image)")
+        if "nanocolor_gpu_pool_mb" in row:
+            print(f"  GPU memory pool, MiB: nanocolor {row['nanocolor_gpu_pool_mb']:.0f}, "
+                  f"PyTorch {row['torch_gpu_pool_mb']:.0f}")
+    print("\nratio = nanocolor / PyTorch throughput (above 1: nanocolor faster); for memory, "
+          "nanocolor / PyTorch peak.")
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                        help="HEIGHTxWIDTHxBATCH, e.g. 128x128x16 64x64x32 (the default)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for BLAS and PyTorch (default 2)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: nanocolor on CuPy against PyTorch CUDA")
+    parser.add_argument("--torch-channels-last", action="store_true",
+                        help="run PyTorch in channels_last memory format (default: its NCHW default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+    parser.add_argument("--worker", choices=("nanocolor", "torch", "gemm"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for config in args.configs:
+        parse_config(config)
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--steps and --threads must be at least 1, --warmup at least 0")
+
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+    try:
+        import torch
+    except ImportError:
+        sys.exit("the benchmark needs PyTorch: pip install 'nanocolor[bench]' (torch==2.13.0, CPU build)")
+    if args.device == "gpu":
+        if not torch.cuda.is_available():
+            sys.exit("--device gpu: PyTorch sees no CUDA GPU")
+        try:
+            backend.use_device("gpu")
+        except backend.DeviceError as err:
+            sys.exit(str(err))
+
+    load = os.getloadavg()
+    gemm = spawn("gemm", args.configs[0], args)
+    rows = [benchmark_config(config, args, gemm) for config in args.configs]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print_table(rows, f"nanocolor vs PyTorch {torch.__version__}, device {args.device}, "
+                          f"{args.threads} threads, float32\nmachine: {machine_description(args.device)}; "
+                          f"NumPy {np.__version__}; load average at start {load[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
