@@ -1,0 +1,153 @@
+"""Score a colorization model on a folder of color photos, beside the gray baseline.
+
+Every color photo is colorized at full size the way colorize.py does it (infer.colorize_array)
+and compared with its original as 8-bit RGB: mean PSNR, AuC (Zhang et al. 2016, a*b* error in
+LAB units), colorfulness (Hasler and Suesstrunk 2003) and its ratio to the originals'. The gray
+baseline is the photo's own lightness with a* = b* = 0, scored the same way. Examples:
+    python -m nanocolor.evaluate --data ../shared/data/scenes150/test --weights nanocolor/weights/colornet.npz
+    python -m nanocolor.evaluate --data photos/ --weights run/model.npz --limit 200 --gallery gallery.png --json
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from . import backend
+from .data import DataError, ImageError, find_images, is_grayscale, read_photo
+from .infer import colorize_array, gray_of, load_colorizer, side_by_side, to_uint8
+from .metrics import colorfulness, colorization_scores, summarize
+from .model import ColorNet
+from .serialize import atomic_write_bytes
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
+GALLERY_PHOTOS = 8
+
+
+@dataclass
+class Evaluation:
+    """Mean scores over `photos` color photos; `model` and `gray` hold psnr, auc, colorfulness,
+    colorfulness_ratio. gallery_rows: (gray, original, colorized) RGB in [0, 1] of the first photos."""
+    photos: int
+    skipped_gray: int
+    unreadable: int
+    work_size: int
+    original_colorfulness: float
+    model: dict
+    gray: dict
+    gallery_rows: list = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "gallery_rows"}
+
+
+def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, limit: int | None = None,
+                    gallery_photos: int = GALLERY_PHOTOS, progress: bool = False) -> Evaluation:
+    """Colorize and score every color photo under `data` (the first `limit` of them, sorted by path).
+
+    Unreadable files and photos that are already gray (data.is_grayscale) are skipped and counted.
+    """
+    paths = find_images(data)
+    model_scores, gray_scores, original_colorfulness, rows = [], [], [], []
+    unreadable = skipped_gray = 0
+    bar = tqdm(total=min(limit, len(paths)) if limit else len(paths), desc="evaluating", unit="img",
+               disable=not progress, leave=False)
+    for path in paths:
+        if limit and len(model_scores) >= limit:
+            break
+        try:
+            rgb, _ = read_photo(path)
+        except ImageError:
+            unreadable += 1
+            continue
+        if is_grayscale(rgb):
+            skipped_gray += 1
+            continue
+        original = to_uint8(rgb)
+        colorized, gray = colorize_array(model, rgb, work_size), gray_of(rgb)
+        model_scores.append(colorization_scores(to_uint8(colorized), original))
+        gray_scores.append(colorization_scores(to_uint8(gray), original))
+        original_colorfulness.append(colorfulness(original))
+        if len(rows) < gallery_photos:
+            rows.append((gray, rgb, colorized))
+        bar.update(1)
+    bar.close()
+    if not model_scores:
+        raise DataError(f"{data}: no readable color photo among {len(paths)} image files "
+                        f"({skipped_gray} gray, {unreadable} unreadable)")
+    return Evaluation(photos=len(model_scores), skipped_gray=skipped_gray, unreadable=unreadable,
+                      work_size=work_size, original_colorfulness=float(np.mean(original_colorfulness)),
+                      model=summarize(model_scores, original_colorfulness),
+                      gray=summarize(gray_scores, original_colorfulness), gallery_rows=rows)
+
+
+def format_table(ev: Evaluation) -> str:
+    """The scores as a plain-text table: gray baseline, model, originals."""
+    lines = [f"{ev.photos} color photos ({ev.skipped_gray} gray and {ev.unreadable} unreadable skipped), "
+             f"work size {ev.work_size}",
+             f"{'':22}{'PSNR dB':>9}{'AuC':>8}{'colorful':>10}{'ratio':>7}"]
+    for name, s in (("gray baseline (ab=0)", ev.gray), ("model", ev.model)):
+        lines.append(f"{name:22}{s['psnr']:9.2f}{s['auc']:8.4f}{s['colorfulness']:10.2f}"
+                     f"{s['colorfulness_ratio']:7.3f}")
+    lines.append(f"{'originals':22}{'-':>9}{'-':>8}{ev.original_colorfulness:10.2f}{1:7.3f}")
+    return "\n".join(lines)
+
+
+def gallery_picture(rows: list) -> Image.Image:
+    """(gray, original, colorized) rows -> one picture; photos of other sizes are resized to the first's."""
+    h, w = rows[0][0].shape[:2]
+    fitted = [tuple(img if img.shape[:2] == (h, w) else
+                    np.asarray(Image.fromarray(to_uint8(img)).resize((w, h), Image.Resampling.BICUBIC)) / 255.0
+                    for img in row) for row in rows]
+    return side_by_side(fitted)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nanocolor.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of color photos, searched recursively")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="model weights or checkpoint (default: the shipped model)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N color photos (sorted by path)")
+    p.add_argument("--gallery", metavar="PNG", help=f"write gray | original | colorized of the first {GALLERY_PHOTOS} photos")
+    p.add_argument("--work-size", type=int, default=None,
+                   help="longer side at which the network predicts color (default: the model's training size x 2)")
+    p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
+    p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError("--limit must be at least 1")
+        if args.work_size is not None and args.work_size < 1:
+            raise ValueError("--work-size must be at least 1")
+        backend.use_device(args.device)
+        model, work_size = load_colorizer(args.weights)
+        ev = evaluate_folder(model, args.data, args.work_size or work_size, limit=args.limit,
+                             gallery_photos=GALLERY_PHOTOS if args.gallery else 0, progress=not args.quiet)
+        if args.gallery:
+            buffer = io.BytesIO()
+            gallery_picture(ev.gallery_rows).save(buffer, format="PNG")
+            atomic_write_bytes(args.gallery, buffer.getvalue())
+    except (ValueError, backend.DeviceError, OSError) as err:  # DataError, CorruptFileError are ValueErrors
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(ev))
+    if args.json:
+        print(json.dumps(ev.as_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""python -m nanocolor.evaluate on a few made photos with a tiny untrained model."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import colorful_rgb, gray_rgb, save_image
+from nanocolor.evaluate import evaluate_folder, main
+from nanocolor.model import ColorNet
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """3 color photos (20 x 26), 1 gray photo and 1 broken file, in two subfolders."""
+    root = tmp_path / "photos"
+    for i in range(3):
+        save_image(root / "a" / f"{i}.png", colorful_rgb(20, 26, seed=i))
+    save_image(root / "b" / "gray.png", gray_rgb(20, 26))
+    (root / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+@pytest.fixture
+def weights(tmp_path):
+    path = tmp_path / "tiny.npz"
+    ColorNet(widths=(4, 8), seed=0).save(path, train_size=8)
+    return path
+
+
+def test_table_json_and_gallery(photos, weights, tmp_path, capsys):
+    gallery = tmp_path / "gallery.png"
+    rc = main(["--data", str(photos), "--weights", str(weights), "--gallery", str(gallery), "--json", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert (result["photos"], result["skipped_gray"], result["unreadable"]) == (3, 1, 1)
+    assert result["work_size"] == 16  # twice the training size stored with the weights
+    for name in ("model", "gray"):
+        scores = result[name]
+        assert set(scores) == {"psnr", "auc", "colorfulness", "colorfulness_ratio"}
+        assert math.isfinite(scores["psnr"]) and 0 <= scores["auc"] <= 1
+    assert result["gray"]["colorfulness_ratio"] == pytest.approx(0, abs=0.01)
+    assert result["original_colorfulness"] > 20
+    table = "\n".join(lines[:-1])
+    for row in ("gray baseline", "model", "originals", "PSNR", "AuC"):
+        assert row in table
+    assert f"{result['model']['psnr']:.2f}" in table and f"{result['gray']['auc']:.4f}" in table
+    # 3 rows x 3 columns of 20 x 26 photos with 4-pixel gaps
+    assert Image.open(gallery).size == (3 * 26 + 2 * 4, 3 * 20 + 2 * 4)
+
+
+def test_gray_baseline_of_a_solid_red_photo(tmp_path):
+    """Hand-worked: red's L* = 53.24 -> gray level 127; its a*b* (80.09, 67.20) is 104.55 away from 0."""
+    save_image(tmp_path / "red" / "r.png", np.full((16, 16, 3), (255, 0, 0), np.uint8))
+    ev = evaluate_folder(ColorNet(widths=(4, 8), seed=0), tmp_path / "red", work_size=16)
+    mse = ((255 - 127) ** 2 + 127 ** 2 + 127 ** 2) / 3
+    assert ev.gray["psnr"] == pytest.approx(10 * math.log10(255 ** 2 / mse))
+    assert ev.gray["auc"] == pytest.approx((151 - 105) / 151)
+    assert ev.original_colorfulness == pytest.approx(0.3 * 127.5 * math.sqrt(5))  # rg = 255, yb = 127.5
+    assert ev.gray["colorfulness"] == 0
+
+
+def test_model_predicting_no_color_scores_like_the_gray_baseline(photos):
+    """A last conv of zeros gives ab = tanh(0) = 0: the model's output is the gray baseline itself."""
+    model = ColorNet(widths=(4, 8), seed=0)
+    last = model.param_layers[-1]
+    last.params["W"][:] = 0
+    last.params["b"][:] = 0
+    ev = evaluate_folder(model, photos, work_size=16, gallery_photos=2)
+    assert ev.model == pytest.approx(ev.gray)
+    assert len(ev.gallery_rows) == 2
+    gray, original, colorized = ev.gallery_rows[0]
+    np.testing.assert_allclose(colorized, gray, atol=1e-6)
+    assert original.shape == (20, 26, 3)
+
+
+def test_limit_and_errors(photos, weights, tmp_path, capsys):
+    assert main(["--data", str(photos), "--weights", str(weights), "--limit", "2", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["photos"] == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["--data", str(tmp_path / "empty"), "--weights", str(weights), "--quiet"]) == 2
+    assert "no readable color photo" in capsys.readouterr().err
+    assert main(["--data", str(photos), "--weights", str(tmp_path / "missing.npz"), "--quiet"]) == 2
+    assert "missing.npz" in capsys.readouterr().err
