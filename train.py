@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from nanocolor import backend
@@ -55,8 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"train.py: warning: {message}", file=sys.stderr)  # one line, no source echo
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    warnings.showwarning = _show_warning
     world = World()
     try:
         world = init_world()
