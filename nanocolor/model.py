@@ -7,7 +7,7 @@ bottleneck Conv + ReLU to the last width. Decoder: for each width back down, Con
 Upsample (doubles H and W); a final Conv to 2 channels + Tanh. H and W must divide by
 2**(len(widths) - 1), the network's downsampling factor.
 For the classification loss (classify.py) the head is instead a Conv to Q color-bin logits,
-(N, H, W, Q), with no activation: ColorNet(..., out_channels=Q, head="logits").
+(N, H, W, Q), from a 1x1 conv with no activation: ColorNet(..., out_channels=Q, head="logits").
 """
 from __future__ import annotations
 
@@ -43,7 +43,10 @@ class ColorNet:
         for w in reversed(widths[:-1]):
             layers += [conv(c, w), ReLU(), Upsample2d()]
             c = w
-        layers += [conv(c, out_channels)] + ([Tanh()] if head == "tanh" else [])
+        if head == "tanh":
+            layers += [conv(c, out_channels), Tanh()]
+        else:  # hundreds of bin logits per pixel: a 1x1 conv keeps that head cheap
+            layers += [Conv2d(c, out_channels, 1, rng=rng, dtype=dtype)]
         layers[0].input_grad = False  # nobody needs the gradient w.r.t. the input image
         self.layers = layers
         self.to_device()
