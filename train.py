@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per mini-batch (default 16); under mpirun the global batch, "
                         "split evenly over the processes")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--loss", choices=("mse", "classify"), default="mse",
+                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing (default mse)")
     p.add_argument("--size", type=int, default=64,
                    help="training images are center-cropped and resized to SIZE x SIZE (default 64)")
     p.add_argument("--widths", default=",".join(map(str, DEFAULT_WIDTHS)),
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
         data = args.data or (None if args.resume else str(HERE / "data" / "sample"))
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
                           lr=args.lr, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          widths=widths, limit=args.limit, progress=not args.quiet and world.is_root)
+                          widths=widths, loss=args.loss, limit=args.limit, progress=not args.quiet and world.is_root)
         if args.epochs is not None and args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         if args.batch_size < 1:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import backend
+from .classify import ab_bins, annealed_mean
 from .color import fit_to_gamut, lab_to_rgb, rgb_to_lab, scale_lightness, unscale_ab
 from .data import read_photo
 from .model import ColorNet
@@ -44,8 +45,12 @@ def predict_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
     h, w = working_shape(H, W, work_size, model.downsample_factor)
     small = _resize_channels(L[..., None], h, w)
     lightness = backend.xp.asarray(scale_lightness(small)[None].astype(np.float32))
-    ab_scaled = backend.to_numpy(model.forward(lightness))[0]
-    return _resize_channels(unscale_ab(ab_scaled), H, W)
+    out = model.forward(lightness)
+    if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
+        ab = backend.to_numpy(annealed_mean(out))[0]
+    else:
+        ab = unscale_ab(backend.to_numpy(out)[0])
+    return _resize_channels(ab, H, W)
 
 
 def colorize_array(model: ColorNet, rgb: np.ndarray, work_size: int) -> np.ndarray:
@@ -66,9 +71,10 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
         raise
     except Exception as err:  # e.g. arrays of a type no parameter can take
         raise CorruptFileError(f"{path}: cannot build a model from it ({err.__class__.__name__}: {err})") from None
-    if model.config.get("head", "tanh") != "tanh" or model.config.get("out_channels", 2) != 2:
-        raise CorruptFileError(f"{path}: holds a {model.config.get('head')!r} model with "
-                               f"{model.config.get('out_channels')} outputs; colorizing needs the a*b* (tanh) model")
+    expected = {"tanh": 2, "logits": len(ab_bins())}.get(model.config.get("head", "tanh"))
+    if model.config.get("out_channels", 2) != expected:
+        raise CorruptFileError(f"{path}: a {model.config.get('head')!r} model with {model.config.get('out_channels')} "
+                               f"outputs; colorizing needs 2 a*b* outputs (tanh) or {len(ab_bins())} bin logits")
     train_size = meta.get("train_size") or (meta.get("train_config") or {}).get("size") or 64
     return model, 2 * int(train_size)
 

@@ -32,6 +32,7 @@ from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import DataError, epoch_plan, load_dataset, make_batch, split_indices
 from .distributed import GradientAverager, World
 from .infer import side_by_side
+from .classify import ClassificationLoss
 from .loss import MSELoss
 from .metrics import psnr
 from .model import DEFAULT_WIDTHS, ColorNet
@@ -52,6 +53,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     widths: tuple = DEFAULT_WIDTHS
+    loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     progress: bool = True
     history: list = field(default_factory=list, repr=False)
@@ -103,10 +105,18 @@ class Trainer:
         if cfg.size % factor:
             raise ValueError(f"--size {cfg.size} must divide by {factor}, the downsampling factor "
                              f"of a {len(cfg.widths)}-width network")
+        if cfg.loss not in ("mse", "classify"):
+            raise ValueError(f"loss must be 'mse' or 'classify', got {cfg.loss!r}")
+        if cfg.loss == "classify":
+            if getattr(self, "class_weights", None) is None:  # estimated once, then kept in the checkpoint
+                self.class_weights = ClassificationLoss.from_training_ab(self.ab[self.train_idx]).weights
+            self.loss = ClassificationLoss(self.class_weights)
+        else:
+            self.loss = MSELoss()
         if not resume:
-            self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype)
+            head = {"out_channels": len(self.loss.centers), "head": "logits"} if cfg.loss == "classify" else {}
+            self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, **head)
             self.optimizer = Adam(self.model.param_layers, lr=cfg.lr)
-        self.loss = MSELoss()
         self.averager = GradientAverager(self.model.param_layers, self.world) if self.world.size > 1 else None
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -114,6 +124,8 @@ class Trainer:
         arrays = self.model.state_arrays()
         for name, a in self.optimizer.state_dict().items():
             arrays[f"adam.{name}"] = backend.to_numpy(a) if hasattr(a, "shape") else np.array(a)
+        if getattr(self, "class_weights", None) is not None:
+            arrays["class_weights"] = np.asarray(self.class_weights)
         train_config = {k: v for k, v in asdict(self.cfg).items() if k != "history"}
         save_npz(self.checkpoint_path, arrays, kind="checkpoint", config=self.model.config,
                  train_config=train_config, epoch=self.epoch, step=self.step, loss_sum=self.loss_sum,
@@ -124,16 +136,26 @@ class Trainer:
         stored = meta["train_config"]
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
+        self.cfg.loss = stored.get("loss", "mse")
+        self.class_weights = arrays.pop("class_weights", None)
         self.cfg.history = meta["history"]
         if self.cfg.data is None:  # resume on the photos the run was started with
             self.cfg.data = stored["data"]
         self.dtype = arrays["layer0.W"].dtype if "layer0.W" in arrays else np.dtype(np.float32)
-        self.model = ColorNet(tuple(meta["config"]["widths"]), kernel=meta["config"]["kernel"], dtype=self.dtype)
+        config = meta["config"]
+        self.model = ColorNet(tuple(config["widths"]), kernel=config["kernel"], dtype=self.dtype,
+                              out_channels=config.get("out_channels", 2), head=config.get("head", "tanh"))
         self.model.load_state_arrays(arrays, source=str(self.checkpoint_path))
         self.optimizer = Adam(self.model.param_layers, lr=self.cfg.lr)
         self.optimizer.load_state_dict({name[5:]: a for name, a in arrays.items() if name.startswith("adam.")})
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.loss_sum, self.cpu_seconds = meta["loss_sum"], meta["cpu_seconds"]
+
+    def predict_scaled_ab(self, lightness) -> np.ndarray:
+        """Scaled lightness (N, H, W, 1) -> the model's scaled a*b* (N, H, W, 2) on the host
+        (bin logits decoded by the annealed mean)."""
+        out = self.model.forward(backend.xp.asarray(lightness, dtype=self.dtype))
+        return backend.to_numpy(self.loss.decode(out) if self.cfg.loss == "classify" else out)
 
     # -- one epoch ------------------------------------------------------------------------------
     def train_step(self, lightness, ab_true) -> float:
@@ -166,7 +188,7 @@ class Trainer:
         for start in range(0, len(share), batch_size):
             idx = share[start:start + batch_size]
             L, ab_true = self.lightness[idx], self.ab[idx]
-            ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L, dtype=self.dtype)))
+            ab_pred = self.predict_scaled_ab(L)
             losses.append(float(np.mean((ab_pred - ab_true) ** 2)) * len(idx))
             pred_rgb, true_rgb = lab_to_rgb_batch(L, ab_pred), lab_to_rgb_batch(L, ab_true)
             psnrs += [psnr(np.round(p * 255), np.round(t * 255)) for p, t in zip(pred_rgb, true_rgb)]
@@ -176,7 +198,7 @@ class Trainer:
     def write_preview(self) -> None:
         idx = self.val_idx[:PREVIEW_IMAGES] if len(self.val_idx) else self.train_idx[:PREVIEW_IMAGES]
         L, ab_true = self.lightness[idx], self.ab[idx]
-        ab_pred = backend.to_numpy(self.model.forward(backend.xp.asarray(L, dtype=self.dtype)))
+        ab_pred = self.predict_scaled_ab(L)
         gray = lab_to_rgb_batch(L, np.zeros_like(ab_true))
         truth, pred = lab_to_rgb_batch(L, ab_true), lab_to_rgb_batch(L, ab_pred)
         picture = side_by_side(list(zip(gray, truth, pred)))
