@@ -78,10 +78,11 @@ def main(argv=None) -> int:
     for done, path in enumerate(paths):
         out_path, compare_path = output_paths(path, args.output, args.compare)
         try:
-            first = claimed.setdefault(out_path.resolve(), path)
+            first = claimed.get(out_path.resolve(), path)
             if first != path:  # e.g. photo.jpg and photo.png into one --output folder
                 raise FileExistsError(f"{path}: its output {out_path} would overwrite that of {first}")
             colorize_file(model, path, out_path, work_size, compare_path)
+            claimed[out_path.resolve()] = path
             print(f"{path} -> {out_path}")
         except KeyboardInterrupt:
             print(f"colorize.py: interrupted after {done} of {len(paths)} images", file=sys.stderr)
