@@ -107,7 +107,7 @@ def load_npz(path: str | os.PathLike, kinds: tuple = ("weights", "checkpoint")) 
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except Exception as err:  # zipfile/numpy raise BadZipFile, ValueError, NotImplementedError, ... on bad bytes
-        raise CorruptFileError(f"{path}: not a readable .npz file ({err.__class__.__name__}: {err})") from None
+        raise CorruptFileError(f"{path}: corrupt or truncated .npz file ({err.__class__.__name__}: {err})") from None
     if "__meta__" not in arrays:
         raise CorruptFileError(f"{path}: not a nanocolor file (no metadata record)")
     try:
