@@ -493,6 +493,12 @@ def test_an_update_that_breaks_the_weights_at_the_end_of_an_epoch_is_never_saved
     assert_same_arrays(arrays, good)
 
 
+# Runs the script named by argv[1] with every fsync 20 ms slower (a slow disk).
+SLOW_FSYNC = ("import os, runpy, sys, time; fsync = os.fsync; "
+              "os.fsync = lambda fd: (time.sleep(0.02), fsync(fd))[1]; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def _poll_and_kill(proc: subprocess.Popen, run: Path, rnd: random.Random, during_save: bool) -> None:
     """SIGKILL `proc` at a random moment, or as soon as a checkpoint temp file shows up."""
     if not during_save:
@@ -514,8 +520,11 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_finishes(
     for attempt in range(16):
         during_save = attempt % 2 == 1
         where = ["--resume", run] if (run / "checkpoint.npz").exists() else ["--out", run]
-        proc = subprocess.Popen(train_cmd(*common, *where, "--epochs", "1000"), cwd=tmp_path,
-                                env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = train_cmd(*common, *where, "--epochs", "1000")
+        if during_save:  # widen the window between writing a temp file and renaming it, whatever the disk
+            cmd[1:2] = ["-c", SLOW_FSYNC, cmd[1]]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=script_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         _poll_and_kill(proc, run, rnd, during_save)
         kills += proc.returncode == -signal.SIGKILL
         leftovers = list(run.glob(".checkpoint.npz.*.tmp")) if run.is_dir() else []
