@@ -9,6 +9,7 @@ With no arguments it trains on the sample photos bundled in data/sample. Example
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import warnings
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.showwarning = _show_warning
     world = World()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # until training starts: like Ctrl-C
     try:
         world = init_world()
         backend.use_device(args.device)
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
         if args.resume and args.epochs is None:
             cfg.epochs = max(trainer.epoch, 50)
         last = trainer.run()
+    except KeyboardInterrupt:
+        print(f"train.py: {_rank_tag(world)}interrupted; nothing more was saved", file=sys.stderr)
+        return 130
     except TrainingStopped as stop:
         if world.is_root:
             print(f"train.py: {stop}", file=sys.stderr)

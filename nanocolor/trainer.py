@@ -37,7 +37,7 @@ from .loss import MSELoss
 from .metrics import psnr
 from .model import DEFAULT_WIDTHS, ColorNet
 from .optim import Adam
-from .serialize import atomic_write_bytes, load_npz, save_npz
+from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz
 
 PREVIEW_IMAGES = 4
 
@@ -170,7 +170,7 @@ class Trainer:
             # Every rank joins the Allreduce, even with a diverged shard: a NaN anywhere makes the
             # reduced loss NaN everywhere, so all ranks stop together.
             self.model.backward(self.loss.backward())
-            loss = self.averager.average(loss)
+            loss = self.averager.average(loss, stop=self._stop_signal is not None)
             if not math.isfinite(loss):
                 return loss
         self.optimizer.step()
@@ -221,13 +221,48 @@ class Trainer:
         cfg = self.cfg
         if self.world.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+            for name in ("checkpoint.npz", "model.npz", "preview.png", "log.csv"):
+                remove_stale_temp_files(self.out / name)  # left by a run killed while saving
+        self._stop_signal = None
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < cfg.epochs:
                 self._run_epoch()
+                if self.epoch < cfg.epochs and self._stop_requested():
+                    raise TrainingStopped(f"interrupted after epoch {self.epoch}; checkpoint saved: "
+                                          f"continue with --resume {self.out}", 130)
         finally:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return cfg.history[-1] if cfg.history else {}
+
+    def _request_stop(self, signum, frame) -> None:
+        """SIGINT (Ctrl-C) or SIGTERM: finish the current step, save, stop; a second one stops at once."""
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _stop_requested(self, in_epoch: bool = False) -> bool:
+        """Whether a stop signal arrived (on any rank: all ranks must stop at the same step).
+
+        Within an epoch the ranks agree through the stop slot of the last step's gradient
+        Allreduce, so stopping costs no extra message per step.
+        """
+        asked = self._stop_signal is not None
+        if self.world.size == 1:
+            return asked
+        if in_epoch:
+            return self.averager.stop_requested
+        return bool(self.world.sum([float(asked)])[0] > 0)
+
+    def _weights_finite(self) -> bool:
+        return all(bool(backend.xp.isfinite(p).all()) for layer in self.model.param_layers
+                   for p in layer.params.values())
+
+    def _diverged(self, what: str) -> TrainingStopped:
+        kept = (f"the last good checkpoint is kept in {self.checkpoint_path}" if self.checkpoint_path.exists()
+                else "no checkpoint was saved yet")
+        return TrainingStopped(f"training diverged: {what}; {kept} (try a lower --lr)", 1)
 
     def _run_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
@@ -237,27 +272,28 @@ class Trainer:
         started, cpu_started = time.time(), time.process_time()
         bar = tqdm(total=len(plan), initial=self.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not self.progress, leave=False)
-        try:
-            for positions, flips in plan[self.step:]:
-                L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard])
-                loss = self.train_step(backend.xp.asarray(L, dtype=self.dtype),
-                                       backend.xp.asarray(ab_true, dtype=self.dtype))
-                if not math.isfinite(loss):
-                    raise TrainingStopped(
-                        f"training diverged: loss is {loss} at epoch {epoch + 1}, step {self.step + 1}; "
-                        f"the last good checkpoint is kept in {self.checkpoint_path} (try a lower --lr)", 1)
-                self.step += 1
-                self.loss_sum += loss
-                bar.update(1)
-                bar.set_postfix(loss=f"{self.loss_sum / self.step:.5f}")
-        except KeyboardInterrupt:
-            bar.close()
-            self.cpu_seconds += time.process_time() - cpu_started
-            if self.world.is_root:
-                self.save_checkpoint()
-            raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {self.step}; checkpoint saved: "
-                                  f"continue with --resume {self.out}", 130) from None
+        for positions, flips in plan[self.step:]:
+            if self._stop_requested(in_epoch=True):  # checked between steps, so every update is whole
+                bar.close()
+                self.cpu_seconds += time.process_time() - cpu_started
+                if not self._weights_finite():
+                    raise self._diverged(f"the weights are NaN or infinite at epoch {epoch + 1}, step {self.step}")
+                if self.world.is_root:
+                    self.save_checkpoint()
+                raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {self.step}; checkpoint saved: "
+                                      f"continue with --resume {self.out}", 130)
+            L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard])
+            loss = self.train_step(backend.xp.asarray(L, dtype=self.dtype),
+                                   backend.xp.asarray(ab_true, dtype=self.dtype))
+            if not math.isfinite(loss):
+                raise self._diverged(f"loss is {loss} at epoch {epoch + 1}, step {self.step + 1}")
+            self.step += 1
+            self.loss_sum += loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.loss_sum / self.step:.5f}")
         bar.close()
+        if not self._weights_finite():  # the last step's update is seen by no loss
+            raise self._diverged(f"the weights are NaN or infinite at epoch {epoch + 1}, step {self.step}")
         val_loss, val_psnr = self.validate()
         self.cpu_seconds += float(self.world.sum([time.process_time() - cpu_started])[0])  # all ranks' CPU
         row = {"epoch": epoch + 1, "train_loss": round(self.loss_sum / max(self.step, 1), 6),
@@ -277,6 +313,3 @@ class Trainer:
                        f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  "
                        f"({row['seconds']:.0f} s)")
 
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM is handled like Ctrl-C: save, then stop

@@ -76,16 +76,17 @@ def fill_grads(model: ColorNet, rng: np.random.Generator) -> list:
     return [layer.grads[name].copy() for layer in model.param_layers for name in layer.params]
 
 
-def test_averager_packs_every_gradient_and_the_loss_in_one_buffer(rng):
+def test_averager_packs_every_gradient_the_loss_and_the_stop_flag_in_one_buffer(rng):
     model = ColorNet((3, 5), seed=1, dtype=np.float64)
     mine = fill_grads(model, rng)
     other_grads = [rng.standard_normal(g.shape) for g in mine]
-    other = np.concatenate([g.ravel() for g in other_grads] + [np.array([0.5])])
+    other = np.concatenate([g.ravel() for g in other_grads] + [np.array([0.5, 1.0])])  # the other rank asks to stop
     averager = GradientAverager(model.param_layers, TwoRankWorld(other))
-    assert averager.nbytes == (model.num_params() + 1) * 8
+    assert averager.nbytes == (model.num_params() + 2) * 8
     grad_arrays = [layer.grads[name] for layer in model.param_layers for name in layer.params]
-    loss = averager.average(0.25)
+    loss = averager.average(0.25, stop=False)
     assert loss == pytest.approx((0.25 + 0.5) / 2, abs=1e-15)
+    assert averager.stop_requested  # one rank asked: every rank learns it from the same message
     got = [layer.grads[name] for layer in model.param_layers for name in layer.params]
     for g, before, theirs, same_array in zip(got, mine, other_grads, grad_arrays):
         assert g is same_array  # averaged in place: whoever holds the grads sees the mean
@@ -99,7 +100,7 @@ def test_averager_reuses_its_buffer(rng):
     for _ in range(2):
         mine = fill_grads(model, rng)
         assert averager.average(1.0) == 1.0
-        assert averager.host is buffer
+        assert averager.host is buffer and not averager.stop_requested
         got = [layer.grads[name] for layer in model.param_layers for name in layer.params]
         assert all(np.array_equal(a, b) for a, b in zip(got, mine))
 

@@ -500,9 +500,18 @@ SLOW_FSYNC = ("import os, runpy, sys, time; fsync = os.fsync; "
 
 
 def _poll_and_kill(proc: subprocess.Popen, run: Path, rnd: random.Random, during_save: bool) -> None:
-    """SIGKILL `proc` at a random moment, or as soon as a checkpoint temp file shows up."""
+    """SIGKILL `proc` at a random moment of training, or as soon as a checkpoint temp file shows up.
+
+    Random moments count from this process's first checkpoint save, so a slow, loaded machine
+    still sees kills spread over the epochs rather than all during start-up.
+    """
     if not during_save:
-        time.sleep(rnd.uniform(0.05, 1.2))
+        checkpoint = run / "checkpoint.npz"
+        stamp = lambda: checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+        before, deadline = stamp(), time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None and stamp() == before:
+            time.sleep(0.01)
+        time.sleep(rnd.uniform(0.0, 1.2))
     else:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and proc.poll() is None:
