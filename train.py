@@ -80,6 +80,8 @@ def main(argv=None) -> int:
                           widths=widths, loss=args.loss, limit=args.limit, progress=not args.quiet and world.is_root)
         if args.epochs is not None and args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be positive, got {args.lr}")
         if args.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if not args.resume and (Path(out) / "checkpoint.npz").exists():

@@ -112,8 +112,17 @@ class ColorNet:
                 layer.params[name] = backend.xp.asarray(a.astype(p.dtype))
 
     def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
-        """Write weights + architecture config atomically (float16 by default: half the bytes)."""
-        save_npz(path, self.state_arrays(dtype), kind="weights", config=self.config, **meta)
+        """Write weights + architecture config atomically (float16 by default: half the bytes).
+
+        Weights beyond float16's range (65504) are kept in float32 rather than turned into inf.
+        """
+        arrays = self.state_arrays()
+        if dtype is not None and np.dtype(dtype) == np.float16 and \
+                max(float(np.abs(a).max(initial=0)) for a in arrays.values()) > np.finfo(np.float16).max:
+            dtype = np.float32
+        if dtype is not None:
+            arrays = {name: a.astype(dtype) for name, a in arrays.items()}
+        save_npz(path, arrays, kind="weights", config=self.config, **meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ColorNet":

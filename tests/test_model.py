@@ -223,3 +223,11 @@ def test_wrong_format_version_is_refused(tmp_path):
     np.savez(tmp_path / "future.npz", **arrays)
     with pytest.raises(CorruptFileError, match="version"):
         ColorNet.load(tmp_path / "future.npz")
+
+
+def test_weights_beyond_float16_range_are_saved_in_float32_not_as_inf(tmp_path):
+    model = ColorNet((2, 4), seed=0)
+    model.layers[0].params["W"][0, 0, 0, 0] = 1e6  # a diverged run's weight: inf in float16
+    model.save(tmp_path / "big.npz")
+    loaded = ColorNet.load(tmp_path / "big.npz")  # would raise CorruptFileError on inf
+    assert loaded.layers[0].params["W"][0, 0, 0, 0] == 1e6
