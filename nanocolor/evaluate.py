@@ -50,10 +50,12 @@ class Evaluation:
 
 
 def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, limit: int | None = None,
-                    gallery_photos: int = GALLERY_PHOTOS, progress: bool = False) -> Evaluation:
+                    gallery_photos: int = GALLERY_PHOTOS, gallery_every: int = 1,
+                    progress: bool = False) -> Evaluation:
     """Colorize and score every color photo under `data` (the first `limit` of them, sorted by path).
 
     Unreadable files and photos that are already gray (data.is_grayscale) are skipped and counted.
+    The gallery takes every `gallery_every`-th scored photo (spread over a sorted folder's classes).
     """
     paths = find_images(data)
     model_scores, gray_scores, original_colorfulness, rows = [], [], [], []
@@ -76,7 +78,7 @@ def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, li
         model_scores.append(colorization_scores(to_uint8(colorized), original))
         gray_scores.append(colorization_scores(to_uint8(gray), original))
         original_colorfulness.append(colorfulness(original))
-        if len(rows) < gallery_photos:
+        if len(rows) < gallery_photos and (len(model_scores) - 1) % gallery_every == 0:
             rows.append((gray, rgb, colorized))
         bar.update(1)
     bar.close()
@@ -116,7 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="folder of color photos, searched recursively")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="model weights or checkpoint (default: the shipped model)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N color photos (sorted by path)")
-    p.add_argument("--gallery", metavar="PNG", help=f"write gray | original | colorized of the first {GALLERY_PHOTOS} photos")
+    p.add_argument("--gallery", metavar="PNG", help=f"write gray | original | colorized of {GALLERY_PHOTOS} photos")
+    p.add_argument("--gallery-every", type=int, default=1, metavar="K",
+                   help="gallery photos are every K-th scored photo (default 1: the first ones)")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side at which the network predicts color (default: the model's training size x 2)")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
         backend.use_device(args.device)
         model, work_size = load_colorizer(args.weights)
         ev = evaluate_folder(model, args.data, args.work_size or work_size, limit=args.limit,
-                             gallery_photos=GALLERY_PHOTOS if args.gallery else 0, progress=not args.quiet)
+                             gallery_photos=GALLERY_PHOTOS if args.gallery else 0,
+                             gallery_every=max(1, args.gallery_every), progress=not args.quiet)
         if args.gallery:
             buffer = io.BytesIO()
             gallery_picture(ev.gallery_rows).save(buffer, format="PNG")

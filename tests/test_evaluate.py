@@ -87,3 +87,14 @@ def test_limit_and_errors(photos, weights, tmp_path, capsys):
     assert "no readable color photo" in capsys.readouterr().err
     assert main(["--data", str(photos), "--weights", str(tmp_path / "missing.npz"), "--quiet"]) == 2
     assert "missing.npz" in capsys.readouterr().err
+
+
+def test_gallery_every_k_takes_photos_spread_over_the_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):  # photo i is a solid color whose red channel encodes its index
+        Image.fromarray(np.full((16, 16, 3), (40 * i + 20, 200, 30), np.uint8)).save(folder / f"{i}.png")
+    model = ColorNet((2, 4), seed=0)
+    ev = evaluate_folder(model, folder, work_size=16, gallery_photos=3, gallery_every=2)
+    reds = [int(round(row[1][0, 0, 0] * 255)) for row in ev.gallery_rows]
+    assert reds == [20, 100, 180]  # photos 0, 2 and 4
