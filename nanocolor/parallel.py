@@ -1,0 +1,122 @@
+"""CPU threads for the layers: a small pool of workers over which GEMMs and copies are split,
+every piece running single-threaded BLAS.
+
+Why not let OpenBLAS thread each GEMM itself: it splits a GEMM statically between its threads
+and keeps idle threads spinning for ~0.1 s after every call. When other processes compete for
+the cores, each call waits for its slowest (descheduled) thread, and the spinning threads take
+the core away from NumPy's single-threaded elementwise work between GEMMs: a training step was
+measured 1.8x slower with 2 OpenBLAS threads than with 1 on a shared 2-core machine. Pieces
+handed out on demand keep whichever cores are free busy, and idle workers sleep.
+
+The pool has as many threads as NumPy's OpenBLAS was started with (OPENBLAS_NUM_THREADS /
+OMP_NUM_THREADS), so the thread budget is unchanged; OpenBLAS itself is then set to 1 thread.
+Without NumPy's bundled OpenBLAS, or with `enable(False)`, everything runs on the calling thread
+and BLAS keeps its own threading.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+_state: dict = {"enabled": True, "workers": None, "pool": None, "blas_single": False}
+
+
+def _openblas_thread_control():
+    """(get_num_threads, set_num_threads, threads at start) of the OpenBLAS in NumPy's wheel, or None."""
+    if "control" not in _state:
+        _state["control"] = None
+        for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
+                                   ("openblas", "")):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                    _state["control"] = (get, set_, get())
+                    break
+            if _state["control"] is not None:
+                break
+    return _state["control"]
+
+
+def workers() -> int:
+    """Threads that `run` spreads work over (1: everything on the calling thread)."""
+    if not _state["enabled"]:
+        return 1
+    if _state["workers"] is None:
+        control = _openblas_thread_control()
+        set_workers(control[2] if control is not None else 1)
+    return _state["workers"]
+
+
+def set_workers(threads: int) -> None:
+    """Use `threads` workers from now on (by default as many as OpenBLAS was started with).
+
+    With more than one, OpenBLAS (when its thread count can be set) runs single-threaded;
+    with one, it gets its starting thread count back.
+    """
+    threads = max(int(threads), 1)
+    control = _openblas_thread_control()
+    if _state["pool"] is not None:
+        _state["pool"].shutdown()
+        _state["pool"] = None
+    if threads > 1:
+        _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="nanocolor")
+    if control is not None:
+        control[1](1 if threads > 1 else control[2])
+    _state["workers"] = threads
+    _state["blas_single"] = control is not None and (threads > 1 or control[2] == 1)
+
+
+def enable(on: bool = True) -> None:
+    """Switch the pool on (default) or off (everything on the calling thread, BLAS as started)."""
+    _state["enabled"] = bool(on)
+    if not on and _state["workers"] is not None:
+        set_workers(1)
+        _state["workers"] = None
+
+
+def blas_single_threaded() -> bool:
+    """Whether each BLAS call runs on one thread (many small GEMMs then cost no thread handoffs)."""
+    if workers() == 1 and not _state["enabled"]:
+        control = _openblas_thread_control()
+        return control is not None and control[2] == 1
+    return _state["blas_single"]
+
+
+def run(task: Callable[[int], None], n_tasks: int) -> None:
+    """task(0), ..., task(n_tasks - 1), spread over the workers; returns when all are done.
+
+    Tasks must write disjoint outputs and must not call `run` themselves.
+    """
+    if n_tasks <= 1 or workers() == 1:
+        for i in range(n_tasks):
+            task(i)
+        return
+    for _ in _state["pool"].map(task, range(n_tasks)):
+        pass
+
+
+def split(n: int, pieces: int) -> list:
+    """[(start, stop), ...]: range(n) cut into at most `pieces` near-equal non-empty parts."""
+    pieces = max(1, min(pieces, n))
+    bounds = [n * i // pieces for i in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def matmul(a, b, out=None, min_rows: int = 512):
+    """a @ b for 2-D NumPy arrays, rows of a split over the workers."""
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    parts = split(a.shape[0], min(4 * workers(), max(1, a.shape[0] // min_rows))) if workers() > 1 else [(0, a.shape[0])]
+    run(lambda i: np.matmul(a[parts[i][0]:parts[i][1]], b, out=out[parts[i][0]:parts[i][1]]), len(parts))
+    return out

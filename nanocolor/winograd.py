@@ -1,0 +1,213 @@
+"""Winograd F(2x2, 3x3) convolution: 2.25x fewer multiplies than im2col for 3x3 'same' convs.
+
+Each 2x2 block ("tile") of output pixels is computed from the 4x4 block of padded input around
+it (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
+    y_tile = A^T [ sum_c (G w_cf G^T) * (B^T x_tile,c B) ] A
+The elementwise product summed over channels is, at each of the 16 positions of the 4x4
+Winograd domain, one matrix multiply (tiles x C) @ (C x F): 16 GEMMs of 4 * 4 / 4 = 4 multiplies
+per output pixel and channel pair, against im2col's 9. The transforms are cheap adds on
+strided views (no loop over tiles or pixels, only over the 4x4 positions).
+
+Shapes (channels-last): x (N, H, W, C) with H and W even; w (3, 3, C, F);
+th, tw = H // 2, W // 2 tiles; P = N * th * tw. Transformed arrays have the position first,
+(16, P, C) or (16, P, F), so each position is one contiguous matrix for the GEMM; position
+a * 4 + b is row a, column b of the 4x4 domain.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import array_module
+
+# F(2x2, 3x3) matrices: input transform B^T (4x4), filter transform G (4x3), output transform A^T (2x4).
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+
+
+def applies(kernel: int, H: int, W: int) -> bool:
+    """F(2x2, 3x3) covers 3x3 kernels on images whose height and width are even."""
+    return kernel == 3 and H % 2 == 0 and W % 2 == 0 and H > 0 and W > 0
+
+
+def _alloc(out, shape: tuple, like):
+    if out is None:
+        return array_module(like).empty(shape, dtype=like.dtype)
+    if out.shape != tuple(shape):
+        raise ValueError(f"buffer has shape {out.shape}, need {tuple(shape)}")
+    return out
+
+
+def _bt_1d(xp, d, v) -> None:
+    """v[a] = sum_i B^T[a, i] d[i] for four equally shaped views: the 1-D input transform."""
+    xp.subtract(d[0], d[2], out=v[0])
+    xp.add(d[1], d[2], out=v[1])
+    xp.subtract(d[2], d[1], out=v[2])
+    xp.subtract(d[1], d[3], out=v[3])
+
+
+def _g_1d(xp, w, out) -> None:
+    """out[a] = sum_i G[a, i] w[i] for three equally shaped views: the 1-D filter transform."""
+    xp.copyto(out[0], w[0])
+    xp.add(w[0], w[2], out=out[3])          # out[3] holds w0 + w2 until its final value
+    xp.add(out[3], w[1], out=out[1])
+    out[1] *= 0.5
+    xp.subtract(out[3], w[1], out=out[2])
+    out[2] *= 0.5
+    xp.copyto(out[3], w[2])
+
+
+def _g_t_1d(xp, d, out) -> None:
+    """out[i] = sum_a G[a, i] d[a] for four views: the adjoint of _g_1d."""
+    xp.add(d[1], d[2], out=out[1])           # out[1] holds d1 + d2 until its final value
+    out[1] *= 0.5
+    xp.add(d[0], out[1], out=out[0])
+    xp.add(d[3], out[1], out=out[2])
+    xp.subtract(d[1], d[2], out=out[1])
+    out[1] *= 0.5
+
+
+def filter_transform(w):
+    """(3, 3, C, F) weights -> U = G w G^T at every (c, f): (16, C, F)."""
+    xp = array_module(w)
+    _, _, C, F = w.shape
+    rows = xp.empty((4, 3, C, F), dtype=w.dtype)
+    _g_1d(xp, w, rows)                        # G along the kernel's rows
+    out = xp.empty((4, 4, C, F), dtype=w.dtype)
+    for a in range(4):                        # then along its columns
+        _g_1d(xp, rows[a], out[a])
+    return out.reshape(16, C, F)
+
+
+def filter_transform_adjoint(dU):
+    """Adjoint of filter_transform: (16, C, F) -> dw = G^T dU G, (3, 3, C, F)."""
+    xp = array_module(dU)
+    _, C, F = dU.shape
+    d = dU.reshape(4, 4, C, F)
+    rows = xp.empty((3, 4, C, F), dtype=dU.dtype)
+    _g_t_1d(xp, d, rows)
+    out = xp.empty((3, 3, C, F), dtype=dU.dtype)
+    for i in range(3):
+        _g_t_1d(xp, rows[i], out[i])
+    return out
+
+
+def input_transform(x_pad, out=None, work=None):
+    """(N, H+2, W+2, C) zero-padded input -> V = B^T x_tile B for every tile, (16, P, C).
+
+    `out` (16, P, C) and `work` (4, N, H//2, W+2, C) are optional buffers to write into.
+    """
+    xp = array_module(x_pad)
+    N, Hp, Wp, C = x_pad.shape
+    th, tw = (Hp - 2) // 2, (Wp - 2) // 2
+    out = _alloc(out, (16, N * th * tw, C), x_pad)
+    rows = _alloc(work, (4, N, th, Wp, C), x_pad)
+    # Along the height: row i of tile t is padded row 2t + i (a stride-2 view).
+    _bt_1d(xp, [x_pad[:, i:i + 2 * th:2] for i in range(4)], rows)
+    v = out.reshape(4, 4, N, th, tw, C)
+    for a in range(4):  # then along the width, straight into position (a, b)
+        _bt_1d(xp, [rows[a][:, :, j:j + 2 * tw:2] for j in range(4)], v[a])
+    return out
+
+
+def output_transform(M, tiles: tuple, out=None, work=None):
+    """(16, P, F) Winograd-domain products -> y = A^T M A assembled into (N, 2 th, 2 tw, F).
+
+    tiles = (N, th, tw). `work` (2, 4, P, F) is an optional buffer.
+    """
+    xp = array_module(M)
+    N, th, tw = tiles
+    F = M.shape[-1]
+    out = _alloc(out, (N, 2 * th, 2 * tw, F), M)
+    s = _alloc(work, (2, 4, M.shape[1], F), M)
+    m = M.reshape(4, 4, -1, F)
+    for b in range(4):  # A^T along the rows of the 4x4 domain
+        xp.add(m[0, b], m[1, b], out=s[0, b])
+        s[0, b] += m[2, b]
+        xp.subtract(m[1, b], m[2, b], out=s[1, b])
+        s[1, b] -= m[3, b]
+    y = out.reshape(N, th, 2, tw, 2, F)  # y[:, :, r, :, q] is output pixel (2t + r, 2u + q)
+    for r in range(2):
+        sr = s[r].reshape(4, N, th, tw, F)
+        left, right = y[:, :, r, :, 0], y[:, :, r, :, 1]
+        xp.add(sr[0], sr[1], out=left)
+        left += sr[2]
+        xp.subtract(sr[1], sr[2], out=right)
+        right -= sr[3]
+    return out
+
+
+def output_transform_adjoint(dy, out=None, work=None):
+    """Adjoint of output_transform: (N, H, W, F) -> dM = A dy_tile A^T, (16, P, F).
+
+    `work` (2, 2, N, H//2, W//2, F) is an optional buffer.
+    """
+    xp = array_module(dy)
+    N, H, W, F = dy.shape
+    th, tw = H // 2, W // 2
+    out = _alloc(out, (16, N * th * tw, F), dy)
+    z = _alloc(work, (2, 2, N, th, tw, F), dy)
+    d = dy.reshape(N, th, 2, tw, 2, F)
+    corner = lambda r, q: d[:, :, r, :, q]  # pixel (r, q) of every tile, (N, th, tw, F)
+    # A = A_T^T maps 2 -> 4: (d0, d1) -> (d0, d0 + d1, d0 - d1, -d1); first along the rows.
+    for q in range(2):
+        xp.add(corner(0, q), corner(1, q), out=z[0, q])
+        xp.subtract(corner(0, q), corner(1, q), out=z[1, q])
+    # Row a of the domain as (value at q=0, value at q=1, sign): row 3 is -d1, kept as a sign.
+    rows = [(corner(0, 0), corner(0, 1), 1), (z[0, 0], z[0, 1], 1), (z[1, 0], z[1, 1], 1),
+            (corner(1, 0), corner(1, 1), -1)]
+    dm = out.reshape(4, 4, N, th, tw, F)
+    for a, (d0, d1, sign) in enumerate(rows):  # then along the columns, into position (a, b)
+        if sign > 0:
+            xp.copyto(dm[a, 0], d0)
+            xp.add(d0, d1, out=dm[a, 1])
+            xp.subtract(d0, d1, out=dm[a, 2])
+            xp.negative(d1, out=dm[a, 3])
+        else:
+            xp.negative(d0, out=dm[a, 0])
+            xp.negative(d0, out=dm[a, 1])
+            dm[a, 1] -= d1
+            xp.subtract(d1, d0, out=dm[a, 2])
+            xp.copyto(dm[a, 3], d1)
+    return out
+
+
+def _bt_adjoint_1d(xp, dv, out_even, out_odd, axis: int) -> None:
+    """Adjoint of the 1-D input transform along tile `axis`, cropped to the unpadded image.
+
+    Tiles overlap by two pixels, so image pixel 2t gets tile t's rows 1, 2, 3 and tile t-1's
+    row 3; pixel 2t + 1 gets tile t's rows 0, 1, 2 and tile t+1's row 0:
+        out_even[t] = dv1[t] - dv2[t] + dv3[t] - dv3[t-1]
+        out_odd[t]  = dv1[t] + dv2[t] - dv0[t] + dv0[t+1]
+    """
+    def along(arr, lo=None, hi=None):  # arr sliced lo:hi along the tile axis
+        index = [slice(None)] * arr.ndim
+        index[axis] = slice(lo, hi)
+        return arr[tuple(index)]
+
+    xp.subtract(dv[1], dv[2], out=out_even)
+    out_even += dv[3]
+    along(out_even, 1)[...] -= along(dv[3], None, -1)
+    xp.add(dv[1], dv[2], out=out_odd)
+    out_odd -= dv[0]
+    along(out_odd, None, -1)[...] += along(dv[0], 1)
+
+
+def input_transform_adjoint(dV, tiles: tuple, out=None, work=None):
+    """Adjoint of input_transform, cropped: (16, P, C) -> dx (N, 2 th, 2 tw, C).
+
+    dx[pixel] = sum over the tiles covering it of (B dV B^T)[pixel]; tiles = (N, th, tw).
+    `work` (2, 4, N, th, tw, C) is an optional buffer.
+    """
+    xp = array_module(dV)
+    N, th, tw = tiles
+    C = dV.shape[-1]
+    out = _alloc(out, (N, 2 * th, 2 * tw, C), dV)
+    rows = _alloc(work, (2, 4, N, th, tw, C), dV)
+    dv = dV.reshape(4, 4, N, th, tw, C)
+    for b in range(4):  # along the rows of the domain: tile axis 1 (th)
+        _bt_adjoint_1d(xp, [dv[a, b] for a in range(4)], rows[0, b], rows[1, b], axis=1)
+    dx = out.reshape(N, th, 2, tw, 2, C)
+    for r in range(2):  # then along the columns: tile axis 2 (tw), into pixel (2t + r, 2u + q)
+        _bt_adjoint_1d(xp, rows[r], dx[:, :, r, :, 0], dx[:, :, r, :, 1], axis=2)
+    return out

@@ -1,0 +1,280 @@
+"""The fast paths against the textbook ones: the 'gemm' convolution (gradients by central
+differences and equality with the im2col reference), the CPU worker pool (same numbers with one
+worker or several), max-pool and upsample against loop references, and the in-place Adam against
+the textbook update."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nanocolor import parallel
+from nanocolor.gradcheck import numeric_gradient, relative_error
+from nanocolor.layers import Conv2d, MaxPool2d, ReLU, Upsample2d
+from nanocolor.model import ColorNet
+from nanocolor.optim import Adam
+
+TOL = 1e-6
+
+
+@pytest.fixture(params=[1, 3], ids=["1worker", "3workers"])
+def workers(request):
+    """Run the test with the layers' work on the calling thread, then split over 3 workers."""
+    parallel.set_workers(request.param)
+    yield request.param
+    parallel.set_workers(1)
+
+
+def make_conv(c_in: int, c_out: int, k: int, method: str, seed: int = 0, dtype=np.float64) -> Conv2d:
+    conv = Conv2d(c_in, c_out, k, rng=np.random.default_rng(seed), dtype=dtype)
+    conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
+    conv.method = method
+    return conv
+
+
+CONV_CASES = [
+    ((2, 5, 7, 3), 4, 3),    # odd sizes
+    ((1, 4, 6, 1), 2, 3),    # batch 1: the workers split image rows
+    ((3, 3, 5, 2), 3, 1),    # 1x1 kernel: the patch matrix is x itself
+    ((1, 7, 5, 2), 3, 5),    # 5x5 kernel
+    ((2, 5, 4, 8), 2, 3),    # 4F <= C: multiply first, then add shifted slices
+    ((1, 2, 3, 9), 2, 5),    # ... with a kernel larger than the image
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The "gemm" convolution
+
+@pytest.mark.parametrize("shape,c_out,k", CONV_CASES)
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_gemm_conv_gradients(shape, c_out, k, input_grad, rng):
+    conv = make_conv(shape[-1], c_out, k, "gemm")
+    conv.input_grad = input_grad
+    x = rng.standard_normal(shape)
+    dout = rng.standard_normal(shape[:3] + (c_out,))
+    f = lambda: float(np.sum(conv.forward(x) * dout))
+    conv.forward(x)
+    assert conv.cache[0] == "gemm"
+    dx = conv.backward(dout.copy())
+    analytic = {name: g.copy() for name, g in conv.grads.items()}
+    if input_grad:
+        assert dx.shape == x.shape
+        assert relative_error(dx, numeric_gradient(f, x)) < TOL
+    else:
+        assert dx is None
+    for name, p in conv.params.items():
+        assert analytic[name].shape == p.shape
+        err = relative_error(analytic[name], numeric_gradient(f, p))
+        assert err < TOL, f"d{name} relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("shape,c_out,k", CONV_CASES + [((5, 6, 4, 3), 5, 3), ((1, 9, 4, 2), 3, 3)])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_gemm_conv_matches_im2col_reference(shape, c_out, k, input_grad, workers, rng):
+    fast, ref = make_conv(shape[-1], c_out, k, "gemm"), make_conv(shape[-1], c_out, k, "im2col")
+    ref.dx_method = "col2im"
+    fast.input_grad = ref.input_grad = input_grad
+    x = rng.standard_normal(shape)
+    dout = rng.standard_normal(shape[:3] + (c_out,))
+    np.testing.assert_allclose(fast.forward(x), ref.forward(x), rtol=1e-12, atol=1e-12)
+    dx_fast, dx_ref = fast.backward(dout), ref.backward(dout)
+    if input_grad:
+        np.testing.assert_allclose(dx_fast, dx_ref, rtol=1e-12, atol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(fast.grads[name], ref.grads[name], rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_conv_float32(rng):
+    fast = make_conv(8, 3, 3, "gemm", dtype=np.float32)
+    ref = make_conv(8, 3, 3, "im2col", dtype=np.float64)
+    ref.params = {name: p.astype(np.float64) for name, p in fast.params.items()}
+    x = rng.standard_normal((2, 6, 5, 8))
+    dout = rng.standard_normal((2, 6, 5, 3))
+    out = fast.forward(x.astype(np.float32))
+    dx = fast.backward(dout.astype(np.float32))
+    assert out.dtype == dx.dtype == fast.grads["W"].dtype == fast.grads["b"].dtype == np.float32
+    np.testing.assert_allclose(out, ref.forward(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx, ref.backward(dout), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast.grads["W"], ref.grads["W"], rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_results_survive_other_layers_calls(rng):
+    """Two layers of one shape share scratch space, never outputs, caches or gradients."""
+    x, y = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((2, 5, 4, 3))
+    dout_a, dout_b = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((2, 5, 4, 3))
+    lone = make_conv(3, 3, 3, "gemm", seed=0)
+    out_lone, dx_lone = lone.forward(x).copy(), lone.backward(dout_a).copy()
+    a, b = make_conv(3, 3, 3, "gemm", seed=0), make_conv(3, 3, 3, "gemm", seed=5)
+    out_a = a.forward(x)
+    b.forward(y)
+    dx_a = a.backward(dout_a)
+    b.backward(dout_b)
+    np.testing.assert_array_equal(out_a, out_lone)
+    np.testing.assert_array_equal(dx_a, dx_lone)
+    np.testing.assert_array_equal(a.grads["W"], lone.grads["W"])
+
+
+def test_padding_buffers_do_not_leak_between_paddings(rng):
+    """p=1 on a 5x7 image and p=2 on a 3x5 one pad to the same 7x9 shape: the second must still
+    see zeros in its border."""
+    wide = make_conv(2, 2, 3, "im2col")
+    wide.forward(rng.standard_normal((1, 5, 7, 2)) + 10.0)
+    five = make_conv(2, 2, 5, "im2col", seed=3)
+    x = rng.standard_normal((1, 3, 5, 2))
+    reference = make_conv(2, 2, 5, "gemm", seed=3)
+    np.testing.assert_allclose(five.forward(x), reference.forward(x), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker pool
+
+def test_split_covers_the_range_in_order():
+    for n, pieces in [(10, 3), (2, 8), (7, 7), (1, 4)]:
+        parts = parallel.split(n, pieces)
+        assert len(parts) == min(n, pieces)
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a < b for a, b in parts) and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+
+
+def test_run_calls_every_task_once(workers):
+    seen = np.zeros(25, dtype=int)
+
+    def task(i: int) -> None:
+        seen[i] += 1
+
+    parallel.run(task, 25)
+    assert np.all(seen == 1)
+
+
+def test_pool_matmul_equals_matmul(workers, rng):
+    a, b = rng.standard_normal((1500, 40)), rng.standard_normal((40, 7))
+    np.testing.assert_allclose(parallel.matmul(a, b, min_rows=100), a @ b, rtol=1e-13, atol=1e-13)
+
+
+def test_network_step_same_with_one_worker_or_several(rng):
+    """A training step's gradients and updated weights do not depend on how work is split."""
+    lightness = rng.uniform(-1, 1, (3, 8, 8, 1))
+    d_ab = rng.standard_normal((3, 8, 8, 2))
+    results = []
+    for threads in (1, 3):
+        parallel.set_workers(threads)
+        model = ColorNet((4, 16, 16), seed=2, dtype=np.float64)
+        for layer in model.param_layers:
+            layer.method = "winograd" if layer.c_in >= 16 else "gemm"
+        optimizer = Adam(model.param_layers, lr=1e-2)
+        model.forward(lightness)
+        model.backward(d_ab)
+        optimizer.step()
+        results.append([layer.params["W"].copy() for layer in model.param_layers]
+                       + [layer.grads["W"].copy() for layer in model.param_layers])
+    parallel.set_workers(1)
+    assert [layer.cache[0] for layer in model.param_layers].count("winograd") == 3
+    for one, several in zip(*results):
+        np.testing.assert_allclose(one, several, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Max-pool, upsample, ReLU
+
+def loop_maxpool(x: np.ndarray) -> tuple:
+    """Reference 2x2 max-pool by loops; backward of ones routes to the first maximum in
+    row-major window order. Returns (out, mask of receivers)."""
+    N, H, W, C = x.shape
+    out = np.zeros((N, H // 2, W // 2, C))
+    mask = np.zeros(x.shape, dtype=bool)
+    for n in range(N):
+        for y in range(H // 2):
+            for xx in range(W // 2):
+                for c in range(C):
+                    window = x[n, 2 * y:2 * y + 2, 2 * xx:2 * xx + 2, c].ravel()
+                    first = int(np.argmax(window))
+                    out[n, y, xx, c] = window[first]
+                    mask[n, 2 * y + first // 2, 2 * xx + first % 2, c] = True
+    return out, mask
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 5, 7, 2), (3, 2, 2, 1)])
+def test_maxpool_matches_loop_reference_with_many_ties(shape, rng):
+    x = rng.integers(0, 3, shape).astype(np.float64)  # three values: ties in most windows
+    x = np.maximum(x - 1, 0)                         # and zeros as after a ReLU
+    pool = MaxPool2d()
+    out = pool.forward(x)
+    expected_out, mask = loop_maxpool(x)
+    np.testing.assert_array_equal(out, expected_out)
+    dout = rng.standard_normal(out.shape)
+    dx = pool.backward(dout)
+    # Each receiver gets its window's gradient; every other pixel gets zero.
+    expected_dx = np.zeros_like(x)
+    N, H2, W2, C = out.shape
+    for n in range(N):
+        for y in range(H2):
+            for xx in range(W2):
+                for c in range(C):
+                    block = mask[n, 2 * y:2 * y + 2, 2 * xx:2 * xx + 2, c]
+                    expected_dx[n, 2 * y:2 * y + 2, 2 * xx:2 * xx + 2, c][block] = dout[n, y, xx, c]
+    np.testing.assert_array_equal(dx, expected_dx)
+
+
+def test_upsample_backward_sums_each_block(rng):
+    dout = rng.standard_normal((2, 6, 4, 3))
+    expected = dout.reshape(2, 3, 2, 2, 2, 3).sum(axis=(2, 4))
+    np.testing.assert_allclose(Upsample2d().backward(dout), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_relu_backward_masks_gradient(rng):
+    x = rng.standard_normal((2, 3, 4, 5))
+    relu = ReLU()
+    relu.forward(x)
+    dout = rng.standard_normal(x.shape)
+    np.testing.assert_array_equal(relu.backward(dout), np.where(x > 0, dout, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam
+
+class _Holder:
+    def __init__(self, params: dict):
+        self.params = params
+        self.grads = {name: None for name in params}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_adam_matches_textbook_update(threads, rng):
+    parallel.set_workers(threads)
+    layers = [_Holder({"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}),
+              _Holder({"W": rng.standard_normal((2, 2, 5))})]
+    reference = [{name: p.copy() for name, p in layer.params.items()} for layer in layers]
+    lr, (b1, b2), eps = 0.05, (0.8, 0.95), 1e-6
+    adam = Adam(layers, lr=lr, betas=(b1, b2), eps=eps)
+    m = [{n: np.zeros_like(p) for n, p in r.items()} for r in reference]
+    v = [{n: np.zeros_like(p) for n, p in r.items()} for r in reference]
+    for t in range(1, 5):
+        for i, layer in enumerate(layers):
+            for name in layer.params:
+                g = rng.standard_normal(layer.params[name].shape)
+                layer.grads[name] = g
+                m[i][name] = b1 * m[i][name] + (1 - b1) * g
+                v[i][name] = b2 * v[i][name] + (1 - b2) * g * g
+                m_hat, v_hat = m[i][name] / (1 - b1 ** t), v[i][name] / (1 - b2 ** t)
+                reference[i][name] -= lr * m_hat / (np.sqrt(v_hat) + eps)
+        adam.step()
+        for i, layer in enumerate(layers):
+            for name, p in layer.params.items():
+                np.testing.assert_allclose(p, reference[i][name], rtol=1e-12, atol=1e-12)
+    parallel.set_workers(1)
+
+
+def test_adam_updates_parameters_in_place_and_keeps_grads(rng):
+    layer = _Holder({"W": rng.standard_normal((4, 3))})
+    weights = layer.params["W"]
+    layer.grads["W"] = g = rng.standard_normal((4, 3))
+    g_before = g.copy()
+    adam = Adam([layer], lr=0.1)
+    adam.step()
+    assert layer.params["W"] is weights        # the layer's array itself moved
+    np.testing.assert_array_equal(g, g_before)  # the gradient is left as it was
+    state = adam.state_dict()
+    fresh = Adam([_Holder({"W": weights.copy()})], lr=0.1)
+    fresh.load_state_dict({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()})
+    assert fresh.t == 1
+    np.testing.assert_array_equal(fresh.m[0], adam.m[0])
+    np.testing.assert_array_equal(fresh.v[0], adam.v[0])
