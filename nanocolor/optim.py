@@ -1,6 +1,9 @@
 """Adam (Kingma & Ba, 2015) with bias correction, updating every parameter in place."""
 from __future__ import annotations
 
+import numpy as np
+
+from . import parallel
 from .backend import array_module
 
 
@@ -12,6 +15,7 @@ class Adam:
         self.slots = [(layer.params, layer.grads, name) for layer in layers for name in layer.params]
         self.m = [array_module(p[name]).zeros_like(p[name]) for p, _, name in self.slots]
         self.v = [array_module(p[name]).zeros_like(p[name]) for p, _, name in self.slots]
+        self._tmp: list = [None] * len(self.slots)  # one scratch array per parameter, made on first step
         self.t = 0
 
     def step(self) -> None:
@@ -20,16 +24,34 @@ class Adam:
         # Fold both bias corrections into the step size: lr * sqrt(1-b2^t) / (1-b1^t).
         step_size = self.lr * (1 - beta2 ** self.t) ** 0.5 / (1 - beta1 ** self.t)
         eps_hat = self.eps * (1 - beta2 ** self.t) ** 0.5
-        for (params, grads, name), m, v in zip(self.slots, self.m, self.v):
+
+        def update(i: int) -> None:
+            params, grads, name = self.slots[i]
+            m, v, g = self.m[i], self.v[i], grads[name]
             xp = array_module(m)
-            g = grads[name]
-            m *= beta1
-            m += (1 - beta1) * g
-            v *= beta2
-            v += (1 - beta2) * (g * g)
-            denom = xp.sqrt(v)
-            denom += eps_hat
-            params[name] -= step_size * (m / denom)
+            tmp = self._tmp[i]
+            if tmp is None or tmp.shape != m.shape or tmp.dtype != m.dtype or array_module(tmp) is not xp:
+                tmp = self._tmp[i] = xp.empty_like(m)
+            # In place, no temporaries: m += (1 - b1)(g - m), v += (1 - b2)(g^2 - v).
+            xp.subtract(g, m, out=tmp)
+            tmp *= 1 - beta1
+            m += tmp
+            xp.multiply(g, g, out=tmp)
+            tmp -= v
+            tmp *= 1 - beta2
+            v += tmp
+            # p -= step_size * m / (sqrt(v) + eps_hat)
+            xp.sqrt(v, out=tmp)
+            tmp += eps_hat
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            params[name] -= tmp
+
+        if all(isinstance(m, np.ndarray) for m in self.m):  # parameters side by side on the CPU workers
+            parallel.run(update, len(self.slots))
+        else:
+            for i in range(len(self.slots)):
+                update(i)
 
     def state_dict(self) -> dict:
         state = {"t": self.t}
