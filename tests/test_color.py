@@ -99,3 +99,8 @@ def test_lab_from_parts(rng):
         assert lab.shape == (2, 3, 4, 3)
         np.testing.assert_array_equal(lab[..., 0], L)
         np.testing.assert_array_equal(lab[..., 1:], ab)
+
+
+def test_round_trip_at_the_srgb_curve_knee_is_off_by_at_most_the_specs_own_gap():
+    rgb = np.full((1, 3), 0.04045)  # where the linear segment hands over to the power curve
+    np.testing.assert_allclose(lab_to_rgb(rgb_to_lab(rgb)), rgb, atol=4e-8)

@@ -39,7 +39,8 @@ def test_rgb_lab_round_trip_and_ranges(rgb):
     lab = rgb_to_lab(rgb)
     assert np.all(lab[:, 0] >= -1e-9) and np.all(lab[:, 0] <= 100 + 1e-9)
     assert np.all(np.abs(lab[:, 1:]) < AB_SCALE)  # so scaled a*b* fit the network's tanh range
-    np.testing.assert_allclose(lab_to_rgb(lab), rgb, atol=1e-9)
+    # 1e-7: the sRGB curve's two pieces miss each other by 3e-8 at the knee (0.04045)
+    np.testing.assert_allclose(lab_to_rgb(lab), rgb, atol=1e-7)
     assert np.all(in_gamut(lab, tol=1e-7))
 
 
