@@ -10,6 +10,8 @@ buffers allocated once per shape, so a training step allocates little besides it
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import parallel, winograd
@@ -39,18 +41,21 @@ class Layer:
 _workspace: dict = {}
 
 
-def scratch(tag: str, shape: tuple, dtype, like, zero: bool = False):
-    """A reusable scratch array, allocated once per (tag, shape, dtype) and shared by all layers.
+def scratch(tag: str, shape: tuple, dtype, like):
+    """A view of shape `shape` into the calling thread's reusable buffer for `tag`.
 
-    Scratch arrays hold temporaries only; a 'pad' buffer is zeroed once and its users write only
-    its interior, so its border stays zero across every reuse.
+    One buffer per (tag, thread, dtype), grown to the largest size asked for and shared by all
+    layers, which run one after another; work split over the CPU workers gets one per worker.
+    Scratch holds temporaries only: its contents are undefined until written.
     """
     xp = array_module(like)
-    key = (tag, tuple(shape), xp.dtype(dtype).str, xp.__name__)
+    dtype = xp.dtype(dtype)
+    size = int(np.prod(shape))
+    key = (tag, threading.get_ident(), dtype.str, xp.__name__)
     buf = _workspace.get(key)
-    if buf is None:
-        buf = _workspace[key] = (xp.zeros if zero else xp.empty)(shape, dtype=dtype)
-    return buf
+    if buf is None or buf.size < size:
+        buf = _workspace[key] = xp.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
 
 
 def patches(x_pad, k: int, H: int, W: int):
@@ -90,28 +95,43 @@ def col2im(cols, x_pad_shape: tuple, k: int, H: int, W: int):
     return dx_pad
 
 
-def pad_into(x, p: int, tag: str):
-    """Zero-pad H and W of x (N, H, W, C) by p, into a reused scratch buffer.
+def pad_rows(x, rows: slice, p: int, tag: str):
+    """Rows `rows` of x (N, H, W, C) with p more rows above and below (zeros beyond the image) and
+    p zero columns each side: (N, len(rows) + 2p, W + 2p, C), in a scratch buffer.
 
-    The buffer is keyed by p too: with p=1 on a 5x7 image the padded 7x9 shape is the same as
-    with p=2 on a 3x5 one, and the first would leave values in the second's zero border.
+    With all rows this is 'same' zero padding; a band of rows gets its neighbours' rows.
     """
     N, H, W, C = x.shape
-    x_pad = scratch(f"{tag}/{p}", (N, H + 2 * p, W + 2 * p, C), x.dtype, x, zero=True)
-    x_pad[:, p:p + H, p:p + W, :] = x
-    return x_pad
+    y0, y1 = rows.start, rows.stop
+    out = scratch(tag, (N, y1 - y0 + 2 * p, W + 2 * p, C), x.dtype, x)
+    lo, hi = max(0, y0 - p), min(H, y1 + p)  # the rows that exist
+    top = lo - (y0 - p)
+    out[:, :top] = 0
+    out[:, top + hi - lo:] = 0
+    out[:, top:top + hi - lo, :p] = 0
+    out[:, top:top + hi - lo, W + p:] = 0
+    out[:, top:top + hi - lo, p:p + W] = x[:, lo:hi]
+    return out
 
 
-def patch_matrix(x, k: int, tag: str):
-    """im2col of x (N, H, W, C) with 'same' zero padding -> (N*H*W, k*k*C), in a scratch buffer.
+def pad_into(x, p: int, tag: str):
+    """Zero-pad H and W of x (N, H, W, C) by p, into a scratch buffer."""
+    return pad_rows(x, slice(0, x.shape[1]), p, tag)
+
+
+def patch_matrix(x, k: int, tag: str, rows: slice | None = None):
+    """im2col of x (N, H, W, C) with 'same' zero padding -> (N*H*W, k*k*C), in a scratch buffer;
+    with `rows`, only the patch-matrix rows of those image rows, (N*len(rows)*W, k*k*C).
 
     A 1x1 kernel needs no copy: the patch matrix is x itself.
     """
     N, H, W, C = x.shape
+    rows = rows if rows is not None else slice(0, H)
     if k == 1:
-        return x.reshape(N * H * W, C)
-    return im2col(pad_into(x, k // 2, "pad"), k, H, W,
-                  out=scratch(tag, (N * H * W, k * k * C), x.dtype, x))
+        return x[:, rows].reshape(-1, C)
+    x_pad = pad_rows(x, rows, k // 2, "pad")
+    n_rows = rows.stop - rows.start
+    return im2col(x_pad, k, n_rows, W, out=scratch(tag, (N * n_rows * W, k * k * C), x.dtype, x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,207 +240,148 @@ class Conv2d(Layer):
     # -- "gemm" ---------------------------------------------------------------------------------
     def _forward_gemm(self, x):
         xp = array_module(x)
-        x = xp.ascontiguousarray(x)
         N, H, W, C = x.shape
-        k, F, p = self.k, self.c_out, self.k // 2
+        k, F = self.k, self.c_out
+        self.cache = ("gemm", x)
+        if 4 * F <= C and k > 1:
+            return _conv_multiply_then_shift(x, self.params["W"], self.params["b"])
         w2d, b = self.params["W"].reshape(k * k * C, F), self.params["b"]
-        if 4 * F <= C and k > 1 and self.input_grad:
-            self.cache = ("gemm", x, None)
-            return _conv_multiply_then_shift(x, self.params["W"], b).reshape(N, H, W, F)
-        # Without dx, backward needs x's patch matrix for dW: the layer keeps it (a first layer's is small).
-        cols = None if k == 1 else self._own_buffer("_cols", (N * H * W, k * k * C), x) \
-            if not self.input_grad else scratch("cols", (N * H * W, k * k * C), x.dtype, x)
-        out = xp.empty((N * H * W, F), dtype=x.dtype)
+        out = xp.empty((N, H, W, F), dtype=x.dtype)
 
-        def product(_: int, rows: slice) -> None:
-            xp.matmul(x.reshape(-1, C)[rows] if cols is None else cols[rows], w2d, out=out[rows])
-            out[rows] += b
+        def piece(n: slice, y: slice) -> None:
+            o = out[n, y].reshape(-1, F)
+            xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
+            o += b
 
-        _patch_matrix_then(x, k, cols, product)
-        self.cache = ("gemm", x, cols if not self.input_grad else None)
-        return out.reshape(N, H, W, F)
+        _run_pieces(piece, _pieces(N, H, W, x))
+        return out
 
     def _backward_gemm(self, dout):
         xp = array_module(dout)
-        _, x, cols = self.cache
+        _, x = self.cache
         N, H, W, C = x.shape
         k, F = self.k, self.c_out
-        dout = xp.ascontiguousarray(dout)
-        dout2d, x2d = dout.reshape(-1, F), x.reshape(-1, C)
-        pieces = _pieces(N, H, isinstance(dout, np.ndarray))
-        db = xp.empty((len(pieces), F), dtype=dout.dtype)
-        if not self.input_grad:  # dW = cols^T dout, summed over pieces
-            dw = xp.empty((len(pieces),) + (cols.shape[1] if cols is not None else C, F), dtype=dout.dtype)
+        pieces = _pieces(N, H, W, dout)
+        db = xp.zeros((parallel.workers(), F), dtype=dout.dtype)  # partial sums, one per worker
+        if not self.input_grad:  # only dW = cols^T dout, with x's patch matrix rebuilt piece by piece
+            dw = xp.zeros((parallel.workers(), k * k * C, F), dtype=dout.dtype)
 
-            def weight_grad(i: int) -> None:
-                rows = _rows(pieces[i], H, W)
-                dw[i] = _weight_grad(x2d[rows] if cols is None else cols[rows], dout2d[rows])
-                db[i] = dout2d[rows].sum(axis=0)
+            def weight_grad(n: slice, y: slice) -> None:
+                d = dout[n, y].reshape(-1, F)
+                dw[parallel.slot()] += _weight_grad(patch_matrix(x[n], k, "cols", y), d)
+                db[parallel.slot()] += d.sum(axis=0)
 
-            parallel.run(weight_grad, len(pieces))
+            _run_pieces(weight_grad, pieces)
             self.grads["W"] = dw.sum(axis=0).reshape(self.params["W"].shape)
             self.grads["b"] = db.sum(axis=0)
             return None
         # One patch matrix of dout serves both gradients (dcols[(n,y,x), (i,j,f)] = dout_pad[n, y+i, x+j, f]):
         #   dx = dcols @ W_flipped                       (a convolution with the flipped kernel)
         #   dW[i, j] = (x^T dcols)[:, (k-1-i, k-1-j, :)]   (pixel y + k-1-i of dout_pad is y - (i - k//2))
-        dcols = None if k == 1 else scratch("cols", (N * H * W, k * k * F), dout.dtype, dout)
         w_flipped = self._flipped_weights()
-        dx = xp.empty((N * H * W, C), dtype=dout.dtype)
-        dw = xp.empty((len(pieces), C, k * k * F), dtype=dout.dtype)
+        dx = xp.empty((N, H, W, C), dtype=dout.dtype)
+        dw = xp.zeros((parallel.workers(), C, k * k * F), dtype=dout.dtype)
 
-        def products(i: int, rows: slice) -> None:
-            d = dout2d[rows] if dcols is None else dcols[rows]
-            xp.matmul(d, w_flipped, out=dx[rows])
-            xp.matmul(x2d[rows].T, d, out=dw[i])
-            db[i] = dout2d[rows].sum(axis=0)
+        def products(n: slice, y: slice) -> None:
+            dcols = patch_matrix(dout[n], k, "cols", y)
+            xp.matmul(dcols, w_flipped, out=dx[n, y].reshape(-1, C))
+            dw_piece = xp.matmul(x[n, y].reshape(-1, C).T, dcols, out=scratch("dW", dw.shape[1:], dw.dtype, dw))
+            dw[parallel.slot()] += dw_piece
+            db[parallel.slot()] += dout[n, y].reshape(-1, F).sum(axis=0)
 
-        _patch_matrix_then(dout, k, dcols, products, pieces)
+        _run_pieces(products, pieces)
         dw_flipped = dw.sum(axis=0).reshape(C, k, k, F)
         self.grads["W"] = xp.ascontiguousarray(dw_flipped[:, ::-1, ::-1].transpose(1, 2, 0, 3))
         self.grads["b"] = db.sum(axis=0)
-        return dx.reshape(N, H, W, C)
+        return dx
 
     # -- "winograd" -----------------------------------------------------------------------------
+    # Each piece of the batch runs the whole pipeline (transform, 16 GEMMs, transform) in its
+    # worker's scratch, so the transformed arrays stay small and no layer keeps them: backward
+    # transforms its input again rather than holding 4x the input from forward.
+    def _winograd_input(self, x, n: slice, t: slice):
+        """V = B^T x_tile B of tile rows t of images n: (16, tiles, C), in scratch."""
+        W, C = x.shape[2], x.shape[3]
+        x_pad = pad_rows(x[n], slice(2 * t.start, 2 * t.stop), 1, "pad")
+        N_, T_ = n.stop - n.start, t.stop - t.start
+        return winograd.input_transform(x_pad, out=scratch("wino_V", (16, N_ * T_ * (W // 2), C), x.dtype, x),
+                                        work=scratch("wino_work", (4, N_, T_, W + 2, C), x.dtype, x))
+
     def _forward_winograd(self, x):
         xp = array_module(x)
         N, H, W, C = x.shape
-        F, th, tw = self.c_out, H // 2, W // 2
-        P, T = N * th * tw, th * tw
-        x_pad = scratch("pad/1", (N, H + 2, W + 2, C), x.dtype, x, zero=True)
-        V = self._own_buffer("_wino_V", (16, P, C), x)
-        rows = scratch("wino_rows", (4, N, th, W + 2, C), x.dtype, x)
-        batches = _batch_pieces(N, isinstance(x, np.ndarray))
-
-        def transform_in(i: int) -> None:
-            n = batches[i]
-            x_pad[n, 1:H + 1, 1:W + 1] = x[n]
-            winograd.input_transform(x_pad[n], out=V[:, n.start * T:n.stop * T], work=rows[:, n])
-
-        parallel.run(transform_in, len(batches))
+        F, tw = self.c_out, W // 2
         U = winograd.filter_transform(self.params["W"])
-        M = _matmul_stack(V, U, out=scratch("wino_M", (16, P, F), x.dtype, x))
+        b = self.params["b"]
         out = xp.empty((N, H, W, F), dtype=x.dtype)
-        work = scratch("wino_S", (2, 4, P, F), x.dtype, x)
 
-        def transform_out(i: int) -> None:
-            n = batches[i]
-            tiles = slice(n.start * T, n.stop * T)
-            M[5, tiles] += self.params["b"]  # position (1, 1) reaches all four pixels of a tile with weight 1
-            winograd.output_transform(M[:, tiles], (n.stop - n.start, th, tw), out=out[n], work=work[:, :, tiles])
+        def piece(n: slice, t: slice) -> None:
+            V = self._winograd_input(x, n, t)
+            M = scratch("wino_M", (16, V.shape[1], F), x.dtype, x)
+            for q in range(16):
+                xp.matmul(V[q], U[q], out=M[q])
+            M[5] += b  # position (1, 1) reaches all four pixels of a tile with weight 1
+            tiles = (n.stop - n.start, t.stop - t.start, tw)
+            winograd.output_transform(M, tiles, out=out[n, 2 * t.start:2 * t.stop],
+                                      work=scratch("wino_work", (2, 4) + M.shape[1:], x.dtype, x))
 
-        parallel.run(transform_out, len(batches))
-        self.cache = ("winograd", V, U, x.shape)
+        _run_pieces(piece, _pieces(N, H // 2, tw, x))
+        self.cache = ("winograd", x, U)
         return out
 
     def _backward_winograd(self, dout):
         xp = array_module(dout)
-        _, V, U, (N, H, W, C) = self.cache
+        _, x, U = self.cache
+        N, H, W, C = x.shape
         F, th, tw = self.c_out, H // 2, W // 2
-        P, T = N * th * tw, th * tw
-        batches = _batch_pieces(N, isinstance(dout, np.ndarray))
-        dM = scratch("wino_dM", (16, P, F), dout.dtype, dout)
-        z = scratch("wino_Z", (2, 2, N, th, tw, F), dout.dtype, dout)
+        dU = xp.zeros((parallel.workers(), 16, C, F), dtype=dout.dtype)  # partial sums, one per worker
+        db = xp.zeros((parallel.workers(), F), dtype=dout.dtype)
+        dx = xp.empty((N, H, W, C), dtype=dout.dtype) if self.input_grad else None
 
-        def transform_dout(i: int) -> None:
-            n = batches[i]
-            winograd.output_transform_adjoint(dout[n], out=dM[:, n.start * T:n.stop * T], work=z[:, :, n])
+        def piece(n: slice, t: slice) -> None:
+            V = self._winograd_input(x, n, t)
+            N_ = n.stop - n.start
+            dM = winograd.output_transform_adjoint(
+                dout[n], out=scratch("wino_M", (16, V.shape[1], F), dout.dtype, dout),
+                work=scratch("wino_work", (2, 2, N_, th, tw, F), dout.dtype, dout))
+            i = parallel.slot()
+            db[i] += dM[5].sum(axis=0)  # dM at (1, 1) is each tile's sum of its 4 pixels
+            dU_q = scratch("wino_dU", (C, F), dout.dtype, dout)
+            for q in range(16):
+                dU[i, q] += xp.matmul(V[q].T, dM[q], out=dU_q)
+            if dx is not None:
+                dV = V  # V is spent: its buffer takes dV = dM U^T
+                for q in range(16):
+                    xp.matmul(dM[q], U[q].T, out=dV[q])
+                winograd.input_transform_adjoint(dV, (N_, th, tw), out=dx[n],
+                                                 work=scratch("wino_work", (2, 4, N_, th, tw, C), dout.dtype, dout))
 
-        parallel.run(transform_dout, len(batches))
-        self.grads["b"] = dM[5].sum(axis=0)  # dM at (1, 1) is each tile's sum of its 4 pixels
-        self.grads["W"] = winograd.filter_transform_adjoint(_matmul_stack(V.transpose(0, 2, 1), dM))
-        if not self.input_grad:
-            return None
-        dV = _matmul_stack(dM, U.transpose(0, 2, 1), out=scratch("wino_dV", (16, P, C), dout.dtype, dout))
-        dx = xp.empty((N, H, W, C), dtype=dout.dtype)
-        work = scratch("wino_rows_dx", (2, 4, N, th, tw, C), dout.dtype, dout)
-
-        def transform_dx(i: int) -> None:
-            n = batches[i]
-            winograd.input_transform_adjoint(dV[:, n.start * T:n.stop * T], (n.stop - n.start, th, tw),
-                                             out=dx[n], work=work[:, :, n])
-
-        parallel.run(transform_dx, len(batches))
+        # Whole images only: the input transform's adjoint adds across the borders of tile rows.
+        _run_pieces(piece, _pieces(N, th, tw, dout, bands=False))
+        self.grads["W"] = winograd.filter_transform_adjoint(dU.sum(axis=0))
+        self.grads["b"] = db.sum(axis=0)
         return dx
 
 
-def _batch_pieces(N: int, on_cpu: bool) -> list:
-    """Batch slices that the CPU workers process side by side (one slice off the CPU)."""
-    if not on_cpu or parallel.workers() == 1:
-        return [slice(0, N)]
-    return [slice(a, b) for a, b in parallel.split(N, 2 * parallel.workers())]
-
-
-def _pieces(N: int, H: int, on_cpu: bool) -> list:
-    """(batch slice, row slice) pieces for the workers: whole images, or rows of a single image."""
-    if N > 1 or not on_cpu or parallel.workers() == 1:
-        return [(n, slice(0, H)) for n in _batch_pieces(N, on_cpu)]
-    return [(slice(0, 1), slice(a, b)) for a, b in parallel.split(H, 2 * parallel.workers())]
-
-
-def _rows(piece: tuple, H: int, W: int) -> slice:
-    """The rows of the (N*H*W, ...) pixel matrix that a (batch, rows) piece covers."""
-    n, y = piece
-    return slice((n.start * H + y.start) * W, ((n.stop - 1) * H + y.stop) * W)
-
-
-def _patch_matrix_then(x, k: int, cols, product, pieces=None) -> None:
-    """Fill `cols` with the 'same'-padded patch matrix of x (N, H, W, C) (skipped when cols is
-    None: a 1x1 kernel's patch matrix is x) and call product(i, rows) on each piece i of its
-    rows, the pieces side by side on the CPU workers.
+def _pieces(N: int, rows: int, per_row: int, like, bands: bool = True, target: int = 4096) -> list:
+    """Cut N images of `rows` rows (of `per_row` pixels or tiles each) into (batch, rows) slice
+    pieces of about `target` pixels for the CPU workers, at least two per worker when the work
+    allows: whole images, or with `bands` and fewer images than that, bands of one image's rows.
+    Off the CPU, or with one worker, a single piece.
     """
-    N, H, W, C = x.shape
-    p = k // 2
-    pieces = pieces if pieces is not None else _pieces(N, H, isinstance(x, np.ndarray))
-    x_pad = None if cols is None else scratch(f"pad/{p}", (N, H + 2 * p, W + 2 * p, C), x.dtype, x, zero=True)
-    whole_images = all(y == slice(0, H) for _, y in pieces)
-
-    def fill(i: int) -> None:
-        n, y = pieces[i]
-        x_pad[n, p + y.start:p + y.stop, p:p + W] = x[n, y]
-
-    def piece_work(i: int) -> None:
-        n, y = pieces[i]
-        if cols is not None:
-            if whole_images:  # an image's padding is its own: fill it here, in the same task
-                fill(i)
-            src = patches(x_pad[n], k, H, W)[:, y]
-            cols_view = cols[_rows(pieces[i], H, W)].reshape(src.shape)
-            array_module(x).copyto(cols_view, src)
-        product(i, _rows(pieces[i], H, W))
-
-    if cols is not None and not whole_images:  # row pieces read their neighbours' padding rows
-        parallel.run(fill, len(pieces))
-    parallel.run(piece_work, len(pieces))
+    workers = parallel.workers() if isinstance(like, np.ndarray) else 1
+    if workers == 1:
+        return [(slice(0, N), slice(0, rows))]
+    want = max(2 * workers, -(-N * rows * per_row // target))
+    if N >= min(want, 2 * workers) or not bands:
+        return [(slice(a, b), slice(0, rows)) for a, b in parallel.split(N, want)]
+    per_image = -(-want // N)
+    return [(slice(n, n + 1), slice(a, b)) for n in range(N) for a, b in parallel.split(rows, per_image)]
 
 
-def _matmul(a, b, out=None):
-    """a @ b, rows split over the CPU workers (nanocolor.parallel) for NumPy arrays."""
-    if isinstance(a, np.ndarray):
-        return parallel.matmul(a, b, out=out)
-    return array_module(a).matmul(a, b, out=out)
-
-
-def _matmul_tn(a, b):
-    """a^T @ b for tall a (P, C) and b (P, D): the long shared axis P split over the CPU workers."""
-    if not isinstance(a, np.ndarray) or parallel.workers() == 1:
-        return a.T @ b
-    parts = parallel.split(a.shape[0], 2 * parallel.workers())
-    partial = np.empty((len(parts), a.shape[1], b.shape[1]), dtype=np.result_type(a, b))
-    parallel.run(lambda i: np.matmul(a[parts[i][0]:parts[i][1]].T, b[parts[i][0]:parts[i][1]], out=partial[i]),
-                 len(parts))
-    return partial.sum(axis=0)
-
-
-def _matmul_stack(a, b, out=None):
-    """Batched a[i] @ b[i] (Winograd's 16 positions), one position per task on the CPU workers."""
-    xp = array_module(a)
-    if xp is not np or parallel.workers() == 1:
-        return xp.matmul(a, b, out=out)
-    if out is None:
-        out = np.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=np.result_type(a, b))
-    parallel.run(lambda i: np.matmul(a[i], b[i], out=out[i]), a.shape[0])
-    return out
+def _run_pieces(task, pieces: list) -> None:
+    """task(batch slice, row slice) for every piece, side by side on the CPU workers."""
+    parallel.run(lambda i: task(*pieces[i]), len(pieces))
 
 
 def _weight_grad(cols, dout2d):
@@ -434,36 +395,31 @@ def _conv_multiply_then_shift(x, w, b):
     """'same' conv for few output channels: Y = x @ [W_ij] (k*k*F columns), then out = sum of the
     k*k shifted slices of Y. Reads x once instead of copying it k*k times into a patch matrix.
 
-    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N*H*W, F)
+    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F)
     """
     xp = array_module(x)
     N, H, W, C = x.shape
     k, F, p = w.shape[0], w.shape[-1], w.shape[0] // 2
-    HW = H * W
     w_taps = w.transpose(0, 1, 3, 2).reshape(k * k * F, C)
-    # Channels-first products (k*k*F, N, H, W): each tap's shifted slice-add runs along W.
-    taps = xp.empty((k * k * F, N * HW), dtype=x.dtype)
-    out_t = xp.empty((F, N * HW), dtype=x.dtype)
-    out = xp.empty((N * HW, F), dtype=x.dtype)
-    batches = _batch_pieces(N, isinstance(x, np.ndarray))
+    out = xp.empty((N, H, W, F), dtype=x.dtype)
 
-    def piece(i: int) -> None:
-        n = batches[i]
-        rows = slice(n.start * HW, n.stop * HW)
-        xp.matmul(w_taps, x.reshape(-1, C)[rows].T, out=taps[:, rows])
-        y = taps[:, rows].reshape(k, k, F, -1, H, W)
-        acc = out_t[:, rows].reshape(F, -1, H, W)
+    def piece(n: slice, _: slice) -> None:
+        N_ = n.stop - n.start
+        # Channels-first products (k, k, F, N_, H, W): each tap's shifted slice-add runs along W.
+        taps = xp.matmul(w_taps, x[n].reshape(-1, C).T, out=scratch("taps", (k * k * F, N_ * H * W), x.dtype, x))
+        y = taps.reshape(k, k, F, N_, H, W)
+        acc = scratch("taps_sum", (F, N_, H, W), x.dtype, x)
         xp.add(y[p, p], b.reshape(F, 1, 1, 1), out=acc)
-        for ti in range(k):
-            for tj in range(k):
-                if ti == p and tj == p:
+        for i in range(k):
+            for j in range(k):
+                if i == p and j == p:
                     continue
-                dy, dx = ti - p, tj - p  # out[y, x] += x[y + dy, x + dx] @ W[ti, tj]
+                dy, dx = i - p, j - p  # out[y, x] += x[y + dy, x + dx] @ W[i, j]
                 acc[:, :, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)] += \
-                    y[ti, tj, :, :, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
-        xp.copyto(out[rows], out_t[:, rows].T)
+                    y[i, j, :, :, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+        xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
 
-    parallel.run(piece, len(batches))
+    _run_pieces(piece, _pieces(N, H, W, x, bands=False))
     return out
 
 

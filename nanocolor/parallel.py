@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import itertools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
-_state: dict = {"enabled": True, "workers": None, "pool": None, "blas_single": False}
+_state: dict = {"enabled": True, "workers": None, "pool": None, "blas_single": False, "generation": 0}
+_local = threading.local()
 
 
 def _openblas_thread_control():
@@ -71,6 +74,8 @@ def set_workers(threads: int) -> None:
         _state["pool"] = None
     if threads > 1:
         _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="nanocolor")
+        _state["slots"] = itertools.count()
+    _state["generation"] += 1
     if control is not None:
         control[1](1 if threads > 1 else control[2])
     _state["workers"] = threads
@@ -93,12 +98,22 @@ def blas_single_threaded() -> bool:
     return _state["blas_single"]
 
 
+def slot() -> int:
+    """0 .. workers()-1: which worker the calling thread is, for per-worker partial sums."""
+    if _state["pool"] is None:
+        return 0
+    if getattr(_local, "generation", None) != _state["generation"]:
+        _local.generation, _local.slot = _state["generation"], next(_state["slots"])
+    return _local.slot
+
+
 def run(task: Callable[[int], None], n_tasks: int) -> None:
     """task(0), ..., task(n_tasks - 1), spread over the workers; returns when all are done.
 
-    Tasks must write disjoint outputs and must not call `run` themselves.
+    With a pool, even a single task runs on a worker, so the calling thread never needs its own
+    scratch buffers. Tasks must write disjoint outputs and must not call `run` themselves.
     """
-    if n_tasks <= 1 or workers() == 1:
+    if workers() == 1:
         for i in range(n_tasks):
             task(i)
         return
@@ -111,12 +126,3 @@ def split(n: int, pieces: int) -> list:
     pieces = max(1, min(pieces, n))
     bounds = [n * i // pieces for i in range(pieces + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
-
-
-def matmul(a, b, out=None, min_rows: int = 512):
-    """a @ b for 2-D NumPy arrays, rows of a split over the workers."""
-    if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    parts = split(a.shape[0], min(4 * workers(), max(1, a.shape[0] // min_rows))) if workers() > 1 else [(0, a.shape[0])]
-    run(lambda i: np.matmul(a[parts[i][0]:parts[i][1]], b, out=out[parts[i][0]:parts[i][1]]), len(parts))
-    return out

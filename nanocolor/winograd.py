@@ -38,6 +38,14 @@ def _alloc(out, shape: tuple, like):
     return out
 
 
+def _view(a, shape: tuple):
+    """a.reshape(shape), refusing a copy: results are written through these views."""
+    v = a.reshape(shape)
+    if v.size and not array_module(a).may_share_memory(v, a):
+        raise ValueError("output buffer cannot be viewed in the needed shape without a copy")
+    return v
+
+
 def _bt_1d(xp, d, v) -> None:
     """v[a] = sum_i B^T[a, i] d[i] for four equally shaped views: the 1-D input transform."""
     xp.subtract(d[0], d[2], out=v[0])
@@ -104,7 +112,7 @@ def input_transform(x_pad, out=None, work=None):
     rows = _alloc(work, (4, N, th, Wp, C), x_pad)
     # Along the height: row i of tile t is padded row 2t + i (a stride-2 view).
     _bt_1d(xp, [x_pad[:, i:i + 2 * th:2] for i in range(4)], rows)
-    v = out.reshape(4, 4, N, th, tw, C)
+    v = _view(out, (4, 4, N, th, tw, C))
     for a in range(4):  # then along the width, straight into position (a, b)
         _bt_1d(xp, [rows[a][:, :, j:j + 2 * tw:2] for j in range(4)], v[a])
     return out
@@ -126,7 +134,7 @@ def output_transform(M, tiles: tuple, out=None, work=None):
         s[0, b] += m[2, b]
         xp.subtract(m[1, b], m[2, b], out=s[1, b])
         s[1, b] -= m[3, b]
-    y = out.reshape(N, th, 2, tw, 2, F)  # y[:, :, r, :, q] is output pixel (2t + r, 2u + q)
+    y = _view(out, (N, th, 2, tw, 2, F))  # y[:, :, r, :, q] is output pixel (2t + r, 2u + q)
     for r in range(2):
         sr = s[r].reshape(4, N, th, tw, F)
         left, right = y[:, :, r, :, 0], y[:, :, r, :, 1]
@@ -156,7 +164,7 @@ def output_transform_adjoint(dy, out=None, work=None):
     # Row a of the domain as (value at q=0, value at q=1, sign): row 3 is -d1, kept as a sign.
     rows = [(corner(0, 0), corner(0, 1), 1), (z[0, 0], z[0, 1], 1), (z[1, 0], z[1, 1], 1),
             (corner(1, 0), corner(1, 1), -1)]
-    dm = out.reshape(4, 4, N, th, tw, F)
+    dm = _view(out, (4, 4, N, th, tw, F))
     for a, (d0, d1, sign) in enumerate(rows):  # then along the columns, into position (a, b)
         if sign > 0:
             xp.copyto(dm[a, 0], d0)
@@ -207,7 +215,7 @@ def input_transform_adjoint(dV, tiles: tuple, out=None, work=None):
     dv = dV.reshape(4, 4, N, th, tw, C)
     for b in range(4):  # along the rows of the domain: tile axis 1 (th)
         _bt_adjoint_1d(xp, [dv[a, b] for a in range(4)], rows[0, b], rows[1, b], axis=1)
-    dx = out.reshape(N, th, 2, tw, 2, C)
+    dx = _view(out, (N, th, 2, tw, 2, C))
     for r in range(2):  # then along the columns: tile axis 2 (tw), into pixel (2t + r, 2u + q)
         _bt_adjoint_1d(xp, rows[r], dx[:, :, r, :, 0], dx[:, :, r, :, 1], axis=2)
     return out

@@ -12,6 +12,14 @@ from nanocolor.layers import Conv2d
 TOL = 1e-6
 
 
+@pytest.fixture(params=[1, 3], ids=["1worker", "3workers"])
+def workers(request):
+    """Run the test with the layers' work on the calling thread, then split over 3 workers."""
+    parallel.set_workers(request.param)
+    yield request.param
+    parallel.set_workers(1)
+
+
 def make_conv(c_in: int, c_out: int, method: str, seed: int = 0, dtype=np.float64) -> Conv2d:
     conv = Conv2d(c_in, c_out, 3, rng=np.random.default_rng(seed), dtype=dtype)
     conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
@@ -111,8 +119,9 @@ def test_winograd_conv_gradients(shape, c_out, rng):
         assert err < TOL, f"d{name} relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("shape,c_out", [((3, 8, 6, 5), 7), ((1, 2, 10, 2), 3), ((2, 4, 4, 16), 8)])
-def test_winograd_conv_matches_im2col_reference(shape, c_out, rng):
+@pytest.mark.parametrize("shape,c_out", [((3, 8, 6, 5), 7), ((1, 2, 10, 2), 3), ((2, 4, 4, 16), 8),
+                                         ((1, 12, 6, 3), 2)])  # batch 1: forward in bands of tile rows
+def test_winograd_conv_matches_im2col_reference(shape, c_out, workers, rng):
     """Forward, dx, dW and db equal the textbook path's (float64, to rounding)."""
     fast, ref = make_conv(shape[-1], c_out, "winograd"), make_conv(shape[-1], c_out, "im2col")
     ref.dx_method = "col2im"
