@@ -305,7 +305,7 @@ class Conv2d(Layer):
         x_pad = pad_rows(x[n], slice(2 * t.start, 2 * t.stop), 1, "pad")
         N_, T_ = n.stop - n.start, t.stop - t.start
         return winograd.input_transform(x_pad, out=scratch("wino_V", (16, N_ * T_ * (W // 2), C), x.dtype, x),
-                                        work=scratch("wino_work", (4, N_, T_, W + 2, C), x.dtype, x))
+                                        work=scratch("wino_work", (4, N_, 2 * T_ + 2, W // 2, C), x.dtype, x))
 
     def _forward_winograd(self, x):
         xp = array_module(x)

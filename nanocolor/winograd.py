@@ -103,18 +103,19 @@ def filter_transform_adjoint(dU):
 def input_transform(x_pad, out=None, work=None):
     """(N, H+2, W+2, C) zero-padded input -> V = B^T x_tile B for every tile, (16, P, C).
 
-    `out` (16, P, C) and `work` (4, N, H//2, W+2, C) are optional buffers to write into.
+    `out` (16, P, C) and `work` (4, N, H+2, W//2, C) are optional buffers to write into.
     """
     xp = array_module(x_pad)
     N, Hp, Wp, C = x_pad.shape
     th, tw = (Hp - 2) // 2, (Wp - 2) // 2
     out = _alloc(out, (16, N * th * tw, C), x_pad)
-    rows = _alloc(work, (4, N, th, Wp, C), x_pad)
-    # Along the height: row i of tile t is padded row 2t + i (a stride-2 view).
-    _bt_1d(xp, [x_pad[:, i:i + 2 * th:2] for i in range(4)], rows)
+    cols = _alloc(work, (4, N, Hp, tw, C), x_pad)
+    # Along the width first: column j of tile u is padded column 2u + j (a stride-2 view, whose
+    # runs of C values make these the slow passes; they touch half as much data as the next).
+    _bt_1d(xp, [x_pad[:, :, j:j + 2 * tw:2] for j in range(4)], cols)
     v = _view(out, (4, 4, N, th, tw, C))
-    for a in range(4):  # then along the width, straight into position (a, b)
-        _bt_1d(xp, [rows[a][:, :, j:j + 2 * tw:2] for j in range(4)], v[a])
+    for b in range(4):  # then along the height, in runs of whole tile rows, into position (a, b)
+        _bt_1d(xp, [cols[b][:, i:i + 2 * th:2] for i in range(4)], v[:, b])
     return out
 
 
