@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of photos held out for validation (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, split and batch order (default 0)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start from these weights instead of random ones, e.g. to continue training "
+                        "the shipped model (nanocolor/weights/colornet.npz) on your photos")
     p.add_argument("--device", default=None,
                    help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         data = args.data or (None if args.resume else str(HERE / "data" / "sample"))
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
                           lr=args.lr, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          widths=widths, loss=args.loss, limit=args.limit, progress=not args.quiet and world.is_root)
+                          widths=widths, loss=args.loss, limit=args.limit, init=args.init, progress=not args.quiet and world.is_root)
         if args.epochs is not None and args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         if not args.lr > 0:

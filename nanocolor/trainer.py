@@ -55,6 +55,7 @@ class TrainConfig:
     widths: tuple = DEFAULT_WIDTHS
     loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
     limit: int | None = None          # use only the first `limit` images (quick experiments)
+    init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
     progress: bool = True
     history: list = field(default_factory=list, repr=False)
 
@@ -116,6 +117,8 @@ class Trainer:
         if not resume:
             head = {"out_channels": len(self.loss.centers), "head": "logits"} if cfg.loss == "classify" else {}
             self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, **head)
+            if cfg.init:
+                self._load_initial_weights(cfg.init)
             self.optimizer = Adam(self.model.param_layers, lr=cfg.lr)
         self.averager = GradientAverager(self.model.param_layers, self.world) if self.world.size > 1 else None
 
@@ -150,6 +153,14 @@ class Trainer:
         self.optimizer.load_state_dict({name[5:]: a for name, a in arrays.items() if name.startswith("adam.")})
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.loss_sum, self.cpu_seconds = meta["loss_sum"], meta["cpu_seconds"]
+
+    def _load_initial_weights(self, path: str) -> None:
+        """Fine-tune: copy the weights of a file whose architecture matches this run's."""
+        arrays, meta = load_npz(path)
+        if meta.get("config") != self.model.config:
+            raise ValueError(f"{path}: architecture {meta.get('config')} does not match this run's "
+                             f"{self.model.config} (set --widths / --loss to match)")
+        self.model.load_state_arrays(arrays, source=str(path))
 
     def predict_scaled_ab(self, lightness) -> np.ndarray:
         """Scaled lightness (N, H, W, 1) -> the model's scaled a*b* (N, H, W, 2) on the host

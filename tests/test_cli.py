@@ -283,3 +283,17 @@ def test_train_refuses_a_non_positive_learning_rate(tmp_path):
     assert result.returncode == 2
     assert "--lr must be positive" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_init_starts_from_given_weights_and_rejects_another_architecture(tmp_path):
+    common = [*TINY_RUN, "--lr", "1e-9"]  # a negligible step: the result stays at the initial weights
+    start = ColorNet((4, 8), seed=7)
+    start.save(tmp_path / "start.npz", dtype=np.float32)
+    result = run_script("train.py", *common, "--init", tmp_path / "start.npz", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    trained = ColorNet.load(tmp_path / "run" / "checkpoint.npz")
+    for a, b in zip(start.param_layers, trained.param_layers):
+        np.testing.assert_allclose(b.params["W"], a.params["W"], atol=1e-6)
+    result = run_script("train.py", *common, "--widths", "4,16", "--init", tmp_path / "start.npz",
+                        "--out", tmp_path / "other")
+    assert result.returncode == 2 and "does not match" in result.stderr
