@@ -433,8 +433,14 @@ class MaxPool2d(Layer):
         xp = array_module(x)
         N, H, W, C = x.shape
         H2, W2 = H // 2, W // 2
-        rows = xp.maximum(x[:, 0:2 * H2:2], x[:, 1:2 * H2:2])   # (N, H2, W, C): max over each row pair
-        out = xp.maximum(rows[:, :, 0:2 * W2:2], rows[:, :, 1:2 * W2:2])
+        out = xp.empty((N, H2, W2, C), dtype=x.dtype)
+
+        def piece(n: slice, y: slice) -> None:  # y: output rows
+            rows = x[n, 2 * y.start:2 * y.stop]
+            pairs = xp.maximum(rows[:, 0::2], rows[:, 1::2])  # max over each row pair, then column pair
+            xp.maximum(pairs[:, :, 0:2 * W2:2], pairs[:, :, 1:2 * W2:2], out=out[n, y])
+
+        _map(piece, N, H2, W, x)
         self.cache = (x, out)
         return out
 
@@ -444,20 +450,25 @@ class MaxPool2d(Layer):
         N, H, W, C = x.shape
         H2, W2 = out.shape[1:3]
         dx = (xp.zeros if (H % 2 or W % 2) else xp.empty)(x.shape, dtype=dout.dtype)
+
         # Route each gradient to the first maximum of its window (order (0,0), (0,1), (1,0), (1,1)),
         # as an argmax would: a tied window passes its gradient to one element, not to all.
-        corners = [(0, 0), (0, 1), (1, 0)]
-        taken = hit = None
-        for i, j in corners:
-            is_max = xp.equal(x[:, i:2 * H2:2, j:2 * W2:2], out, out=hit)
-            if taken is None:
-                taken, hit = is_max, xp.empty_like(is_max)
-            else:
-                xp.greater(is_max, taken, out=is_max)  # a max here and none before: is_max & ~taken
-                taken |= is_max
-            xp.multiply(dout, is_max, out=dx[:, i:2 * H2:2, j:2 * W2:2])
-        xp.logical_not(taken, out=taken)  # no earlier corner held the max: the last one does
-        xp.multiply(dout, taken, out=dx[:, 1:2 * H2:2, 1:2 * W2:2])
+        def piece(n: slice, y: slice) -> None:
+            rows = slice(2 * y.start, 2 * y.stop)
+            window_max, d = out[n, y], dout[n, y]
+            taken = hit = None
+            for i, j in [(0, 0), (0, 1), (1, 0)]:
+                is_max = xp.equal(x[n, rows][:, i::2, j:2 * W2:2], window_max, out=hit)
+                if taken is None:
+                    taken, hit = is_max, xp.empty_like(is_max)
+                else:
+                    xp.greater(is_max, taken, out=is_max)  # a max here and none before: is_max & ~taken
+                    taken |= is_max
+                xp.multiply(d, is_max, out=dx[n, rows][:, i::2, j:2 * W2:2])
+            xp.logical_not(taken, out=taken)  # no earlier corner held the max: the last one does
+            xp.multiply(d, taken, out=dx[n, rows][:, 1::2, 1:2 * W2:2])
+
+        _map(piece, N, H2, W, dout)
         return dx
 
 
@@ -468,28 +479,59 @@ class Upsample2d(Layer):
         xp = array_module(x)
         N, H, W, C = x.shape
         out = xp.empty((N, 2 * H, 2 * W, C), dtype=x.dtype)
-        xp.copyto(out.reshape(N, H, 2, W, 2, C), x[:, :, None, :, None, :])
+
+        def piece(n: slice, y: slice) -> None:
+            xp.copyto(out[n, 2 * y.start:2 * y.stop].reshape(n.stop - n.start, y.stop - y.start, 2, W, 2, C),
+                      x[n, y, None, :, None, :])
+
+        _map(piece, N, H, 4 * W, x)
         return out
 
     def backward(self, dout):
         xp = array_module(dout)
-        rows = xp.add(dout[:, 0::2], dout[:, 1::2])    # sum each row pair, then each column pair
-        return xp.add(rows[:, :, 0::2], rows[:, :, 1::2])
+        N, H2, W2, C = dout.shape
+        dx = xp.empty((N, H2 // 2, W2 // 2, C), dtype=dout.dtype)
+
+        def piece(n: slice, y: slice) -> None:  # y: rows of dx
+            d = dout[n, 2 * y.start:2 * y.stop]
+            pairs = xp.add(d[:, 0::2], d[:, 1::2])  # sum each row pair, then each column pair
+            xp.add(pairs[:, :, 0::2], pairs[:, :, 1::2], out=dx[n, y])
+
+        _map(piece, N, H2 // 2, 4 * W2, dout)
+        return dx
+
+
+def _map(task, N: int, rows: int, per_row: int, like) -> None:
+    """task(batch slice, row slice) over pieces of N images x `rows` rows, on the CPU workers."""
+    _run_pieces(task, _pieces(N, rows, per_row, like, target=1 << 16))
+
+
+def _map_elementwise(task, x) -> None:
+    """task(index) over pieces of x's first two axes (N, H, W, C arrays), or once over all of x."""
+    if x.ndim == 4:
+        _map(lambda n, y: task((n, y)), x.shape[0], x.shape[1], x.shape[2], x)
+    else:
+        task(Ellipsis)
 
 
 # ---------------------------------------------------------------------------------------------
 # Activations.
 
 class ReLU(Layer):
+    """max(x, 0) of any shape; (N, H, W, C) arrays are split over the CPU workers."""
+
     def forward(self, x):
         xp = array_module(x)
-        out = xp.maximum(x, 0)
+        out = xp.empty_like(x)
+        _map_elementwise(lambda part: xp.maximum(x[part], 0, out=out[part]), x)
         self.cache = out
         return out
 
     def backward(self, dout):
         xp = array_module(dout)
-        return xp.multiply(dout, self.cache > 0)
+        dx = xp.empty_like(dout)
+        _map_elementwise(lambda part: xp.multiply(dout[part], self.cache[part] > 0, out=dx[part]), dout)
+        return dx
 
 
 class Tanh(Layer):

@@ -194,8 +194,8 @@ def loop_maxpool(x: np.ndarray) -> tuple:
     return out, mask
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 5, 7, 2), (3, 2, 2, 1)])
-def test_maxpool_matches_loop_reference_with_many_ties(shape, rng):
+@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 9, 7, 2), (3, 2, 2, 1)])
+def test_maxpool_matches_loop_reference_with_many_ties(shape, workers, rng):
     x = rng.integers(0, 3, shape).astype(np.float64)  # three values: ties in most windows
     x = np.maximum(x - 1, 0)                         # and zeros as after a ReLU
     pool = MaxPool2d()
@@ -216,16 +216,22 @@ def test_maxpool_matches_loop_reference_with_many_ties(shape, rng):
     np.testing.assert_array_equal(dx, expected_dx)
 
 
-def test_upsample_backward_sums_each_block(rng):
-    dout = rng.standard_normal((2, 6, 4, 3))
-    expected = dout.reshape(2, 3, 2, 2, 2, 3).sum(axis=(2, 4))
-    np.testing.assert_allclose(Upsample2d().backward(dout), expected, rtol=1e-12, atol=1e-14)
+@pytest.mark.parametrize("shape", [(2, 3, 2, 3), (1, 5, 3, 2)])
+def test_upsample_repeats_forward_and_sums_blocks_backward(shape, workers, rng):
+    N, H, W, C = shape
+    x = rng.standard_normal(shape)
+    up = Upsample2d()
+    np.testing.assert_array_equal(up.forward(x), np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
+    dout = rng.standard_normal((N, 2 * H, 2 * W, C))
+    expected = dout.reshape(N, H, 2, W, 2, C).sum(axis=(2, 4))
+    np.testing.assert_allclose(up.backward(dout), expected, rtol=1e-12, atol=1e-14)
 
 
-def test_relu_backward_masks_gradient(rng):
-    x = rng.standard_normal((2, 3, 4, 5))
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 7, 2, 3), (4, 6)])
+def test_relu_forward_and_backward(shape, workers, rng):
+    x = rng.standard_normal(shape)
     relu = ReLU()
-    relu.forward(x)
+    np.testing.assert_array_equal(relu.forward(x), np.maximum(x, 0))
     dout = rng.standard_normal(x.shape)
     np.testing.assert_array_equal(relu.backward(dout), np.where(x > 0, dout, 0))
 
