@@ -253,7 +253,7 @@ class Conv2d(Layer):
             xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
             o += b
 
-        _run_pieces(piece, _pieces(N, H, W, x))
+        _run_pieces(piece, _pieces(N, H, W, x), x)
         return out
 
     def _backward_gemm(self, dout):
@@ -271,7 +271,7 @@ class Conv2d(Layer):
                 dw[parallel.slot()] += _weight_grad(patch_matrix(x[n], k, "cols", y), d)
                 db[parallel.slot()] += d.sum(axis=0)
 
-            _run_pieces(weight_grad, pieces)
+            _run_pieces(weight_grad, pieces, dout)
             self.grads["W"] = dw.sum(axis=0).reshape(self.params["W"].shape)
             self.grads["b"] = db.sum(axis=0)
             return None
@@ -289,7 +289,7 @@ class Conv2d(Layer):
             dw[parallel.slot()] += dw_piece
             db[parallel.slot()] += dout[n, y].reshape(-1, F).sum(axis=0)
 
-        _run_pieces(products, pieces)
+        _run_pieces(products, pieces, dout)
         dw_flipped = dw.sum(axis=0).reshape(C, k, k, F)
         self.grads["W"] = xp.ascontiguousarray(dw_flipped[:, ::-1, ::-1].transpose(1, 2, 0, 3))
         self.grads["b"] = db.sum(axis=0)
@@ -325,7 +325,7 @@ class Conv2d(Layer):
             winograd.output_transform(M, tiles, out=out[n, 2 * t.start:2 * t.stop],
                                       work=scratch("wino_work", (2, 4) + M.shape[1:], x.dtype, x))
 
-        _run_pieces(piece, _pieces(N, H // 2, tw, x))
+        _run_pieces(piece, _pieces(N, H // 2, tw, x), x)
         self.cache = ("winograd", x, U)
         return out
 
@@ -357,7 +357,7 @@ class Conv2d(Layer):
                                                  work=scratch("wino_work", (2, 4, N_, th, tw, C), dout.dtype, dout))
 
         # Whole images only: the input transform's adjoint adds across the borders of tile rows.
-        _run_pieces(piece, _pieces(N, th, tw, dout, bands=False))
+        _run_pieces(piece, _pieces(N, th, tw, dout, bands=False), dout)
         self.grads["W"] = winograd.filter_transform_adjoint(dU.sum(axis=0))
         self.grads["b"] = db.sum(axis=0)
         return dx
@@ -379,9 +379,14 @@ def _pieces(N: int, rows: int, per_row: int, like, bands: bool = True, target: i
     return [(slice(n, n + 1), slice(a, b)) for n in range(N) for a, b in parallel.split(rows, per_image)]
 
 
-def _run_pieces(task, pieces: list) -> None:
-    """task(batch slice, row slice) for every piece, side by side on the CPU workers."""
-    parallel.run(lambda i: task(*pieces[i]), len(pieces))
+def _run_pieces(task, pieces: list, like) -> None:
+    """task(batch slice, row slice) for every piece, side by side on the CPU workers (NumPy), or
+    on the calling thread (CuPy: one piece)."""
+    if isinstance(like, np.ndarray):
+        parallel.run(lambda i: task(*pieces[i]), len(pieces))
+    else:
+        for piece in pieces:
+            task(*piece)
 
 
 def _weight_grad(cols, dout2d):
@@ -419,7 +424,7 @@ def _conv_multiply_then_shift(x, w, b):
                     y[i, j, :, :, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
         xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
 
-    _run_pieces(piece, _pieces(N, H, W, x, bands=False))
+    _run_pieces(piece, _pieces(N, H, W, x, bands=False), x)
     return out
 
 
@@ -503,7 +508,7 @@ class Upsample2d(Layer):
 
 def _map(task, N: int, rows: int, per_row: int, like) -> None:
     """task(batch slice, row slice) over pieces of N images x `rows` rows, on the CPU workers."""
-    _run_pieces(task, _pieces(N, rows, per_row, like, target=1 << 16))
+    _run_pieces(task, _pieces(N, rows, per_row, like, target=1 << 16), like)
 
 
 def _map_elementwise(task, x) -> None:

@@ -90,6 +90,16 @@ def enable(on: bool = True) -> None:
         _state["workers"] = None
 
 
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of the parent's worker threads: it starts its own pool when needed."""
+    _state["pool"], _state["workers"] = None, None
+    _state["generation"] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def blas_single_threaded() -> bool:
     """Whether each BLAS call runs on one thread (many small GEMMs then cost no thread handoffs)."""
     if workers() == 1 and not _state["enabled"]:

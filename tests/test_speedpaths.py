@@ -4,6 +4,10 @@ worker or several), max-pool and upsample against loop references, and the in-pl
 the textbook update."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 
@@ -286,3 +290,31 @@ def test_adam_updates_parameters_in_place_and_keeps_grads(rng):
     assert fresh.t == 1
     np.testing.assert_array_equal(fresh.m[0], adam.m[0])
     np.testing.assert_array_equal(fresh.v[0], adam.v[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_does_not_wait_on_parent_workers():
+    """Threads do not survive fork: a child must not hand tasks to the parent's pool."""
+    parallel.set_workers(2)
+    parallel.run(lambda i: None, 4)  # the parent's pool threads exist now
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 once the work is done
+        try:
+            done = []
+            parallel.run(lambda i: done.append(i), 4)
+            os._exit(0 if sorted(done) == [0, 1, 2, 3] else 1)
+        finally:
+            os._exit(1)
+    try:
+        for _ in range(200):
+            finished, status = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung waiting for the parent's worker threads")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        parallel.set_workers(1)
