@@ -6,7 +6,10 @@ Shape legend (channels-last, so a 3x3 conv is one matrix multiply without transp
 A layer's `forward(x)` caches what its `backward(dout)` needs; `backward` returns dx (never
 changing dout in place) and writes parameter gradients into `self.grads`, beside `self.params`.
 Outputs and gradients are fresh arrays owned by the caller; temporaries live in `scratch`
-buffers allocated once per shape, so a training step allocates little besides its results.
+buffers (one per tag and CPU worker, grown to the largest use), so a training step allocates
+little besides its results. On the CPU, convolutions, pooling and activations split their work
+into pieces of the batch (or row bands of a single image) run side by side by the worker
+threads of nanocolor.parallel.
 """
 from __future__ import annotations
 
@@ -145,11 +148,13 @@ class Conv2d(Layer):
       "im2col"   the textbook reference: patch matrix + one GEMM forward, kept for backward;
                  dW = cols^T dout; dx as a convolution of dout with the flipped kernel, or with
                  `dx_method = "col2im"` the scatter-add of the column gradients.
-      "gemm"     one GEMM per pass and no per-layer patch matrix: backward builds the patch
-                 matrix of dout once and gets both dx (dcols W_flipped) and dW (x^T dcols) from
-                 it; thin outputs (4F <= C) multiply first and add k*k shifted slices after.
+      "gemm"     one GEMM per pass and piece, patch matrices built piece by piece in scratch
+                 and never kept: backward builds the patch matrix of dout and gets both dx
+                 (dcols W_flipped) and dW (x^T dcols) from it; thin outputs (4F <= C) multiply
+                 first and add k*k shifted slices after.
       "winograd" Winograd F(2x2, 3x3) (nanocolor.winograd) for 3x3 kernels on even H and W:
-                 2.25x fewer multiplies as 16 GEMMs per pass; other shapes fall back to "gemm".
+                 2.25x fewer multiplies as 16 GEMMs per pass and piece, between cheap
+                 transforms; other shapes fall back to "gemm".
       "auto"     (default) "winograd" where it applies and both channel counts reach
                  `winograd_min_channels`, on the CPU when BLAS runs one thread per call (the
                  nanocolor.parallel pool hands out the 16 GEMMs); "gemm" otherwise. With
@@ -158,6 +163,7 @@ class Conv2d(Layer):
     `dx_method = "col2im"` always selects the textbook path.
     """
 
+    METHODS = ("auto", "gemm", "winograd", "im2col")
     method = "auto"
     dx_method = "transposed_conv"
     auto_winograd = True
@@ -177,6 +183,8 @@ class Conv2d(Layer):
 
     def path(self, H: int, W: int, on_cpu: bool = True) -> str:
         """The method forward/backward take at image size H x W: 'im2col', 'gemm' or 'winograd'."""
+        if self.method not in self.METHODS:
+            raise ValueError(f"Conv2d.method must be one of {self.METHODS}, got {self.method!r}")
         if self.method == "im2col" or self.dx_method == "col2im":
             return "im2col"
         if not winograd.applies(self.k, H, W) or self.method not in ("winograd", "auto"):
@@ -249,7 +257,7 @@ class Conv2d(Layer):
         out = xp.empty((N, H, W, F), dtype=x.dtype)
 
         def piece(n: slice, y: slice) -> None:
-            o = out[n, y].reshape(-1, F)
+            o = _pixel_rows(out[n, y])
             xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
             o += b
 
@@ -284,7 +292,7 @@ class Conv2d(Layer):
 
         def products(n: slice, y: slice) -> None:
             dcols = patch_matrix(dout[n], k, "cols", y)
-            xp.matmul(dcols, w_flipped, out=dx[n, y].reshape(-1, C))
+            xp.matmul(dcols, w_flipped, out=_pixel_rows(dx[n, y]))
             dw_piece = xp.matmul(x[n, y].reshape(-1, C).T, dcols, out=scratch("dW", dw.shape[1:], dw.dtype, dw))
             dw[parallel.slot()] += dw_piece
             db[parallel.slot()] += dout[n, y].reshape(-1, F).sum(axis=0)
@@ -387,6 +395,14 @@ def _run_pieces(task, pieces: list, like) -> None:
     else:
         for piece in pieces:
             task(*piece)
+
+
+def _pixel_rows(a):
+    """(n, h, w, c) slice of a fresh contiguous array -> its (n*h*w, c) view, written through."""
+    rows = a.reshape(-1, a.shape[-1])
+    if rows.size and not array_module(a).may_share_memory(rows, a):  # pragma: no cover - a bug guard
+        raise ValueError("piece of an output array is not contiguous")
+    return rows
 
 
 def _weight_grad(cols, dout2d):

@@ -72,10 +72,10 @@ def set_workers(threads: int) -> None:
     if _state["pool"] is not None:
         _state["pool"].shutdown()
         _state["pool"] = None
-    if threads > 1:
-        _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="nanocolor")
-        _state["slots"] = itertools.count()
     _state["generation"] += 1
+    if threads > 1:
+        _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="nanocolor", initializer=_join_pool,
+                                            initargs=(_state["generation"], itertools.count()))
     if control is not None:
         control[1](1 if threads > 1 else control[2])
     _state["workers"] = threads
@@ -108,12 +108,16 @@ def blas_single_threaded() -> bool:
     return _state["blas_single"]
 
 
+def _join_pool(generation: int, slots) -> None:
+    """Pool thread start-up: remember which worker this thread is."""
+    _local.generation, _local.slot = generation, next(slots)
+
+
 def slot() -> int:
-    """0 .. workers()-1: which worker the calling thread is, for per-worker partial sums."""
-    if _state["pool"] is None:
-        return 0
+    """0 .. workers()-1: which worker the calling thread is, for per-worker partial sums
+    (0 for any thread outside the pool, such as the caller when work runs inline)."""
     if getattr(_local, "generation", None) != _state["generation"]:
-        _local.generation, _local.slot = _state["generation"], next(_state["slots"])
+        return 0
     return _local.slot
 
 

@@ -175,6 +175,8 @@ def test_method_choice_and_fallback(monkeypatch):
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
     monkeypatch.setattr(Conv2d, "auto_winograd", False)
     assert make_conv(32, 32, "auto").path(8, 8) == "gemm"
+    with pytest.raises(ValueError):
+        make_conv(32, 32, "winogard").path(8, 8)
 
 
 def test_winograd_odd_size_falls_back(rng):
