@@ -310,10 +310,11 @@ class Conv2d(Layer):
     def _winograd_input(self, x, n: slice, t: slice):
         """V = B^T x_tile B of tile rows t of images n: (16, tiles, C), in scratch."""
         W, C = x.shape[2], x.shape[3]
-        x_pad = pad_rows(x[n], slice(2 * t.start, 2 * t.stop), 1, "pad")
-        N_, T_ = n.stop - n.start, t.stop - t.start
-        return winograd.input_transform(x_pad, out=scratch("wino_V", (16, N_ * T_ * (W // 2), C), x.dtype, x),
-                                        work=scratch("wino_work", (4, N_, 2 * T_ + 2, W // 2, C), x.dtype, x))
+        N_, T_, tw = n.stop - n.start, t.stop - t.start, W // 2
+        x_split = winograd.pad_and_split(x[n], slice(2 * t.start, 2 * t.stop),
+                                         out=scratch("pad", (N_, 2 * T_ + 2, 2, tw + 1, C), x.dtype, x))
+        return winograd.input_transform(x_split, out=scratch("wino_V", (16, N_ * T_ * tw, C), x.dtype, x),
+                                        work=scratch("wino_work", (4, N_, 2 * T_ + 2, tw, C), x.dtype, x))
 
     def _forward_winograd(self, x):
         xp = array_module(x)
@@ -351,7 +352,7 @@ class Conv2d(Layer):
             N_ = n.stop - n.start
             dM = winograd.output_transform_adjoint(
                 dout[n], out=scratch("wino_M", (16, V.shape[1], F), dout.dtype, dout),
-                work=scratch("wino_work", (2, 2, N_, th, tw, F), dout.dtype, dout))
+                work=scratch("wino_work", (4, 2, N_, th, tw, F), dout.dtype, dout))
             i = parallel.slot()
             db[i] += dM[5].sum(axis=0)  # dM at (1, 1) is each tile's sum of its 4 pixels
             dU_q = scratch("wino_dU", (C, F), dout.dtype, dout)
@@ -362,7 +363,7 @@ class Conv2d(Layer):
                 for q in range(16):
                     xp.matmul(dM[q], U[q].T, out=dV[q])
                 winograd.input_transform_adjoint(dV, (N_, th, tw), out=dx[n],
-                                                 work=scratch("wino_work", (2, 4, N_, th, tw, C), dout.dtype, dout))
+                                                 work=scratch("wino_work", (2, 6, N_, th, tw, C), dout.dtype, dout))
 
         # Whole images only: the input transform's adjoint adds across the borders of tile rows.
         _run_pieces(piece, _pieces(N, th, tw, dout, bands=False), dout)

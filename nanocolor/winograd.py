@@ -100,19 +100,44 @@ def filter_transform_adjoint(dU):
     return out
 
 
-def input_transform(x_pad, out=None, work=None):
-    """(N, H+2, W+2, C) zero-padded input -> V = B^T x_tile B for every tile, (16, P, C).
+def pad_and_split(x, rows: slice | None = None, out=None):
+    """Zero-pad x (N, H, W, C), W even, by one pixel and split the padded columns by parity:
+    (N, R + 2, 2, W//2 + 1, C), where [:, r, q, u] is padded pixel (r, 2u + q).
 
-    `out` (16, P, C) and `work` (4, N, H+2, W//2, C) are optional buffers to write into.
+    With `rows`, only image rows rows.start-1 .. rows.stop (zeros beyond the image): the tiles
+    of a band of R = len(rows) rows. Done in the padding copy, the split turns the width-wise
+    transform's stride-2 reads (runs of C values) into contiguous ones.
     """
-    xp = array_module(x_pad)
-    N, Hp, Wp, C = x_pad.shape
-    th, tw = (Hp - 2) // 2, (Wp - 2) // 2
-    out = _alloc(out, (16, N * th * tw, C), x_pad)
-    cols = _alloc(work, (4, N, Hp, tw, C), x_pad)
-    # Along the width first: column j of tile u is padded column 2u + j (a stride-2 view, whose
-    # runs of C values make these the slow passes; they touch half as much data as the next).
-    _bt_1d(xp, [x_pad[:, :, j:j + 2 * tw:2] for j in range(4)], cols)
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    y0, y1 = (rows.start, rows.stop) if rows is not None else (0, H)
+    tw = W // 2
+    out = _alloc(out, (N, y1 - y0 + 2, 2, tw + 1, C), x)
+    lo, hi = max(0, y0 - 1), min(H, y1 + 1)  # the image rows that exist
+    top = lo - (y0 - 1)
+    out[:, :top] = 0
+    out[:, top + hi - lo:] = 0
+    body = out[:, top:top + hi - lo]
+    body[:, :, 0, 0] = 0                        # padded column 0
+    body[:, :, 1, tw] = 0                       # padded column W + 1
+    xp.copyto(body[:, :, 0, 1:], x[:, lo:hi, 1::2])   # padded column 2u = image column 2u - 1
+    xp.copyto(body[:, :, 1, :tw], x[:, lo:hi, 0::2])  # padded column 2u + 1 = image column 2u
+    return out
+
+
+def input_transform(x_split, out=None, work=None):
+    """(N, 2th+2, 2, tw+1, C) padded input from pad_and_split -> V = B^T x_tile B for every
+    tile, (16, P, C).
+
+    `out` (16, P, C) and `work` (4, N, 2th+2, tw, C) are optional buffers to write into.
+    """
+    xp = array_module(x_split)
+    N, Hp, _, tw1, C = x_split.shape
+    th, tw = (Hp - 2) // 2, tw1 - 1
+    out = _alloc(out, (16, N * th * tw, C), x_split)
+    cols = _alloc(work, (4, N, Hp, tw, C), x_split)
+    # Along the width first: column j of tile u is padded column 2u + j.
+    _bt_1d(xp, [x_split[:, :, j % 2, j // 2:j // 2 + tw] for j in range(4)], cols)
     v = _view(out, (4, 4, N, th, tw, C))
     for b in range(4):  # then along the height, in runs of whole tile rows, into position (a, b)
         _bt_1d(xp, [cols[b][:, i:i + 2 * th:2] for i in range(4)], v[:, b])
@@ -136,28 +161,33 @@ def output_transform(M, tiles: tuple, out=None, work=None):
         xp.subtract(m[1, b], m[2, b], out=s[1, b])
         s[1, b] -= m[3, b]
     y = _view(out, (N, th, 2, tw, 2, F))  # y[:, :, r, :, q] is output pixel (2t + r, 2u + q)
-    for r in range(2):
+    for r in range(2):  # then along the columns, in place in s (contiguous), one strided copy each
         sr = s[r].reshape(4, N, th, tw, F)
-        left, right = y[:, :, r, :, 0], y[:, :, r, :, 1]
-        xp.add(sr[0], sr[1], out=left)
-        left += sr[2]
-        xp.subtract(sr[1], sr[2], out=right)
-        right -= sr[3]
+        sr[0] += sr[1]
+        sr[0] += sr[2]
+        xp.subtract(sr[1], sr[3], out=sr[3])
+        sr[3] -= sr[2]
+        xp.copyto(y[:, :, r, :, 0], sr[0])
+        xp.copyto(y[:, :, r, :, 1], sr[3])
     return out
 
 
 def output_transform_adjoint(dy, out=None, work=None):
     """Adjoint of output_transform: (N, H, W, F) -> dM = A dy_tile A^T, (16, P, F).
 
-    `work` (2, 2, N, H//2, W//2, F) is an optional buffer.
+    `work` (4, 2, N, H//2, W//2, F) is an optional buffer.
     """
     xp = array_module(dy)
     N, H, W, F = dy.shape
     th, tw = H // 2, W // 2
     out = _alloc(out, (16, N * th * tw, F), dy)
-    z = _alloc(work, (2, 2, N, th, tw, F), dy)
+    work = _alloc(work, (4, 2, N, th, tw, F), dy)
+    z, corners = work[:2], work[2:]
     d = dy.reshape(N, th, 2, tw, 2, F)
-    corner = lambda r, q: d[:, :, r, :, q]  # pixel (r, q) of every tile, (N, th, tw, F)
+    for r in range(2):  # pixel (r, q) of every tile, (N, th, tw, F), copied out of the strided image once
+        for q in range(2):
+            xp.copyto(corners[r, q], d[:, :, r, :, q])
+    corner = lambda r, q: corners[r, q]
     # A = A_T^T maps 2 -> 4: (d0, d1) -> (d0, d0 + d1, d0 - d1, -d1); first along the rows.
     for q in range(2):
         xp.add(corner(0, q), corner(1, q), out=z[0, q])
@@ -206,17 +236,19 @@ def input_transform_adjoint(dV, tiles: tuple, out=None, work=None):
     """Adjoint of input_transform, cropped: (16, P, C) -> dx (N, 2 th, 2 tw, C).
 
     dx[pixel] = sum over the tiles covering it of (B dV B^T)[pixel]; tiles = (N, th, tw).
-    `work` (2, 4, N, th, tw, C) is an optional buffer.
+    `work` (2, 6, N, th, tw, C) is an optional buffer.
     """
     xp = array_module(dV)
     N, th, tw = tiles
     C = dV.shape[-1]
     out = _alloc(out, (N, 2 * th, 2 * tw, C), dV)
-    rows = _alloc(work, (2, 4, N, th, tw, C), dV)
+    rows = _alloc(work, (2, 6, N, th, tw, C), dV)
     dv = dV.reshape(4, 4, N, th, tw, C)
     for b in range(4):  # along the rows of the domain: tile axis 1 (th)
         _bt_adjoint_1d(xp, [dv[a, b] for a in range(4)], rows[0, b], rows[1, b], axis=1)
     dx = _view(out, (N, th, 2, tw, 2, C))
-    for r in range(2):  # then along the columns: tile axis 2 (tw), into pixel (2t + r, 2u + q)
-        _bt_adjoint_1d(xp, rows[r], dx[:, :, r, :, 0], dx[:, :, r, :, 1], axis=2)
+    for r in range(2):  # then along the columns: tile axis 2 (tw), contiguous, then one strided copy
+        _bt_adjoint_1d(xp, rows[r, :4], rows[r, 4], rows[r, 5], axis=2)
+        xp.copyto(dx[:, :, r, :, 0], rows[r, 4])  # pixel (2t + r, 2u)
+        xp.copyto(dx[:, :, r, :, 1], rows[r, 5])  # pixel (2t + r, 2u + 1)
     return out

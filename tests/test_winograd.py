@@ -48,10 +48,22 @@ def test_matrices_compute_a_1d_correlation(rng):
     np.testing.assert_allclose(winograd.A_T @ ((winograd.G @ g) * (winograd.B_T @ d)), expected, rtol=1e-13)
 
 
+@pytest.mark.parametrize("rows", [None, slice(0, 2), slice(2, 4), slice(0, 4)])
+def test_pad_and_split_matches_zero_padding(rows, rng):
+    x = rng.standard_normal((2, 4, 6, 3))
+    x_pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    if rows is not None:  # a band of rows with one row of context (or zeros) each side
+        x_pad = x_pad[:, rows.start:rows.stop + 2]
+    split = winograd.pad_and_split(x, rows, out=np.full(x_pad.shape[:2] + (2, 4, 3), np.nan))
+    np.testing.assert_array_equal(split[:, :, 0], x_pad[:, :, 0::2])
+    np.testing.assert_array_equal(split[:, :, 1], x_pad[:, :, 1::2])
+
+
 def test_input_and_filter_transforms_match_definitions(rng):
-    x_pad = rng.standard_normal((2, 6, 8, 3))
+    x = rng.standard_normal((2, 4, 6, 3))
+    x_pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     w = rng.standard_normal((3, 3, 3, 4))
-    V = winograd.input_transform(x_pad)
+    V = winograd.input_transform(winograd.pad_and_split(x))
     expected_V = np.einsum("ai,ntuijc,bj->abntuc", winograd.B_T, tiles_of(x_pad), winograd.B_T)
     np.testing.assert_allclose(V, expected_V.reshape(16, -1, 3), rtol=1e-12, atol=1e-12)
     U = winograd.filter_transform(w)
@@ -72,11 +84,10 @@ def test_output_transform_matches_definition(rng):
 def test_adjoints_satisfy_dot_product_identity(N, th, tw, C, rng):
     """<T x, y> == <x, T* y> for each transform T and the adjoint used in backward."""
     x = rng.standard_normal((N, 2 * th, 2 * tw, C))
-    x_pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     dV = rng.standard_normal((16, N * th * tw, C))
     dx = winograd.input_transform_adjoint(dV, (N, th, tw))
     assert dx.shape == x.shape
-    assert np.sum(winograd.input_transform(x_pad) * dV) == pytest.approx(np.sum(x * dx), rel=1e-12)
+    assert np.sum(winograd.input_transform(winograd.pad_and_split(x)) * dV) == pytest.approx(np.sum(x * dx), rel=1e-12)
 
     M = rng.standard_normal((16, N * th * tw, C))
     dy = rng.standard_normal((N, 2 * th, 2 * tw, C))
