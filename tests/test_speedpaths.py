@@ -5,6 +5,7 @@ the textbook update."""
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 
@@ -318,3 +319,10 @@ def test_forked_child_does_not_wait_on_parent_workers():
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     finally:
         parallel.set_workers(1)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_large_arrays_can_be_kept_in_the_heap(rng):
+    assert parallel.keep_large_arrays_in_heap()
+    big = np.ones(20_000_000, dtype=np.float32)  # 80 MB: above glibc's default mmap threshold
+    assert float(big.sum()) == 20_000_000.0
