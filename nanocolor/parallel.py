@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -92,8 +91,7 @@ def set_workers(threads: int) -> None:
         _state["pool"] = None
     _state["generation"] += 1
     if threads > 1:
-        _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="nanocolor", initializer=_join_pool,
-                                            initargs=(_state["generation"], itertools.count()))
+        _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="nanocolor")
     if control is not None:
         control[1](1 if threads > 1 else control[2])
     _state["workers"] = threads
@@ -126,14 +124,9 @@ def blas_single_threaded() -> bool:
     return _state["blas_single"]
 
 
-def _join_pool(generation: int, slots) -> None:
-    """Pool thread start-up: remember which worker this thread is."""
-    _local.generation, _local.slot = generation, next(slots)
-
-
 def slot() -> int:
-    """0 .. workers()-1: which worker the calling thread is, for per-worker partial sums
-    (0 for any thread outside the pool, such as the caller when work runs inline)."""
+    """0 .. workers()-1: which job of `run` the calling thread is doing, for per-worker partial
+    sums and scratch (0 outside `run`, such as the caller when work runs inline)."""
     if getattr(_local, "generation", None) != _state["generation"]:
         return 0
     return _local.slot
@@ -144,12 +137,26 @@ def run(task: Callable[[int], None], n_tasks: int) -> None:
 
     With a pool, even a single task runs on a worker, so the calling thread never needs its own
     scratch buffers. Tasks must write disjoint outputs and must not call `run` themselves.
+    Task i belongs to job i % workers(), which runs its tasks in order as worker slot `job`:
+    per-slot partial sums then add up in the same order on every run, so results are
+    bit-reproducible whichever thread happens to pick up which job.
     """
-    if workers() == 1:
+    n_workers = workers()
+    if n_workers == 1:
         for i in range(n_tasks):
             task(i)
         return
-    for _ in _state["pool"].map(task, range(n_tasks)):
+
+    def job(slot_index: int) -> None:
+        saved = getattr(_local, "generation", None), getattr(_local, "slot", None)
+        _local.generation, _local.slot = _state["generation"], slot_index
+        try:
+            for i in range(slot_index, n_tasks, n_workers):
+                task(i)
+        finally:
+            _local.generation, _local.slot = saved
+
+    for _ in _state["pool"].map(job, range(min(n_workers, n_tasks))):
         pass
 
 
