@@ -118,7 +118,7 @@ class ColorNet:
         """
         arrays = self.state_arrays()
         if dtype is not None and np.dtype(dtype) == np.float16 and \
-                max(float(np.abs(a).max(initial=0)) for a in arrays.values()) > np.finfo(np.float16).max:
+                max(float(np.abs(a).max(initial=0)) for a in arrays.values()) > float(np.finfo(np.float16).max):
             dtype = np.float32
         if dtype is not None:
             arrays = {name: a.astype(dtype) for name, a in arrays.items()}
