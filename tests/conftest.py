@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nanocolor import parallel
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -58,3 +60,11 @@ def run_script(script: str, *args: str, cwd: Path = REPO, timeout: float = 120) 
     env.pop("NANOCOLOR_DEVICE", None)
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(params=[1, 3], ids=["1worker", "3workers"])
+def workers(request):
+    """Run the test with the layers' work on the calling thread, then split over 3 workers."""
+    parallel.set_workers(request.param)
+    yield request.param
+    parallel.set_workers(1)

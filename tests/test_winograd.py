@@ -12,14 +12,6 @@ from nanocolor.layers import Conv2d
 TOL = 1e-6
 
 
-@pytest.fixture(params=[1, 3], ids=["1worker", "3workers"])
-def workers(request):
-    """Run the test with the layers' work on the calling thread, then split over 3 workers."""
-    parallel.set_workers(request.param)
-    yield request.param
-    parallel.set_workers(1)
-
-
 def make_conv(c_in: int, c_out: int, method: str, seed: int = 0, dtype=np.float64) -> Conv2d:
     conv = Conv2d(c_in, c_out, 3, rng=np.random.default_rng(seed), dtype=dtype)
     conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
