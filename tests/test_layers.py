@@ -57,17 +57,20 @@ def test_conv_gradients(shape, c_out, k, dx_method, rng):
     check_layer(conv, rng.standard_normal(shape), rng)
 
 
-def test_conv_results_survive_other_layers_calls(rng):
+@pytest.mark.parametrize("method, shape", [("im2col", (2, 5, 4, 3)), ("gemm", (2, 5, 4, 3)),
+                                           ("winograd", (2, 4, 6, 3))])
+def test_conv_results_survive_other_layers_calls(rng, method, shape):
     """Outputs, caches and gradients belong to their layer, not to scratch space that the next
     layer of the same shape overwrites: interleaved calls give the same numbers as lone ones."""
-    x, y = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((2, 5, 4, 3))
-    dout_a, dout_b = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((2, 5, 4, 3))
-    lone = conv64(3, 3, 3, seed=0)
+    x, y = rng.standard_normal(shape), rng.standard_normal(shape)
+    dout_a, dout_b = rng.standard_normal(shape), rng.standard_normal(shape)
+    lone, a, b = conv64(3, 3, 3, seed=0), conv64(3, 3, 3, seed=0), conv64(3, 3, 3, seed=5)
+    for conv in (lone, a, b):
+        conv.method = method
     out_lone = lone.forward(x).copy()
     dx_lone = lone.backward(dout_a.copy()).copy()
     dw_lone = lone.grads["W"].copy()
 
-    a, b = conv64(3, 3, 3, seed=0), conv64(3, 3, 3, seed=5)
     out_a = a.forward(x)
     b.forward(y)
     dx_a = a.backward(dout_a.copy())
