@@ -65,8 +65,8 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     """A model for colorize_array from a weights file or checkpoint, and its default work size
     (twice its training size). Raises CorruptFileError, naming the file, for anything unusable."""
     try:
-        model = ColorNet.load(path)
-        _, meta = load_npz(path)
+        arrays, meta = load_npz(path)
+        model = ColorNet.from_contents(arrays, meta, source=str(path))
     except CorruptFileError:
         raise
     except Exception as err:  # e.g. arrays of a type no parameter can take

@@ -128,11 +128,16 @@ class ColorNet:
     def load(cls, path: str | os.PathLike) -> "ColorNet":
         """Rebuild a model from a weights file or a training checkpoint alone."""
         arrays, meta = load_npz(path)
+        return cls.from_contents(arrays, meta, source=str(path))
+
+    @classmethod
+    def from_contents(cls, arrays: dict, meta: dict, source: str, dtype=np.float32) -> "ColorNet":
+        """Rebuild a model from the (arrays, meta) of a file already read with serialize.load_npz."""
         config = meta.get("config")
         try:
-            model = cls(widths=tuple(config["widths"]), kernel=config["kernel"],
+            model = cls(widths=tuple(config["widths"]), kernel=config["kernel"], dtype=dtype,
                         out_channels=config.get("out_channels", 2), head=config.get("head", "tanh"))
         except (TypeError, KeyError, ValueError):
-            raise CorruptFileError(f"{path}: no usable architecture config ({config!r})") from None
-        model.load_state_arrays(arrays, source=str(path))
+            raise CorruptFileError(f"{source}: no usable architecture config ({config!r})") from None
+        model.load_state_arrays(arrays, source=source)
         return model

@@ -145,10 +145,7 @@ class Trainer:
         if self.cfg.data is None:  # resume on the photos the run was started with
             self.cfg.data = stored["data"]
         self.dtype = arrays["layer0.W"].dtype if "layer0.W" in arrays else np.dtype(np.float32)
-        config = meta["config"]
-        self.model = ColorNet(tuple(config["widths"]), kernel=config["kernel"], dtype=self.dtype,
-                              out_channels=config.get("out_channels", 2), head=config.get("head", "tanh"))
-        self.model.load_state_arrays(arrays, source=str(self.checkpoint_path))
+        self.model = ColorNet.from_contents(arrays, meta, source=str(self.checkpoint_path), dtype=self.dtype)
         self.optimizer = Adam(self.model.param_layers, lr=self.cfg.lr)
         self.optimizer.load_state_dict({name[5:]: a for name, a in arrays.items() if name.startswith("adam.")})
         self.epoch, self.step = meta["epoch"], meta["step"]
