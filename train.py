@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from nanocolor import backend
+from nanocolor import backend, options
 from nanocolor.data import DataError
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
 from nanocolor.model import DEFAULT_WIDTHS
@@ -59,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help=argparse.SUPPRESS)  # float64 parameters: only for exactness checks
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.given = options.given_options(p, argv)  # what --resume must not ignore silently
+    return args
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -70,28 +72,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.showwarning = _show_warning
     world = World()
+    out = args.resume or args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # until training starts: like Ctrl-C
     try:
         world = init_world()
         backend.use_device(args.device)
         use_local_gpu(world, backend.xp)
-        widths = tuple(int(w) for w in args.widths.split(","))
-        out = args.resume or args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-        data = args.data or (None if args.resume else str(HERE / "data" / "sample"))
+        check_numbers(args)
+        widths = options.parse_widths(args.widths)
+        data = str(Path(args.data).resolve()) if args.data else (None if args.resume else str(HERE / "data" / "sample"))
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
                           lr=args.lr, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
                           widths=widths, loss=args.loss, limit=args.limit, init=args.init, progress=not args.quiet and world.is_root)
-        if args.epochs is not None and args.epochs < 1:
-            raise ValueError("--epochs must be at least 1")
-        if not args.lr > 0:
-            raise ValueError(f"--lr must be positive, got {args.lr}")
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
         if not args.resume and (Path(out) / "checkpoint.npz").exists():
             raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+        if args.resume:
+            resume_settings(cfg, args)
+        if world.is_root:
+            options.check_output_folder(out)  # before the photos are read
         trainer = Trainer(cfg, resume=bool(args.resume), world=world, dtype=args.dtype)
-        if args.resume and args.epochs is None:
-            cfg.epochs = max(trainer.epoch, 50)
         last = trainer.run()
     except KeyboardInterrupt:
         print(f"train.py: {_rank_tag(world)}interrupted; nothing more was saved", file=sys.stderr)
@@ -103,11 +102,40 @@ def main(argv=None) -> int:
     except (backend.DeviceError, DataError, CorruptFileError, DistributedError, ValueError) as err:
         print(f"train.py: {_rank_tag(world)}error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, an unwritable or vanished folder: one line naming the path
+        checkpoint = Path(out) / "checkpoint.npz"
+        kept = f"; the last checkpoint, {checkpoint}, is kept" if checkpoint.is_file() else ""
+        print(f"train.py: {_rank_tag(world)}error: {err.filename or out}: {err.strerror or err}{kept}",
+              file=sys.stderr)
+        return 2
     if not world.is_root:
         return 0
     print(f"done: {cfg.epochs} epochs, val PSNR {last.get('val_psnr', float('nan'))} dB; "
           f"weights in {Path(out) / 'model.npz'}")
     return 0
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option in range, before anything is loaded (ValueError naming the option)."""
+    options.check_number("--epochs", args.epochs, low=1)
+    options.check_number("--batch-size", args.batch_size, low=1)
+    options.check_number("--lr", args.lr, low=0, above=True)
+    options.check_number("--size", args.size, low=1)
+    options.check_number("--val-fraction", args.val_fraction, low=0, high=1, below=True)
+    options.check_number("--seed", args.seed, low=0)
+    options.check_number("--limit", args.limit, low=1)
+
+
+def resume_settings(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """--resume continues the run with its own settings: its epoch count unless --epochs is
+    given, its data folders; options that the run cannot change are named in one warning."""
+    stored = options.run_settings(cfg.out)
+    wanted = {key: getattr(cfg, key) for key, _ in options.RUN_SETTINGS if key in args.given}
+    ignored = options.ignored_on_resume(wanted, stored)
+    if ignored:
+        warnings.warn(f"--resume continues {cfg.out} with its own settings; ignored: {', '.join(ignored)}")
+    cfg.epochs = args.epochs or stored.get("epochs", cfg.epochs)
+    cfg.data = None  # the trainer reads the run's own data folders from its checkpoint
 
 
 def _rank_tag(world: World) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import signal
 import time
 import warnings
@@ -40,6 +41,25 @@ from .optim import Adam
 from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz
 
 PREVIEW_IMAGES = 4
+# Tests only: "EPOCH,STEP,SIGNAME" makes the trainer send itself SIGNAME at a chosen moment (scheduled_test_signal).
+TEST_SIGNAL_ENV = "NANOCOLOR_TEST_SIGNAL_AT"
+
+
+def scheduled_test_signal() -> tuple[int, int, int] | None:
+    """(epoch, step, signal number) from $NANOCOLOR_TEST_SIGNAL_AT, or None when it is unset.
+
+    The trainer signals itself just before step STEP + 1 of epoch EPOCH (both as its messages
+    count them: "epoch 2, step 5" is after 5 steps of the second epoch); EPOCH 0 means while the
+    photos load. Tests use it to stop or kill a real run at a moment they choose, on any machine.
+    """
+    value = os.environ.get(TEST_SIGNAL_ENV)
+    if not value:
+        return None
+    try:
+        epoch, step, name = value.split(",")
+        return int(epoch), int(step), int(getattr(signal, name.strip().upper()))
+    except (ValueError, AttributeError):
+        raise ValueError(f"${TEST_SIGNAL_ENV} must be EPOCH,STEP,SIGNAME (e.g. 2,5,SIGINT), got {value!r}") from None
 
 
 @dataclass
@@ -89,11 +109,13 @@ class Trainer:
         self.checkpoint_path = self.out / "checkpoint.npz"
         self.epoch, self.step, self.loss_sum, self.cpu_seconds = 0, 0, 0.0, 0.0
         self.dtype = np.dtype(dtype)
+        self._signal_at = scheduled_test_signal()
         if resume:
             self._load_checkpoint()
         if cfg.batch_size % self.world.size:
             raise ValueError(f"batch size {cfg.batch_size} must divide by the {self.world.size} processes: "
                              f"each takes an equal share of every batch")
+        self._test_signal(0, 0)
         with warnings.catch_warnings():
             if not self.world.is_root:
                 warnings.simplefilter("ignore")  # rank 0 already reports skipped images
@@ -250,6 +272,11 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_signal = signum
 
+    def _test_signal(self, epoch: int, step: int) -> None:
+        """Send the signal of $NANOCOLOR_TEST_SIGNAL_AT when (epoch, step) is its moment."""
+        if self._signal_at is not None and self._signal_at[:2] == (epoch, step):
+            os.kill(os.getpid(), self._signal_at[2])
+
     def _stop_requested(self, in_epoch: bool = False) -> bool:
         """Whether a stop signal arrived (on any rank: all ranks must stop at the same step).
 
@@ -281,6 +308,7 @@ class Trainer:
         bar = tqdm(total=len(plan), initial=self.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not self.progress, leave=False)
         for positions, flips in plan[self.step:]:
+            self._test_signal(epoch + 1, self.step)
             if self._stop_requested(in_epoch=True):  # checked between steps, so every update is whole
                 bar.close()
                 self.cpu_seconds += time.process_time() - cpu_started

@@ -1,0 +1,112 @@
+"""Up-front checks of the command lines' settings, before any photo is read.
+
+Each problem is one exception whose message is one line naming the option or the path:
+ValueError for a number out of range, OSError (with its filename set) for an output place that
+cannot be written. `given_options` tells which options a command line spelled out, so that
+`train.py --resume` can name the ones the run cannot change instead of ignoring them silently.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .serialize import load_npz
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the options that `argv` sets explicitly (defaults left out).
+
+    argparse fills in a default only where the namespace lacks the attribute, so every option
+    still holding the marker after parsing was not on the command line.
+    """
+    marker = object()
+    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not marker}
+
+
+def check_number(option: str, value: float | None, low: float | None = None, high: float | None = None,
+                 above: bool = False, below: bool = False) -> None:
+    """Raise ValueError naming `option` unless value is None, or finite and within the bounds:
+    low <= value <= high, or strictly beyond low with `above` and strictly under high with `below`."""
+    if value is None:
+        return
+    if math.isfinite(value) and (low is None or (value > low if above else value >= low)) and \
+            (high is None or (value < high if below else value <= high)):
+        return
+    bounds = [f"{'above' if above else 'at least'} {low}" if low is not None else "",
+              f"{'below' if below else 'at most'} {high}" if high is not None else ""]
+    finite = "" if math.isfinite(value) else "finite and "
+    raise ValueError(f"{option} must be {finite}{' and '.join(b for b in bounds if b)}, got {value}")
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'32,64,128' -> (32, 64, 128); ValueError for anything but positive integers."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise ValueError(f"--widths must be positive integers separated by commas, got {text!r}")
+    return widths
+
+
+def check_output_folder(folder: str | os.PathLike) -> None:
+    """Prove that a file can be written at `folder` (created later if missing), before any work.
+
+    Raises OSError whose filename is the offending path: `folder` or one of its parents is a
+    file, or the nearest existing folder refuses a new file (permissions, read-only, full disk).
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing == folder else f"cannot hold {folder}: it is a file"
+        raise NotADirectoryError(errno.ENOTDIR, what, str(existing))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write there ({err.strerror})", str(existing)) from None
+
+
+def run_settings(run: str | os.PathLike) -> dict:
+    """The training settings stored in a run folder's checkpoint (CorruptFileError if unusable)."""
+    _, meta = load_npz(Path(run) / "checkpoint.npz", kinds=("checkpoint",))
+    return meta.get("train_config") or {}
+
+
+# Settings a run keeps for life: (TrainConfig field, option); resuming with another value of one
+# would change the data split, the batches or the model under the saved state.
+RUN_SETTINGS = (("size", "--size"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("widths", "--widths"),
+                ("data", "--data"), ("loss", "--loss"), ("seed", "--seed"), ("val_fraction", "--val-fraction"),
+                ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"))
+
+
+def _folders(value) -> list[str] | None:
+    if value is None:
+        return None
+    return [str(Path(v).resolve()) for v in ([value] if isinstance(value, (str, os.PathLike)) else value)]
+
+
+def ignored_on_resume(wanted: dict, stored: dict) -> list[str]:
+    """'--size 32 (the run has 64)' for every setting in `wanted` (field -> value the command line
+    gave) that differs from the run's `stored` one: --resume keeps the run's own."""
+    ignored = []
+    for key, option in RUN_SETTINGS:
+        if key not in wanted or key not in stored:
+            continue
+        given, kept = wanted[key], stored[key]
+        if key == "widths":
+            given, kept = tuple(given), tuple(kept)
+        elif key == "data":
+            given, kept = _folders(given), _folders(kept)
+        if given != kept:
+            show = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            ignored.append(f"{option} {show(given)} (the run has {show(kept)})")
+    return ignored
