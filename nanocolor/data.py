@@ -1,7 +1,9 @@
 """Reading photos from disk and turning them into (lightness, ab) training pairs.
 
-Shape legend: N, S = number of images, square training size.
+Shape legend: N, S = number of images, square training size; M = crop margin.
     lightness (N, S, S, 1) and ab (N, S, S, 2), float32, both scaled to [-1, 1] (see color.py).
+With a crop margin photos are stored at (S + M) x (S + M) and each batch takes a random S x S
+window of each (and a mirror image half the time), so the network sees many views of a photo.
 """
 from __future__ import annotations
 
@@ -143,16 +145,19 @@ def lab_pair(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale_lightness(lab[..., :1]), scale_ab(lab[..., 1:])
 
 
-def load_dataset(root: str | os.PathLike, size: int, limit: int | None = None,
+def load_dataset(root: str | os.PathLike | list, size: int, limit: int | None = None,
                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Load every color photo under `root`, center-cropped and resized to size x size.
+    """Load every color photo under `root` (a folder, or a list of folders), center-cropped and
+    resized to size x size.
 
     Returns lightness (N, S, S, 1) and ab (N, S, S, 2), scaled to [-1, 1]. Unreadable and
     already-gray images are skipped and counted in one warning.
     """
     if size < 1:
         raise ValueError(f"image size must be at least 1 pixel, got {size}")
-    paths = find_images(root)
+    roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+    paths = [path for r in roots for path in find_images(r)]
+    root = ", ".join(map(str, roots))
     if not paths:
         raise DataError(f"{root}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if limit:
@@ -202,9 +207,32 @@ def epoch_plan(n: int, batch_size: int, seed: int, epoch: int) -> list[tuple[np.
             for i in range(n_batches)]
 
 
-def make_batch(lightness: np.ndarray, ab: np.ndarray, indices: np.ndarray, flips: np.ndarray):
-    """Gather a batch and mirror the flagged images left-right (a free augmentation)."""
-    L, target = lightness[indices], ab[indices]
+def crop_offsets(n: int, margin: int, seed: int, epoch: int) -> np.ndarray:
+    """(n, 2) random top-left corners (y, x) in [0, margin] of each epoch position's crop window.
+
+    Drawn from their own stream of (seed, epoch), so batches and flips stay as without cropping.
+    """
+    return np.random.default_rng([seed, epoch, 1]).integers(0, margin + 1, size=(n, 2))
+
+
+def center_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, S + M, S + M, C) -> the central (N, S, S, C) view."""
+    top = (images.shape[1] - size) // 2
+    return images[:, top:top + size, top:top + size]
+
+
+def make_batch(lightness: np.ndarray, ab: np.ndarray, indices: np.ndarray, flips: np.ndarray,
+               offsets: np.ndarray | None = None, size: int | None = None):
+    """Gather a batch and mirror the flagged images left-right (a free augmentation).
+
+    With `offsets` (B, 2), image b is the size x size window whose top-left corner is offsets[b].
+    """
+    if offsets is None:
+        L, target = lightness[indices], ab[indices]
+    else:  # every window of every photo as a strided view; fancy indexing copies out the chosen ones
+        windows = lambda a: np.lib.stride_tricks.sliding_window_view(a, (size, size), axis=(1, 2))
+        pick = lambda a: windows(a)[indices, offsets[:, 0], offsets[:, 1]].transpose(0, 2, 3, 1)
+        L, target = np.ascontiguousarray(pick(lightness)), np.ascontiguousarray(pick(ab))
     L[flips] = L[flips, :, ::-1]
     target[flips] = target[flips, :, ::-1]
     return L, target

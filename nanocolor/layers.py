@@ -570,3 +570,86 @@ class Tanh(Layer):
         xp.subtract(1, dx, out=dx)
         dx *= dout
         return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization and skip connections.
+
+class BatchNorm2d(Layer):
+    """Batch normalization over N, H, W for each of C channels (Ioffe & Szegedy, 2015).
+
+    Training: x_hat = (x - mean) / sqrt(var + eps) with the batch's own mean and variance per
+    channel, out = gamma * x_hat + beta. Inference (`training = False`): the running averages of
+    mean and variance collected in training take their place, so one photo's output does not
+    depend on the others in its batch. gamma and beta are parameters (Adam steps them); the
+    running statistics are `buffers`, saved with the weights but never stepped.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.params = {"gamma": np.ones(channels, dtype=dtype), "beta": np.zeros(channels, dtype=dtype)}
+        self.grads = {name: None for name in self.params}
+        self.buffers = {"running_mean": np.zeros(channels, dtype=dtype),
+                        "running_var": np.ones(channels, dtype=dtype)}
+        self.training = True
+
+    def forward(self, x):
+        """x (N, H, W, C) -> (N, H, W, C)."""
+        C = x.shape[-1]
+        rows = x.reshape(-1, C)  # (P, C): one row per pixel
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if not self.training:
+            scale = gamma / (self.buffers["running_var"] + self.eps) ** 0.5
+            self.cache = ("eval",)
+            return (rows * scale + (beta - self.buffers["running_mean"] * scale)).reshape(x.shape)
+        P = rows.shape[0]
+        mean = rows.mean(axis=0)
+        centered = rows - mean
+        var = (centered * centered).mean(axis=0)  # biased: the variance the batch was normalized by
+        inv_std = 1 / (var + self.eps) ** 0.5
+        x_hat = centered
+        x_hat *= inv_std
+        m = self.momentum  # running variance is the unbiased estimate, as PyTorch keeps it
+        self.buffers["running_mean"] = (1 - m) * self.buffers["running_mean"] + m * mean
+        self.buffers["running_var"] = (1 - m) * self.buffers["running_var"] + m * var * (P / max(P - 1, 1))
+        self.cache = ("train", x_hat, inv_std)
+        return (x_hat * gamma + beta).reshape(x.shape)
+
+    def backward(self, dout):
+        """dout (N, H, W, C) -> dx (N, H, W, C); fills grads of gamma and beta."""
+        C = dout.shape[-1]
+        d = dout.reshape(-1, C)
+        if self.cache[0] != "train":
+            raise RuntimeError("BatchNorm2d.backward needs a forward pass in training mode")
+        _, x_hat, inv_std = self.cache
+        P = d.shape[0]
+        dbeta = d.sum(axis=0)
+        dgamma = (d * x_hat).sum(axis=0)
+        self.grads["beta"], self.grads["gamma"] = dbeta, dgamma
+        # dx = gamma / std * (d - mean(d) - x_hat * mean(d * x_hat)): the batch mean and variance
+        # depend on every input, which gives the two subtracted terms.
+        dx = x_hat * (dgamma / P)
+        xp = array_module(d)
+        xp.subtract(d, dx, out=dx)
+        dx -= dbeta / P
+        dx *= self.params["gamma"] * inv_std
+        return dx.reshape(dout.shape)
+
+
+class Concat(Layer):
+    """Join two feature maps along channels: (N, H, W, Ca) and (N, H, W, Cb) -> (N, H, W, Ca + Cb).
+
+    The U-Net's skip connection: the decoder's upsampled features beside the encoder's features of
+    the same size. Backward splits the gradient back into the two parts.
+    """
+
+    def forward(self, a, b):
+        xp = array_module(a)
+        self.split = a.shape[-1]
+        return xp.concatenate([a, b], axis=-1)
+
+    def backward(self, dout):
+        """dout (N, H, W, Ca + Cb) -> (da, db)."""
+        xp = array_module(dout)
+        return (xp.ascontiguousarray(dout[..., :self.split]), xp.ascontiguousarray(dout[..., self.split:]))

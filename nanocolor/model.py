@@ -1,11 +1,17 @@
-"""The colorization autoencoder: lightness in, chroma out.
+"""The colorization networks: lightness in, chroma out.
 
 Shape legend: N, H, W = batch, height, width; widths = (w0, w1, ..., wd).
     lightness (N, H, W, 1) in [-1, 1]  ->  ab (N, H, W, 2) in [-1, 1]
-Encoder: for each width but the last, Conv(k x k) + ReLU + MaxPool (halves H and W); then a
-bottleneck Conv + ReLU to the last width. Decoder: for each width back down, Conv + ReLU +
-Upsample (doubles H and W); a final Conv to 2 channels + Tanh. H and W must divide by
-2**(len(widths) - 1), the network's downsampling factor.
+Two architectures, picked by `arch`:
+  "seed"  the plain autoencoder. Encoder: for each width but the last, Conv(k x k) + ReLU +
+          MaxPool (halves H and W); a bottleneck Conv + ReLU to the last width. Decoder: for
+          each width back down, Conv + ReLU + Upsample (doubles H and W); a final Conv to 2
+          channels + Tanh.
+  "unet"  the same levels with BatchNorm after every hidden conv (Conv + BatchNorm + ReLU) and
+          skip connections: after each Upsample the decoder concatenates the encoder's feature
+          map of that size (taken before its MaxPool), so the next conv sees the edges where
+          colors must stop. Level i of the decoder thus reads 2 * w_i channels.
+H and W must divide by 2**(len(widths) - 1), the network's downsampling factor.
 For the classification loss (classify.py) the head is instead a Conv to Q color-bin logits,
 (N, H, W, Q), from a 1x1 conv with no activation: ColorNet(..., out_channels=Q, head="logits").
 """
@@ -17,39 +23,73 @@ import numpy as np
 
 from . import backend
 from .backend import to_numpy
-from .layers import Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
+from .layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
 from .serialize import CorruptFileError, load_npz, save_npz
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
+ARCHS = ("seed", "unet")
+# What a config written before a key existed meant: old weight files load with these.
+CONFIG_DEFAULTS = {"arch": "seed", "kernel": 3, "out_channels": 2, "head": "tanh"}
+
+
+def full_config(config: dict) -> dict:
+    """A stored architecture config with the keys it predates filled in."""
+    return {**CONFIG_DEFAULTS, **config}
 
 
 class ColorNet:
     def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32,
-                 out_channels: int = 2, head: str = "tanh"):
+                 out_channels: int = 2, head: str = "tanh", arch: str = "seed"):
         if len(widths) < 1 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be positive channel counts, got {widths}")
         if head not in ("tanh", "logits"):
             raise ValueError(f"head must be 'tanh' (ab regression) or 'logits' (bin classification), got {head!r}")
-        self.config = {"widths": [int(w) for w in widths], "kernel": int(kernel),
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        self.config = {"arch": arch, "widths": [int(w) for w in widths], "kernel": int(kernel),
                        "out_channels": int(out_channels), "head": head}
         rng = np.random.default_rng(seed)
         conv = lambda c_in, c_out: Conv2d(c_in, c_out, kernel, rng=rng, dtype=dtype)
-        layers, c = [], 1
+        unet = arch == "unet"
+
+        def block(c_in: int, c_out: int) -> list:
+            """Conv + ReLU, with BatchNorm between them in the U-Net."""
+            return [conv(c_in, c_out), BatchNorm2d(c_out, dtype=dtype), ReLU()] if unet else [conv(c_in, c_out), ReLU()]
+
+        self.down, self.up = [], []  # (block, MaxPool2d) per encoder level; (block, Upsample2d, Concat | None) per decoder level
+        c = 1
         for w in widths[:-1]:
-            layers += [conv(c, w), ReLU(), MaxPool2d()]
+            self.down.append((block(c, w), MaxPool2d()))
             c = w
-        layers += [conv(c, widths[-1]), ReLU()]
+        self.bottleneck = block(c, widths[-1])
         c = widths[-1]
         for w in reversed(widths[:-1]):
-            layers += [conv(c, w), ReLU(), Upsample2d()]
-            c = w
+            self.up.append((block(c, w), Upsample2d(), Concat() if unet else None))
+            c = 2 * w if unet else w
         if head == "tanh":
-            layers += [conv(c, out_channels), Tanh()]
+            self.head = [conv(c, out_channels), Tanh()]
         else:  # hundreds of bin logits per pixel: a 1x1 conv keeps that head cheap
-            layers += [Conv2d(c, out_channels, 1, rng=rng, dtype=dtype)]
-        layers[0].input_grad = False  # nobody needs the gradient w.r.t. the input image
-        self.layers = layers
+            self.head = [Conv2d(c, out_channels, 1, rng=rng, dtype=dtype)]
+        # Every layer once, in forward order: parameter names in files are 'layer<i>.<name>'.
+        self.layers = [layer for b, pool in self.down for layer in (*b, pool)] + self.bottleneck + \
+            [layer for b, up, cat in self.up for layer in (*b, up, *([cat] if cat else []))] + self.head
+        self.layers[0].input_grad = False  # nobody needs the gradient w.r.t. the input image
+        self.eval()
         self.to_device()
+
+    def train(self) -> "ColorNet":
+        """Training mode: BatchNorm normalizes with each batch's statistics and updates its running ones."""
+        for layer in self.layers:
+            if isinstance(layer, BatchNorm2d):
+                layer.training = True
+        return self
+
+    def eval(self) -> "ColorNet":
+        """Inference mode (the default): BatchNorm uses its running statistics."""
+        for layer in self.layers:
+            if isinstance(layer, BatchNorm2d):
+                layer.training = False
+        return self
 
     @property
     def downsample_factor(self) -> int:
@@ -63,10 +103,11 @@ class ColorNet:
         return sum(int(p.size) for layer in self.param_layers for p in layer.params.values())
 
     def to_device(self) -> "ColorNet":
-        """Move every parameter onto the device chosen in backend.use_device()."""
+        """Move every parameter (and BatchNorm statistic) onto the device chosen in backend.use_device()."""
         for layer in self.param_layers:
-            for name, p in layer.params.items():
-                layer.params[name] = backend.xp.asarray(p)
+            for store in _stores(layer):
+                for name, p in store.items():
+                    store[name] = backend.xp.asarray(p)
         return self
 
     def forward(self, lightness):
@@ -75,41 +116,63 @@ class ColorNet:
         f = self.downsample_factor
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
-        x = lightness
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
+        x, skips = lightness, []
+        for block, pool in self.down:
+            x = _forward(block, x)
+            skips.append(x)  # the U-Net's decoder reads it again at this size
+            x = pool.forward(x)
+        x = _forward(self.bottleneck, x)
+        for (block, up, cat), skip in zip(self.up, reversed(skips)):
+            x = up.forward(_forward(block, x))
+            if cat:
+                x = cat.forward(x, skip)
+        return _forward(self.head, x)
 
     __call__ = forward
 
     def backward(self, d_ab) -> None:
         """Backpropagate dloss/d(ab) (N, H, W, 2); fills every layer's grads."""
-        d = d_ab
-        for layer in reversed(self.layers):
-            d = layer.backward(d)
+        d, d_skips = _backward(self.head, d_ab), []
+        for block, up, cat in reversed(self.up):
+            if cat:
+                d, d_skip = cat.backward(d)
+                d_skips.append(d_skip)
+            d = _backward(block, up.backward(d))
+        d = _backward(self.bottleneck, d)
+        for (block, pool), d_skip in zip(reversed(self.down), reversed(d_skips) if d_skips else [None] * len(self.down)):
+            d = pool.backward(d)
+            if d_skip is not None:  # the encoder's map fed both the pool and the skip: gradients add
+                d += d_skip
+            d = _backward(block, d)
 
     # -- saving and loading -------------------------------------------------------------------
     def state_arrays(self, dtype=None) -> dict:
-        """Host copies of all parameters, named 'layer<i>.<param>'."""
+        """Host copies of all parameters and BatchNorm statistics, named 'layer<i>.<name>'."""
         arrays = {}
         for i, layer in enumerate(self.layers):
-            for name, p in layer.params.items():
-                a = to_numpy(p)
-                arrays[f"layer{i}.{name}"] = a.astype(dtype) if dtype else a.copy()
+            for store in _stores(layer):
+                for name, p in store.items():
+                    a = to_numpy(p)
+                    arrays[f"layer{i}.{name}"] = a.astype(dtype) if dtype else a.copy()
         return arrays
 
     def load_state_arrays(self, arrays: dict, source: str = "weights") -> None:
         for i, layer in enumerate(self.layers):
-            for name, p in layer.params.items():
-                key = f"layer{i}.{name}"
-                if key not in arrays:
-                    raise CorruptFileError(f"{source}: missing parameter {key}")
-                a = arrays[key]
-                if a.shape != p.shape:
-                    raise CorruptFileError(f"{source}: {key} has shape {a.shape}, the architecture needs {p.shape}")
-                if not np.all(np.isfinite(a)):
-                    raise CorruptFileError(f"{source}: {key} holds NaN or infinite values")
-                layer.params[name] = backend.xp.asarray(a.astype(p.dtype))
+            for store in _stores(layer):
+                self._load_store(store, i, arrays, source)
+
+    @staticmethod
+    def _load_store(store: dict, i: int, arrays: dict, source: str) -> None:
+        for name, p in store.items():
+            key = f"layer{i}.{name}"
+            if key not in arrays:
+                raise CorruptFileError(f"{source}: missing parameter {key}")
+            a = arrays[key]
+            if a.shape != p.shape:
+                raise CorruptFileError(f"{source}: {key} has shape {a.shape}, the architecture needs {p.shape}")
+            if not np.all(np.isfinite(a)):
+                raise CorruptFileError(f"{source}: {key} holds NaN or infinite values")
+            store[name] = backend.xp.asarray(a.astype(p.dtype))
 
     def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
         """Write weights + architecture config atomically (float16 by default: half the bytes).
@@ -135,9 +198,27 @@ class ColorNet:
         """Rebuild a model from the (arrays, meta) of a file already read with serialize.load_npz."""
         config = meta.get("config")
         try:
+            config = full_config(config)
             model = cls(widths=tuple(config["widths"]), kernel=config["kernel"], dtype=dtype,
-                        out_channels=config.get("out_channels", 2), head=config.get("head", "tanh"))
+                        out_channels=config["out_channels"], head=config["head"], arch=config["arch"])
         except (TypeError, KeyError, ValueError):
             raise CorruptFileError(f"{source}: no usable architecture config ({config!r})") from None
         model.load_state_arrays(arrays, source=source)
         return model
+
+
+def _stores(layer) -> list:
+    """The arrays a layer keeps across steps: its parameters, and BatchNorm's running statistics."""
+    return [layer.params] + ([layer.buffers] if hasattr(layer, "buffers") else [])
+
+
+def _forward(layers: list, x):
+    for layer in layers:
+        x = layer.forward(x)
+    return x
+
+
+def _backward(layers: list, d):
+    for layer in reversed(layers):
+        d = layer.backward(d)
+    return d

@@ -30,13 +30,13 @@ from tqdm import tqdm
 
 from . import backend
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
-from .data import DataError, epoch_plan, load_dataset, make_batch, split_indices
+from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, split_indices
 from .distributed import GradientAverager, World
 from .infer import side_by_side
 from .classify import ClassificationLoss
 from .loss import MSELoss
 from .metrics import psnr
-from .model import DEFAULT_WIDTHS, ColorNet
+from .model import DEFAULT_WIDTHS, ColorNet, full_config
 from .optim import Adam
 from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz
 
@@ -64,7 +64,7 @@ def scheduled_test_signal() -> tuple[int, int, int] | None:
 
 @dataclass
 class TrainConfig:
-    data: str | None                  # None with resume: the data folder stored in the checkpoint
+    data: str | list | None           # a folder or a list of them; None with resume: the run's own
     out: str
     epochs: int = 50
     batch_size: int = 16
@@ -73,6 +73,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     widths: tuple = DEFAULT_WIDTHS
+    arch: str = "seed"                # 'seed' (plain autoencoder) or 'unet' (BatchNorm + skips), see model.py
+    crop_margin: int = 0              # photos stored at size + margin; each batch takes random size x size crops
     loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
@@ -119,7 +121,8 @@ class Trainer:
         with warnings.catch_warnings():
             if not self.world.is_root:
                 warnings.simplefilter("ignore")  # rank 0 already reports skipped images
-            self.lightness, self.ab = load_dataset(cfg.data, cfg.size, limit=cfg.limit, progress=self.progress)
+            self.lightness, self.ab = load_dataset(cfg.data, cfg.size + cfg.crop_margin, limit=cfg.limit,
+                                                   progress=self.progress)
         self.train_idx, self.val_idx = split_indices(len(self.lightness), cfg.val_fraction, cfg.seed)
         if len(self.train_idx) < cfg.batch_size:
             raise DataError(f"batch size {cfg.batch_size} is larger than the {len(self.train_idx)} "
@@ -138,7 +141,7 @@ class Trainer:
             self.loss = MSELoss()
         if not resume:
             head = {"out_channels": len(self.loss.centers), "head": "logits"} if cfg.loss == "classify" else {}
-            self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, **head)
+            self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, arch=cfg.arch, **head)
             if cfg.init:
                 self._load_initial_weights(cfg.init)
             self.optimizer = Adam(self.model.param_layers, lr=cfg.lr)
@@ -162,6 +165,8 @@ class Trainer:
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
         self.cfg.loss = stored.get("loss", "mse")
+        self.cfg.crop_margin = stored.get("crop_margin", 0)
+        self.cfg.arch = meta["config"].get("arch", "seed")
         self.class_weights = arrays.pop("class_weights", None)
         self.cfg.history = meta["history"]
         if self.cfg.data is None:  # resume on the photos the run was started with
@@ -176,21 +181,22 @@ class Trainer:
     def _load_initial_weights(self, path: str) -> None:
         """Fine-tune: copy the weights of a file whose architecture matches this run's."""
         arrays, meta = load_npz(path)
-        if meta.get("config") != self.model.config:
-            raise ValueError(f"{path}: architecture {meta.get('config')} does not match this run's "
-                             f"{self.model.config} (set --widths / --loss to match)")
+        config = full_config(meta.get("config") or {})
+        if config != self.model.config:
+            raise ValueError(f"{path}: architecture {config} does not match this run's "
+                             f"{self.model.config} (set --arch / --widths / --loss to match)")
         self.model.load_state_arrays(arrays, source=str(path))
 
     def predict_scaled_ab(self, lightness) -> np.ndarray:
         """Scaled lightness (N, H, W, 1) -> the model's scaled a*b* (N, H, W, 2) on the host
         (bin logits decoded by the annealed mean)."""
-        out = self.model.forward(backend.xp.asarray(lightness, dtype=self.dtype))
+        out = self.model.eval().forward(backend.xp.asarray(lightness, dtype=self.dtype))
         return backend.to_numpy(self.loss.decode(out) if self.cfg.loss == "classify" else out)
 
     # -- one epoch ------------------------------------------------------------------------------
     def train_step(self, lightness, ab_true) -> float:
         """One Adam step on this rank's shard; returns the loss of the whole (global) batch."""
-        ab_pred = self.model.forward(lightness)
+        ab_pred = self.model.train().forward(lightness)
         loss = self.loss.forward(ab_pred, ab_true)
         if self.averager is None:
             if not math.isfinite(loss):
@@ -217,7 +223,7 @@ class Trainer:
         losses, psnrs = [], []
         for start in range(0, len(share), batch_size):
             idx = share[start:start + batch_size]
-            L, ab_true = self.lightness[idx], self.ab[idx]
+            L, ab_true = self._validation_pair(idx)
             ab_pred = self.predict_scaled_ab(L)
             losses.append(float(np.mean((ab_pred - ab_true) ** 2)) * len(idx))
             pred_rgb, true_rgb = lab_to_rgb_batch(L, ab_pred), lab_to_rgb_batch(L, ab_true)
@@ -225,9 +231,14 @@ class Trainer:
         loss_total, psnr_total, count = self.world.sum([sum(losses), np.sum(psnrs), len(psnrs)])
         return float(loss_total) / len(self.val_idx), float(psnr_total / count)
 
+    def _validation_pair(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lightness and ab of photos `idx`, their central size x size crop when stored larger."""
+        size = self.cfg.size
+        return center_crop(self.lightness[idx], size), center_crop(self.ab[idx], size)
+
     def write_preview(self) -> None:
         idx = self.val_idx[:PREVIEW_IMAGES] if len(self.val_idx) else self.train_idx[:PREVIEW_IMAGES]
-        L, ab_true = self.lightness[idx], self.ab[idx]
+        L, ab_true = self._validation_pair(idx)
         ab_pred = self.predict_scaled_ab(L)
         gray = lab_to_rgb_batch(L, np.zeros_like(ab_true))
         truth, pred = lab_to_rgb_batch(L, ab_true), lab_to_rgb_batch(L, ab_pred)
@@ -302,12 +313,13 @@ class Trainer:
     def _run_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
         plan = epoch_plan(len(self.train_idx), cfg.batch_size, cfg.seed, epoch)
+        offsets = crop_offsets(len(self.train_idx), cfg.crop_margin, cfg.seed, epoch) if cfg.crop_margin else None
         shard_size = cfg.batch_size // self.world.size
         shard = slice(self.world.rank * shard_size, (self.world.rank + 1) * shard_size)  # this rank's share
         started, cpu_started = time.time(), time.process_time()
         bar = tqdm(total=len(plan), initial=self.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not self.progress, leave=False)
-        for positions, flips in plan[self.step:]:
+        for step, (positions, flips) in enumerate(plan[self.step:], start=self.step):
             self._test_signal(epoch + 1, self.step)
             if self._stop_requested(in_epoch=True):  # checked between steps, so every update is whole
                 bar.close()
@@ -318,7 +330,9 @@ class Trainer:
                     self.save_checkpoint()
                 raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {self.step}; checkpoint saved: "
                                       f"continue with --resume {self.out}", 130)
-            L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard])
+            crops = None if offsets is None else offsets[step * cfg.batch_size:(step + 1) * cfg.batch_size][shard]
+            L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard],
+                                    crops, cfg.size)
             loss = self.train_step(backend.xp.asarray(L, dtype=self.dtype),
                                    backend.xp.asarray(ab_true, dtype=self.dtype))
             if not math.isfinite(loss):
