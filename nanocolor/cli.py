@@ -60,15 +60,14 @@ def command_main(command: str) -> Callable[[list[str]], int]:
     """The main(argv) function behind `nanocolor <command>`."""
     module_name = f"{__package__}.{command}"
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name).main
     except ModuleNotFoundError as err:
-        if err.name in WEB_PACKAGES:
+        if (err.name or "").split(".")[0] in WEB_PACKAGES:
             raise CommandUnavailable(f"`nanocolor {command}` needs the web packages: "
                                      f"pip install 'nanocolor[serve]' (missing: {err.name})") from None
         if err.name != module_name:
             raise
-        module = _source_script(command)
-    return module.main
+    return _source_script(command).main  # not in the package (yet): the repository's script
 
 
 def main(argv: list[str] | None = None) -> int:
