@@ -1,105 +1,178 @@
 #!/usr/bin/env python3
 """Colorize grayscale (or color) photos with a trained nanocolor model.
 
-Writes <name>_color.png beside each input, or DIR/<name>.png with --output DIR; the output has the
-input's exact size and lightness, and keeps its alpha channel. Examples:
+Writes <name>_color.png beside each input, or OUT/<name>.png with --output OUT (folders are
+searched recursively and their subfolders mirrored under OUT); the output has the input's exact
+size and lightness, and keeps its alpha channel. No input and no file colorize.py did not write
+is ever replaced: a name that is taken gets a distinct one (<name>_<ext>.png, then a number).
+Outputs of earlier runs found in a folder are recognised and skipped. Examples:
     python colorize.py old_photo.jpg
     python colorize.py scans/ --output colorized/ --compare
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from nanocolor import backend
+from nanocolor import backend, options
 from nanocolor.data import IMAGE_EXTENSIONS, ImageError
-from nanocolor.infer import colorize_file, load_colorizer
+from nanocolor.infer import MAX_WORK_SIZE, colorize_file, frame_count, is_colorize_output, load_colorizer
 from nanocolor.serialize import CorruptFileError
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "nanocolor" / "weights" / "colornet.npz"
+FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | {".gif"}  # what a folder search picks up
+
+
+@dataclass
+class Job:
+    """One input and where its outputs go (compare is None without --compare)."""
+    path: Path
+    out: Path
+    compare: Path | None = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files or folders of images")
-    p.add_argument("--output", metavar="DIR", help="write DIR/<name>.png instead of <name>_color.png beside the input")
+    p.add_argument("inputs", nargs="+", help="image files or folders of images (searched recursively)")
+    p.add_argument("--output", metavar="DIR",
+                   help="write DIR/<subfolders>/<name>.png instead of <name>_color.png beside the input")
     p.add_argument("--compare", action="store_true",
                    help="also write <name>_compare.png: grayscale | original | colorized")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                    help="model weights (.npz from train.py: model.npz or checkpoint.npz); default: the shipped model")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side, in pixels, at which the network predicts color "
-                        "(default: the model's training size x 2)")
+                        f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
     p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     return p.parse_args(argv)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expanded to the image files directly inside them, sorted."""
-    paths = []
+def check_options(args: argparse.Namespace) -> None:
+    """ValueError or OSError, one line each, for settings that would fail every image."""
+    options.check_number("--work-size", args.work_size, low=1)
+    if args.work_size is not None and args.work_size > MAX_WORK_SIZE:
+        raise ValueError(f"--work-size must be at most {MAX_WORK_SIZE}, got {args.work_size}: the network's "
+                         f"memory grows with its square (about 1 GB at {MAX_WORK_SIZE})")
+    if args.output is None:
+        return
+    output = Path(args.output)
+    options.check_output_folder(output)
+    if not output.is_dir() and output.suffix.lower() in FOLDER_EXTENSIONS | {".npz"}:
+        raise ValueError(f"--output {output} looks like a file name; --output takes a folder "
+                         f"(each output is named after its input)")
+
+
+def find_inputs(inputs: list[str], report) -> tuple[list[tuple[Path, Path]], int]:
+    """(path, place) of every input image, and how many earlier outputs were skipped.
+
+    Files are taken as given, place = their name; folders are searched recursively in sorted
+    order, place = the path below the folder (mirrored under --output). PNGs colorize.py wrote
+    are skipped in folders. An unreadable folder is reported through report(line) and passed over.
+    """
+    found, skipped = [], 0
     for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            paths.append(path)
-    return paths
+        top = Path(name)
+        if not top.is_dir():
+            found.append((top, Path(top.name)))
+            continue
+        unreadable = lambda err: report(f"{err.filename}: cannot read this folder ({err.strerror})")
+        for folder, subfolders, files in os.walk(top, onerror=unreadable):
+            subfolders.sort()
+            for file in sorted(files):
+                path = Path(folder) / file
+                if path.suffix.lower() not in FOLDER_EXTENSIONS:
+                    continue
+                if is_colorize_output(path):
+                    skipped += 1
+                    continue
+                found.append((path, path.relative_to(top)))
+    return found, skipped
 
 
-def output_paths(path: Path, output_dir: str | None, compare: bool) -> tuple[Path, Path | None]:
-    """Where the colorized image (and the comparison picture) of `path` go."""
-    out_path = Path(output_dir) / f"{path.stem}.png" if output_dir else path.with_name(f"{path.stem}_color.png")
-    compare_path = out_path.with_name(out_path.stem.removesuffix("_color") + "_compare.png") if compare else None
-    return out_path, compare_path
+def plan_outputs(inputs: list[tuple[Path, Path]], output: str | None, compare: bool) -> list[Job]:
+    """Every output name, decided before anything is written.
+
+    A name is free unless it is an input, another planned output, or an existing path that is
+    not an earlier output of colorize.py (the user's file, a folder): then the next candidate is
+    tried, <stem>_<ext>.png (photo.jpg -> photo_jpg.png), then numbered ones.
+    """
+    taken = {path.resolve() for path, _ in inputs}
+
+    def claim(folder: Path, names: list[str]) -> Path:
+        numbered = (f"{names[-1]}_{k}" for k in itertools.count(2))
+        for name in itertools.chain(names, numbered):
+            candidate = folder / f"{name}.png"
+            if candidate.resolve() not in taken and (not candidate.exists() or is_colorize_output(candidate)):
+                taken.add(candidate.resolve())
+                return candidate
+
+    jobs = []
+    for path, place in inputs:
+        folder = Path(output) / place.parent if output else path.parent
+        tail, ext = ("" if output else "_color"), path.suffix.lower().lstrip(".") or "noext"
+        out = claim(folder, [f"{path.stem}{tail}", f"{path.stem}_{ext}{tail}"])
+        base = out.stem.removesuffix(tail) if tail else out.stem
+        jobs.append(Job(path, out, claim(folder, [f"{base}_compare"]) if compare else None))
+    return jobs
 
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def error(text: str) -> None:
+    print(f"colorize.py: error: {one_line(text)}", file=sys.stderr)
+
+
+def failure_reason(err: Exception, job: Job) -> str:
+    """One line on why colorizing job.path failed."""
+    if isinstance(err, ImageError) or (isinstance(err, OSError) and not err.strerror):
+        return str(err)
+    if isinstance(err, OSError):
+        return f"{job.path}: cannot write {err.filename or job.out} ({err.strerror})"
+    if isinstance(err, MemoryError):
+        return f"{job.path}: not enough memory to colorize it"
+    return f"{job.path}: failed ({err.__class__.__name__}: {err})"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.work_size is not None and args.work_size < 1:
-        print("colorize.py: error: --work-size must be at least 1", file=sys.stderr)
-        return 2
     try:
+        check_options(args)
         backend.use_device(args.device)
         model, work_size = load_colorizer(args.weights)
-    except (backend.DeviceError, CorruptFileError) as err:
-        print(f"colorize.py: error: {one_line(err)}", file=sys.stderr)
+    except (ValueError, OSError, backend.DeviceError) as err:  # CorruptFileError is a ValueError
+        error(f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else err)
         return 2
     work_size = args.work_size or work_size
-    paths = expand_inputs(args.inputs)
-    if not paths:
-        print("colorize.py: error: no image files found in the given folders", file=sys.stderr)
+    folder_errors = []
+    inputs, skipped = find_inputs(args.inputs, lambda line: (folder_errors.append(line), error(line)))
+    if skipped:
+        print(f"skipped {skipped} earlier output{'s' * (skipped > 1)} of colorize.py")
+    if not inputs:
+        error("no image files found in the given folders")
         return 1
-    failures, claimed = 0, {}
-    for done, path in enumerate(paths):
-        out_path, compare_path = output_paths(path, args.output, args.compare)
+    failures = len(folder_errors)
+    for done, job in enumerate(plan_outputs(inputs, args.output, args.compare)):
         try:
-            first = claimed.get(out_path.resolve(), path)
-            if first != path:  # e.g. photo.jpg and photo.png into one --output folder
-                raise FileExistsError(f"{path}: its output {out_path} would overwrite that of {first}")
-            colorize_file(model, path, out_path, work_size, compare_path)
-            claimed[out_path.resolve()] = path
-            print(f"{path} -> {out_path}")
+            colorize_file(model, job.path, job.out, work_size, job.compare)
+            print(f"{job.path} -> {job.out}")
+            frames = frame_count(job.path)
+            if frames > 1:
+                print(f"colorize.py: warning: {job.path} has {frames} frames; only the first was colorized",
+                      file=sys.stderr)
         except KeyboardInterrupt:
-            print(f"colorize.py: interrupted after {done} of {len(paths)} images", file=sys.stderr)
+            print(f"colorize.py: interrupted after {done} of {len(inputs)} images", file=sys.stderr)
             return 130
         except Exception as err:  # one bad file must not stop the batch
             failures += 1
-            if isinstance(err, ImageError) or (isinstance(err, OSError) and not err.strerror):
-                reason = str(err)
-            elif isinstance(err, OSError):
-                reason = f"{path}: cannot write {out_path} ({err.strerror})"
-            elif isinstance(err, MemoryError):
-                reason = f"{path}: not enough memory to colorize it"
-            else:
-                reason = f"{path}: failed ({err.__class__.__name__}: {err})"
-            print(f"colorize.py: error: {one_line(reason)}", file=sys.stderr)
+            error(failure_reason(err, job))
     if failures:
-        print(f"colorize.py: {failures} of {len(paths)} images failed", file=sys.stderr)
+        print(f"colorize.py: {failures} of {len(inputs) + len(folder_errors)} inputs failed", file=sys.stderr)
     return 1 if failures else 0
 
 

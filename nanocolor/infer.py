@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from . import backend
 from .classify import ab_bins, annealed_mean
@@ -22,6 +22,13 @@ from .color import fit_to_gamut, lab_to_rgb, rgb_to_lab, scale_lightness, unscal
 from .data import read_photo
 from .model import ColorNet
 from .serialize import CorruptFileError, atomic_write_bytes, load_npz
+
+
+# Longest side the network may run at: its memory grows with the square (about 1.1 GB at 1024
+# for the shipped model, 4 GB at 2048), while color is smooth and gains little from more pixels.
+MAX_WORK_SIZE = 1024
+# PNG text key that marks the files colorize_file writes, so that a later run can recognise them.
+OUTPUT_KEY = "nanocolor"
 
 
 def working_shape(height: int, width: int, work_size: int, factor: int) -> tuple[int, int]:
@@ -64,6 +71,8 @@ def colorize_array(model: ColorNet, rgb: np.ndarray, work_size: int) -> np.ndarr
 def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     """A model for colorize_array from a weights file or checkpoint, and its default work size
     (twice its training size). Raises CorruptFileError, naming the file, for anything unusable."""
+    if Path(path).is_dir():
+        raise CorruptFileError(f"{path}: is a folder; weights are a .npz file (a run's model.npz or checkpoint.npz)")
     try:
         arrays, meta = load_npz(path)
         model = ColorNet.from_contents(arrays, meta, source=str(path))
@@ -79,13 +88,44 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     return model, 2 * int(train_size)
 
 
-def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
-    """RGB (H, W, 3) in [0, 1] and optional alpha uint8 (H, W) -> the bytes of an 8-bit PNG."""
+def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None, note: str | None = None) -> bytes:
+    """RGB (H, W, 3) in [0, 1] and optional alpha uint8 (H, W) -> the bytes of an 8-bit PNG;
+    a note is stored under OUTPUT_KEY, marking the file as colorize's output."""
     pixels = to_uint8(rgb)
     img = Image.fromarray(np.dstack([pixels, alpha]), "RGBA") if alpha is not None else Image.fromarray(pixels)
+    return png_bytes(img, note)
+
+
+def png_bytes(img: Image.Image, note: str | None = None) -> bytes:
+    """The bytes of `img` as a PNG, with `note` (if any) in a text chunk under OUTPUT_KEY."""
+    info = None
+    if note is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(OUTPUT_KEY, note)
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
+    img.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def is_colorize_output(path: str | os.PathLike) -> bool:
+    """Whether `path` is a PNG that colorize_file wrote (it carries the OUTPUT_KEY text chunk)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png" or not path.is_file():
+        return False
+    try:
+        with Image.open(path) as img:
+            return OUTPUT_KEY in img.info
+    except Exception:  # unreadable or not a PNG: not ours
+        return False
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """Frames (or pages) in an image file: more than 1 for animated GIF/PNG/WebP and multi-page TIFF."""
+    try:
+        with Image.open(path) as img:
+            return int(getattr(img, "n_frames", 1))
+    except Exception:
+        return 1
 
 
 def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.PathLike, work_size: int,
@@ -101,12 +141,11 @@ def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.P
         raise FileExistsError(errno.EEXIST, "it is the input itself; refusing to overwrite it", str(out_path))
     rgb, alpha = read_photo(path)
     colorized = colorize_array(model, rgb, work_size)
-    atomic_write_bytes(out_path, encode_png(colorized, alpha))
+    note = f"colorized from {path.name}"
+    atomic_write_bytes(out_path, encode_png(colorized, alpha, note))
     if compare_path:
         picture = side_by_side([(gray_of(rgb), rgb, colorized)])
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        atomic_write_bytes(compare_path, buffer.getvalue())
+        atomic_write_bytes(compare_path, png_bytes(picture, f"gray | original | colorized of {path.name}"))
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
