@@ -52,6 +52,7 @@ def _source_script(command: str) -> ModuleType:
                                  f"installed with `pip install -e .`; it is not at {path}")
     spec = importlib.util.spec_from_file_location(f"_nanocolor_{command}_script", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: dataclasses, pickle and such look it up there
     spec.loader.exec_module(module)
     return module
 
