@@ -21,15 +21,39 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import backend
+from . import backend, options
 from .data import DataError, ImageError, find_images, is_grayscale, read_photo
-from .infer import colorize_array, gray_of, load_colorizer, side_by_side, to_uint8
+from .infer import MAX_WORK_SIZE, colorize_array, gray_of, load_colorizer, side_by_side, to_uint8
 from .metrics import colorfulness, colorization_scores, summarize
 from .model import ColorNet
 from .serialize import atomic_write_bytes
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
 GALLERY_PHOTOS = 8
+PLAIN_PROGRESS_LINES = 10  # off a terminal: one progress line per tenth of the photos
+
+
+class PlainProgress:
+    """tqdm's update/close for a log file or CI: a few plain lines instead of a redrawn bar."""
+
+    def __init__(self, total: int, desc: str, unit: str, file=None, lines: int = PLAIN_PROGRESS_LINES):
+        self.total, self.desc, self.unit, self.file, self.done = total, desc, unit, file or sys.stderr, 0
+        self.marks = {max(1, round(total * k / lines)) for k in range(1, lines + 1)}
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done in self.marks:
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool):
+    """A tqdm bar on a terminal; PlainProgress lines when stderr is a file or a pipe."""
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
 @dataclass
@@ -60,8 +84,7 @@ def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, li
     paths = find_images(data)
     model_scores, gray_scores, original_colorfulness, rows = [], [], [], []
     unreadable = skipped_gray = 0
-    bar = tqdm(total=min(limit, len(paths)) if limit else len(paths), desc="evaluating", unit="img",
-               disable=not progress, leave=False)
+    bar = progress_bar(min(limit, len(paths)) if limit else len(paths), "evaluating", "photos", progress)
     for path in paths:
         if limit and len(model_scores) >= limit:
             break
@@ -132,25 +155,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.limit is not None and args.limit < 1:
-            raise ValueError("--limit must be at least 1")
-        if args.work_size is not None and args.work_size < 1:
-            raise ValueError("--work-size must be at least 1")
+        options.check_number("--limit", args.limit, low=1)
+        options.check_number("--gallery-every", args.gallery_every, low=1)
+        options.check_number("--work-size", args.work_size, low=1, high=MAX_WORK_SIZE)
         backend.use_device(args.device)
         model, work_size = load_colorizer(args.weights)
         ev = evaluate_folder(model, args.data, args.work_size or work_size, limit=args.limit,
                              gallery_photos=GALLERY_PHOTOS if args.gallery else 0,
-                             gallery_every=max(1, args.gallery_every), progress=not args.quiet)
-        if args.gallery:
-            buffer = io.BytesIO()
-            gallery_picture(ev.gallery_rows).save(buffer, format="PNG")
-            atomic_write_bytes(args.gallery, buffer.getvalue())
+                             gallery_every=args.gallery_every, progress=not args.quiet)
     except (ValueError, backend.DeviceError, OSError) as err:  # DataError, CorruptFileError are ValueErrors
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
-    print(format_table(ev))
+    print(format_table(ev), flush=True)  # the scores first: a bad --gallery path must not lose them
     if args.json:
-        print(json.dumps(ev.as_dict()))
+        print(json.dumps(ev.as_dict()), flush=True)
+    if args.gallery:
+        try:
+            options.check_output_folder(Path(args.gallery).parent)
+            buffer = io.BytesIO()
+            gallery_picture(ev.gallery_rows).save(buffer, format="PNG")
+            atomic_write_bytes(args.gallery, buffer.getvalue())
+        except OSError as err:
+            where = f"{err.filename}: {err.strerror}" if isinstance(err, NotADirectoryError) else err.strerror
+            print(f"evaluate: error: cannot write the gallery {args.gallery} ({where or err})", file=sys.stderr)
+            return 2
     return 0
 
 
