@@ -1,6 +1,8 @@
-"""Shared fixtures: a CPU backend for every test, seeded randomness, tiny images and the CLIs."""
+"""Shared fixtures and helpers: a CPU backend for every test, seeded randomness, the worker
+count, tiny images, gradient checks, the Adam reference, and the command-line programs."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,8 +13,12 @@ import pytest
 from PIL import Image
 
 from nanocolor import parallel
+from nanocolor.gradcheck import numeric_gradient, relative_error
+from nanocolor.layers import Conv2d
+from nanocolor.model import ColorNet
 
 REPO = Path(__file__).resolve().parent.parent
+GRAD_TOL = 1e-6  # relative error of a float64 backward pass against central differences
 
 
 @pytest.fixture(autouse=True)
@@ -53,18 +59,109 @@ def save_image(path: Path, array: np.ndarray, **save_kwargs) -> Path:
     return path
 
 
-def run_script(script: str, *args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run train.py / colorize.py with this interpreter from the repo root, single-threaded, on the CPU."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    env.pop("NANOCOLOR_DEVICE", None)
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+# -- layers ----------------------------------------------------------------------------------------
+
+def make_conv(c_in: int, c_out: int, k: int = 3, method: str | None = None, seed: int = 0,
+              dtype=np.float64) -> Conv2d:
+    """A k x k Conv2d with seeded weights and a seeded non-zero bias (so its gradient is exercised);
+    `method` forces a path ('im2col', 'gemm', 'winograd'), None keeps the layer's default."""
+    conv = Conv2d(c_in, c_out, k, rng=np.random.default_rng(seed), dtype=dtype)
+    conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
+    if method is not None:
+        conv.method = method
+    return conv
+
+
+def check_gradients(layer, x: np.ndarray, rng: np.random.Generator, tol: float = GRAD_TOL):
+    """Gradcheck `layer` at input x (N, H, W, C), float64: dx (unless the layer returns None) and
+    every parameter gradient against central differences. Returns dx.
+
+    The scalar is f = sum(forward(x) * dout) for a fixed random dout, so df/dout is dout.
+    """
+    out = layer.forward(x)
+    dout = rng.standard_normal(out.shape)
+    f = lambda: float(np.sum(layer.forward(x) * dout))
+    layer.forward(x)
+    dx = layer.backward(dout.copy())
+    analytic = {name: np.array(g, copy=True) for name, g in layer.grads.items()}
+    kind = type(layer).__name__
+    if dx is not None:
+        assert dx.shape == x.shape and dx.dtype == np.float64
+        err = relative_error(dx, numeric_gradient(f, x))
+        assert err < tol, f"{kind} dx relative error {err:.2e}"
+    for name, p in layer.params.items():
+        assert analytic[name].shape == p.shape
+        err = relative_error(analytic[name], numeric_gradient(f, p))
+        assert err < tol, f"{kind} d{name} relative error {err:.2e}"
+    return dx
+
+
+def adam_reference(p, grads: list, lr: float, b1: float, b2: float, eps: float) -> list:
+    """Kingma & Ba, Algorithm 1, written out for one parameter (a float or an array) and its
+    gradient at each step: the parameter after every step."""
+    m = v = 0.0
+    trajectory = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        trajectory.append(p)
+    return trajectory
+
+
+@pytest.fixture
+def use_workers():
+    """parallel.set_workers for this test; one worker again afterwards, whether it passed or failed."""
+    yield parallel.set_workers
+    parallel.set_workers(1)
 
 
 @pytest.fixture(params=[1, 3], ids=["1worker", "3workers"])
-def workers(request):
+def workers(request, use_workers):
     """Run the test with the layers' work on the calling thread, then split over 3 workers."""
-    parallel.set_workers(request.param)
-    yield request.param
-    parallel.set_workers(1)
+    use_workers(request.param)
+    return request.param
+
+
+# -- the command-line programs ---------------------------------------------------------------------
+
+def script_env(**extra: str) -> dict:
+    """The environment of a train.py / colorize.py subprocess: single-threaded, on the CPU, plus `extra`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=str(REPO), **extra)
+    env.pop("NANOCOLOR_DEVICE", None)
+    return env
+
+
+def run_script(script: str, *args, cwd: Path = REPO, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """Run train.py / colorize.py with this interpreter (from the repo root by default), env as script_env."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=script_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_cmd(*args) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *map(str, args)]
+
+
+def run_train(*args, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return run_script("train.py", *args, cwd=cwd, timeout=timeout, **env)
+
+
+_spec = importlib.util.spec_from_file_location("colorize_cli", REPO / "colorize.py")
+colorize_cli = importlib.util.module_from_spec(_spec)
+sys.modules["colorize_cli"] = colorize_cli  # dataclasses look their module up there
+_spec.loader.exec_module(colorize_cli)
+
+
+def run_colorize(capsys, *args) -> tuple[int, str, list[str]]:
+    """colorize.py's main in this process: (exit code, stdout, stderr lines)."""
+    code = colorize_cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.splitlines()
+
+
+def tiny_weights(path: Path, widths=(4, 8), seed: int = 0) -> Path:
+    """A tiny untrained model file, saved as train.py saves one (training size 8)."""
+    ColorNet(widths, seed=seed).save(path, train_size=8)
+    return path

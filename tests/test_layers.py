@@ -5,40 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import GRAD_TOL, check_gradients, make_conv
 from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.layers import Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
 from nanocolor.loss import MSELoss
 from nanocolor.model import ColorNet
-
-TOL = 1e-6
-
-
-def check_layer(layer, x: np.ndarray, rng: np.random.Generator) -> None:
-    """Gradcheck dx and every parameter gradient of `layer` at input x (N, H, W, C), float64.
-
-    The scalar is f = sum(forward(x) * dout) for a fixed random dout, so df/dout-path is dout.
-    """
-    out = layer.forward(x)
-    dout = rng.standard_normal(out.shape)
-    f = lambda: float(np.sum(layer.forward(x) * dout))
-    layer.forward(x)
-    dx = layer.backward(dout.copy())
-    analytic_params = {name: np.array(g, copy=True) for name, g in layer.grads.items()}
-    assert dx.shape == x.shape
-    assert dx.dtype == np.float64
-    err = relative_error(dx, numeric_gradient(f, x))
-    assert err < TOL, f"{type(layer).__name__} dx relative error {err:.2e}"
-    for name, p in layer.params.items():
-        assert analytic_params[name].shape == p.shape
-        err = relative_error(analytic_params[name], numeric_gradient(f, p))
-        assert err < TOL, f"{type(layer).__name__} d{name} relative error {err:.2e}"
-
-
-def conv64(c_in: int, c_out: int, k: int, seed: int = 0) -> Conv2d:
-    conv = Conv2d(c_in, c_out, k, rng=np.random.default_rng(seed), dtype=np.float64)
-    conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out)  # non-zero bias
-    return conv
-
 
 # ---------------------------------------------------------------------------------------------
 # Conv2d
@@ -52,9 +23,9 @@ def conv64(c_in: int, c_out: int, k: int, seed: int = 0) -> Conv2d:
 ])
 @pytest.mark.parametrize("dx_method", ["transposed_conv", "col2im"])
 def test_conv_gradients(shape, c_out, k, dx_method, rng):
-    conv = conv64(shape[-1], c_out, k)
+    conv = make_conv(shape[-1], c_out, k)
     conv.dx_method = dx_method  # both ways of computing dx must agree with the numbers
-    check_layer(conv, rng.standard_normal(shape), rng)
+    check_gradients(conv, rng.standard_normal(shape), rng)
 
 
 @pytest.mark.parametrize("method, shape", [("im2col", (2, 5, 4, 3)), ("gemm", (2, 5, 4, 3)),
@@ -64,7 +35,7 @@ def test_conv_results_survive_other_layers_calls(rng, method, shape):
     layer of the same shape overwrites: interleaved calls give the same numbers as lone ones."""
     x, y = rng.standard_normal(shape), rng.standard_normal(shape)
     dout_a, dout_b = rng.standard_normal(shape), rng.standard_normal(shape)
-    lone, a, b = conv64(3, 3, 3, seed=0), conv64(3, 3, 3, seed=0), conv64(3, 3, 3, seed=5)
+    lone, a, b = make_conv(3, 3, 3, seed=0), make_conv(3, 3, 3, seed=0), make_conv(3, 3, 3, seed=5)
     for conv in (lone, a, b):
         conv.method = method
     out_lone = lone.forward(x).copy()
@@ -106,7 +77,7 @@ def slow_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("shape,c_out,k", [((2, 5, 7, 3), 4, 3), ((1, 6, 3, 1), 2, 5), ((2, 3, 4, 2), 3, 1)])
 def test_conv_forward_matches_loop_reference(shape, c_out, k, rng):
-    conv = conv64(shape[-1], c_out, k)
+    conv = make_conv(shape[-1], c_out, k)
     x = rng.standard_normal(shape)
     expected = slow_conv(x, conv.params["W"], conv.params["b"])
     np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-12, atol=1e-12)
@@ -123,7 +94,7 @@ def test_conv_float32_forward_matches_reference(rng):
 
 def test_conv_single_pixel_impulse_gives_flipped_kernel(rng):
     """A unit impulse in the middle of a zero image reproduces the kernel, spatially flipped."""
-    conv = conv64(1, 1, 3)
+    conv = make_conv(1, 1, 3)
     x = np.zeros((1, 5, 5, 1))
     x[0, 2, 2, 0] = 1.0
     out = conv.forward(x)[0, 1:4, 1:4, 0] - conv.params["b"][0]
@@ -150,7 +121,7 @@ def distinct_values(shape: tuple, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 5, 7, 2), (2, 3, 3, 1), (1, 2, 2, 1)])
 def test_maxpool_gradients(shape, rng):
-    check_layer(MaxPool2d(), distinct_values(shape, rng), rng)
+    check_gradients(MaxPool2d(), distinct_values(shape, rng), rng)
 
 
 def test_maxpool_odd_size_drops_last_row_and_column(rng):
@@ -188,7 +159,7 @@ def test_maxpool_ties_route_gradient_to_one_element():
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 2), (1, 1, 1, 1), (1, 4, 2, 3)])
 def test_upsample_gradients(shape, rng):
-    check_layer(Upsample2d(), rng.standard_normal(shape), rng)
+    check_gradients(Upsample2d(), rng.standard_normal(shape), rng)
 
 
 def test_upsample_is_nearest_neighbour(rng):
@@ -206,7 +177,7 @@ def away_from_zero(shape: tuple, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
 def test_relu_gradients(shape, rng):
-    check_layer(ReLU(), away_from_zero(shape, rng), rng)
+    check_gradients(ReLU(), away_from_zero(shape, rng), rng)
 
 
 def test_relu_forward(rng):
@@ -216,7 +187,7 @@ def test_relu_forward(rng):
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
 def test_tanh_gradients(shape, rng):
-    check_layer(Tanh(), 1.5 * rng.standard_normal(shape), rng)
+    check_gradients(Tanh(), 1.5 * rng.standard_normal(shape), rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +201,7 @@ def test_mse_loss_value_and_gradient(shape, rng):
     assert value == pytest.approx(np.sum((pred - target) ** 2) / pred.size, rel=1e-12)
     dpred = loss.backward()
     numeric = numeric_gradient(lambda: MSELoss().forward(pred, target), pred)
-    assert relative_error(dpred, numeric) < TOL
+    assert relative_error(dpred, numeric) < GRAD_TOL
 
 
 def test_mse_loss_is_zero_for_equal_inputs(rng):
@@ -244,7 +215,7 @@ def test_mse_loss_is_zero_for_equal_inputs(rng):
 # backward leaves dout alone
 
 @pytest.mark.parametrize("make_layer,shape", [
-    (lambda: conv64(2, 3, 3), (2, 5, 3, 2)),
+    (lambda: make_conv(2, 3, 3), (2, 5, 3, 2)),
     (MaxPool2d, (2, 5, 3, 2)),
     (Upsample2d, (2, 5, 3, 2)),
     (ReLU, (2, 5, 3, 2)),
@@ -290,4 +261,4 @@ def test_colornet_end_to_end_gradients(widths, kernel, shape, rng):
     for i, layer in enumerate(model.param_layers):
         for name, p in layer.params.items():
             err = relative_error(analytic[i][name], numeric_gradient(f, p))
-            assert err < TOL, f"layer {i} d{name}: relative error {err:.2e}"
+            assert err < GRAD_TOL, f"layer {i} d{name}: relative error {err:.2e}"

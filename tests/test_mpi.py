@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, colorful_rgb, run_script, save_image
+from conftest import colorful_rgb, run_script, save_image, script_env, train_cmd
 from nanocolor import distributed
 from nanocolor.distributed import DistributedError, GradientAverager, World, init_world
 from nanocolor.model import ColorNet
@@ -124,10 +123,8 @@ needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpi4py or mpirun not i
 
 def run_mpi(n: int, *args, cwd: Path, other_ranks_args: tuple | None = None) -> subprocess.CompletedProcess:
     """`mpirun -n n train.py args`; with other_ranks_args, ranks 1.. get those arguments instead."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    env.pop("NANOCOLOR_DEVICE", None)
-    train = [sys.executable, str(REPO / "train.py")]
+    env = script_env()
+    train = train_cmd()
     if other_ranks_args is None:
         apps = ["-n", str(n), *train, *map(str, args)]
     else:  # MPMD launch: rank 0 runs one command line, the others another

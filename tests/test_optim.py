@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import adam_reference
 from nanocolor.layers import Layer
 from nanocolor.optim import Adam
 
@@ -17,20 +18,6 @@ class Params(Layer):
         super().__init__()
         self.params = {name: np.array(p, dtype=np.float64) for name, p in params.items()}
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-
-
-def adam_by_hand(p: float, grads: list, lr: float, b1: float, b2: float, eps: float) -> list:
-    """Kingma & Ba, Algorithm 1, one scalar, plain floats: the parameter after each step."""
-    m = v = 0.0
-    trajectory = []
-    for t, g in enumerate(grads, start=1):
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        m_hat = m / (1 - b1 ** t)
-        v_hat = v / (1 - b2 ** t)
-        p = p - lr * m_hat / (math.sqrt(v_hat) + eps)
-        trajectory.append(p)
-    return trajectory
 
 
 def test_first_step_moves_each_parameter_by_lr_against_its_gradient_sign():
@@ -51,8 +38,8 @@ def test_adam_matches_hand_computed_steps(lr, betas, eps):
     grads_b = [3.0, 3.0, -0.1, 0.0, 10.0, -4.0]
     layer = Params(w=[0.3], b=[-1.2])
     adam = Adam([layer], lr=lr, betas=betas, eps=eps)
-    expected_w = adam_by_hand(0.3, grads_w, lr, *betas, eps)
-    expected_b = adam_by_hand(-1.2, grads_b, lr, *betas, eps)
+    expected_w = adam_reference(0.3, grads_w, lr, *betas, eps)
+    expected_b = adam_reference(-1.2, grads_b, lr, *betas, eps)
     for t in range(len(grads_w)):
         layer.grads["w"][:] = grads_w[t]
         layer.grads["b"][:] = grads_b[t]

@@ -7,26 +7,18 @@ from __future__ import annotations
 import os
 import platform
 import signal
-import time
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 
+from conftest import adam_reference, check_gradients, make_conv
 from nanocolor import parallel
-from nanocolor.gradcheck import numeric_gradient, relative_error
-from nanocolor.layers import Conv2d, MaxPool2d, ReLU, Upsample2d
+from nanocolor.layers import MaxPool2d, ReLU, Upsample2d
 from nanocolor.model import ColorNet
 from nanocolor.optim import Adam
-
-TOL = 1e-6
-
-
-def make_conv(c_in: int, c_out: int, k: int, method: str, seed: int = 0, dtype=np.float64) -> Conv2d:
-    conv = Conv2d(c_in, c_out, k, rng=np.random.default_rng(seed), dtype=dtype)
-    conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
-    conv.method = method
-    return conv
-
 
 CONV_CASES = [
     ((2, 5, 7, 3), 4, 3),    # odd sizes
@@ -46,22 +38,9 @@ CONV_CASES = [
 def test_gemm_conv_gradients(shape, c_out, k, input_grad, rng):
     conv = make_conv(shape[-1], c_out, k, "gemm")
     conv.input_grad = input_grad
-    x = rng.standard_normal(shape)
-    dout = rng.standard_normal(shape[:3] + (c_out,))
-    f = lambda: float(np.sum(conv.forward(x) * dout))
-    conv.forward(x)
+    dx = check_gradients(conv, rng.standard_normal(shape), rng)
     assert conv.cache[0] == "gemm"
-    dx = conv.backward(dout.copy())
-    analytic = {name: g.copy() for name, g in conv.grads.items()}
-    if input_grad:
-        assert dx.shape == x.shape
-        assert relative_error(dx, numeric_gradient(f, x)) < TOL
-    else:
-        assert dx is None
-    for name, p in conv.params.items():
-        assert analytic[name].shape == p.shape
-        err = relative_error(analytic[name], numeric_gradient(f, p))
-        assert err < TOL, f"d{name} relative error {err:.2e}"
+    assert (dx is not None) == input_grad
 
 
 @pytest.mark.parametrize("shape,c_out,k", CONV_CASES + [((5, 6, 4, 3), 5, 3), ((1, 9, 4, 2), 3, 3)])
@@ -126,14 +105,14 @@ def test_run_calls_every_task_once(workers):
     assert np.all(seen == 1)
 
 
-def test_network_step_same_with_one_worker_or_several(rng):
+def test_network_step_same_with_one_worker_or_several(rng, use_workers):
     """A training step's output, gradients and updated weights do not depend on how the work
     is split (up to rounding: the per-worker partial sums add in another order)."""
     lightness = rng.uniform(-1, 1, (3, 8, 8, 1))
     d_ab = rng.standard_normal((3, 8, 8, 2))
     results = []
     for threads in (1, 3):
-        parallel.set_workers(threads)
+        use_workers(threads)
         model = ColorNet((4, 16, 16), seed=2, dtype=np.float64)
         for layer in model.param_layers:
             layer.method = "winograd" if layer.c_in >= 16 else "gemm"
@@ -144,7 +123,6 @@ def test_network_step_same_with_one_worker_or_several(rng):
         optimizer.step()
         weights = [layer.params["W"].copy() for layer in model.param_layers]
         results.append((ab, grads, weights))
-    parallel.set_workers(1)
     assert [layer.cache[0] for layer in model.param_layers].count("winograd") == 3
     (ab_one, grads_one, weights_one), (ab_several, grads_several, weights_several) = results
     np.testing.assert_allclose(ab_one, ab_several, rtol=1e-12, atol=1e-13)
@@ -226,30 +204,23 @@ class _Holder:
         self.grads = {name: None for name in params}
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_adam_matches_textbook_update(threads, rng):
-    parallel.set_workers(threads)
+def test_adam_matches_textbook_update(workers, rng):
     layers = [_Holder({"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}),
               _Holder({"W": rng.standard_normal((2, 2, 5))})]
-    reference = [{name: p.copy() for name, p in layer.params.items()} for layer in layers]
-    lr, (b1, b2), eps = 0.05, (0.8, 0.95), 1e-6
-    adam = Adam(layers, lr=lr, betas=(b1, b2), eps=eps)
-    m = [{n: np.zeros_like(p) for n, p in r.items()} for r in reference]
-    v = [{n: np.zeros_like(p) for n, p in r.items()} for r in reference]
-    for t in range(1, 5):
+    lr, betas, eps, steps = 0.05, (0.8, 0.95), 1e-6, 4
+    grads = [{name: [rng.standard_normal(p.shape) for _ in range(steps)] for name, p in layer.params.items()}
+             for layer in layers]
+    expected = [{name: adam_reference(p.copy(), grads[i][name], lr, *betas, eps) for name, p in layer.params.items()}
+                for i, layer in enumerate(layers)]
+    adam = Adam(layers, lr=lr, betas=betas, eps=eps)
+    for t in range(steps):
         for i, layer in enumerate(layers):
             for name in layer.params:
-                g = rng.standard_normal(layer.params[name].shape)
-                layer.grads[name] = g
-                m[i][name] = b1 * m[i][name] + (1 - b1) * g
-                v[i][name] = b2 * v[i][name] + (1 - b2) * g * g
-                m_hat, v_hat = m[i][name] / (1 - b1 ** t), v[i][name] / (1 - b2 ** t)
-                reference[i][name] -= lr * m_hat / (np.sqrt(v_hat) + eps)
+                layer.grads[name] = grads[i][name][t]
         adam.step()
         for i, layer in enumerate(layers):
             for name, p in layer.params.items():
-                np.testing.assert_allclose(p, reference[i][name], rtol=1e-12, atol=1e-12)
-    parallel.set_workers(1)
+                np.testing.assert_allclose(p, expected[i][name][t], rtol=1e-12, atol=1e-12)
 
 
 def test_adam_updates_parameters_in_place_and_keeps_grads(rng):
@@ -270,35 +241,64 @@ def test_adam_updates_parameters_in_place_and_keeps_grads(rng):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_does_not_wait_on_parent_workers():
-    """Threads do not survive fork: a child must not hand tasks to the parent's pool."""
-    parallel.set_workers(2)
+def test_forked_child_does_not_wait_on_parent_workers(use_workers):
+    """Threads do not survive fork: a child must not hand tasks to the parent's pool.
+
+    The child first checks that no pool thread it could hand work to is dead (that is what
+    would make it hang), then runs tasks on its own pool. The parent blocks on waitpid, with no
+    deadline of its own: an alarm in the child turns a hang into a failure after 120 s.
+    """
+    use_workers(2)
     parallel.run(lambda i: None, 4)  # the parent's pool threads exist now
     pid = os.fork()
-    if pid == 0:  # child: exit 0 once the work is done
+    if pid == 0:  # child: exit 0 once the work is done on live threads
+        code = 1
         try:
-            done = []
-            parallel.run(lambda i: done.append(i), 4)
-            os._exit(0 if sorted(done) == [0, 1, 2, 3] else 1)
+            signal.alarm(120)
+            pool = parallel._state["pool"]
+            if pool is not None and not all(t.is_alive() for t in pool._threads):
+                os._exit(3)  # would hand tasks to the parent's threads, which the child lacks
+            done, ran_on = [], set()
+            parallel.run(lambda i: (done.append(i), ran_on.add(threading.get_ident())), 4)
+            alive = {t.ident for t in threading.enumerate()}
+            code = 0 if sorted(done) == [0, 1, 2, 3] and ran_on <= alive else 2
         finally:
-            os._exit(1)
-    try:
-        for _ in range(200):
-            finished, status = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung waiting for the parent's worker threads")
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    finally:
-        parallel.set_workers(1)
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert not os.WIFSIGNALED(status), "the forked child hung waiting for the parent's worker threads"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child exit status {os.WEXITSTATUS(status)}"
+
+
+# Allocates 80 MB before and after keep_large_arrays_in_heap(), printing how many bytes glibc
+# holds in mmap()ed blocks after each (mallinfo2().hblkhd).
+_HEAP_PROBE = """
+import ctypes, numpy as np
+from nanocolor import parallel
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+mapped = lambda: libc.mallinfo2().hblkhd
+base = mapped()
+a = np.ones(20_000_000, dtype=np.float32)
+before = mapped() - base
+del a
+took = parallel.keep_large_arrays_in_heap()
+base = mapped()
+b = np.ones(20_000_000, dtype=np.float32)
+print(before, mapped() - base, took)
+"""
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_large_arrays_can_be_kept_in_the_heap(rng):
-    assert parallel.keep_large_arrays_in_heap()
-    big = np.ones(20_000_000, dtype=np.float32)  # 80 MB: above glibc's default mmap threshold
-    assert float(big.sum()) == 20_000_000.0
+def test_large_arrays_are_kept_in_the_heap():
+    """An 80 MB array is a fresh mmap() by default; after keep_large_arrays_in_heap() it is not."""
+    result = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, timeout=60)
+    if "mallinfo2" in result.stderr:
+        pytest.skip("glibc older than 2.33: no mallinfo2")
+    assert result.returncode == 0, result.stderr
+    before, after, took = result.stdout.split()
+    assert took == "True"
+    assert int(before) >= 80_000_000  # the default: a mapping of its own
+    assert int(after) == 0            # now served from the heap

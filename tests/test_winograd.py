@@ -5,19 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import check_gradients, make_conv
 from nanocolor import parallel, winograd
-from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.layers import Conv2d
-
-TOL = 1e-6
-
-
-def make_conv(c_in: int, c_out: int, method: str, seed: int = 0, dtype=np.float64) -> Conv2d:
-    conv = Conv2d(c_in, c_out, 3, rng=np.random.default_rng(seed), dtype=dtype)
-    conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
-    conv.method = method
-    return conv
-
 
 def tiles_of(x_pad: np.ndarray) -> np.ndarray:
     """(N, 2th+2, 2tw+2, C) -> every 4x4 tile at stride 2, (N, th, tw, 4, 4, C), by loops."""
@@ -106,27 +96,16 @@ def test_applies_only_to_3x3_on_even_sizes():
     ((1, 6, 4, 5), 1),   # one output channel
 ])
 def test_winograd_conv_gradients(shape, c_out, rng):
-    conv = make_conv(shape[-1], c_out, "winograd")
-    x = rng.standard_normal(shape)
-    out = conv.forward(x)
+    conv = make_conv(shape[-1], c_out, 3, "winograd")
+    check_gradients(conv, rng.standard_normal(shape), rng)
     assert conv.cache[0] == "winograd"
-    dout = rng.standard_normal(out.shape)
-    f = lambda: float(np.sum(conv.forward(x) * dout))
-    conv.forward(x)
-    dx = conv.backward(dout.copy())
-    analytic = {name: g.copy() for name, g in conv.grads.items()}
-    assert relative_error(dx, numeric_gradient(f, x)) < TOL
-    for name, p in conv.params.items():
-        assert analytic[name].shape == p.shape
-        err = relative_error(analytic[name], numeric_gradient(f, p))
-        assert err < TOL, f"d{name} relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("shape,c_out", [((3, 8, 6, 5), 7), ((1, 2, 10, 2), 3), ((2, 4, 4, 16), 8),
                                          ((1, 12, 6, 3), 2)])  # batch 1: forward in bands of tile rows
 def test_winograd_conv_matches_im2col_reference(shape, c_out, workers, rng):
     """Forward, dx, dW and db equal the textbook path's (float64, to rounding)."""
-    fast, ref = make_conv(shape[-1], c_out, "winograd"), make_conv(shape[-1], c_out, "im2col")
+    fast, ref = make_conv(shape[-1], c_out, 3, "winograd"), make_conv(shape[-1], c_out, 3, "im2col")
     ref.dx_method = "col2im"
     x = rng.standard_normal(shape)
     dout = rng.standard_normal(shape[:3] + (c_out,))
@@ -138,8 +117,8 @@ def test_winograd_conv_matches_im2col_reference(shape, c_out, workers, rng):
 
 
 def test_winograd_conv_float32_close_to_float64_reference(rng):
-    fast = make_conv(16, 24, "winograd", dtype=np.float32)
-    ref = make_conv(16, 24, "im2col", dtype=np.float64)
+    fast = make_conv(16, 24, 3, "winograd", dtype=np.float32)
+    ref = make_conv(16, 24, 3, "im2col", dtype=np.float64)
     ref.params = {name: p.astype(np.float64) for name, p in fast.params.items()}
     x = rng.standard_normal((2, 8, 6, 16))
     dout = rng.standard_normal((2, 8, 6, 24))
@@ -153,7 +132,7 @@ def test_winograd_conv_float32_close_to_float64_reference(rng):
 
 
 def test_winograd_conv_without_input_grad_still_fills_weight_grads(rng):
-    fast, ref = make_conv(3, 4, "winograd"), make_conv(3, 4, "im2col")
+    fast, ref = make_conv(3, 4, 3, "winograd"), make_conv(3, 4, 3, "im2col")
     fast.input_grad = ref.input_grad = False
     x, dout = rng.standard_normal((2, 4, 4, 3)), rng.standard_normal((2, 4, 4, 4))
     fast.forward(x), ref.forward(x)
@@ -162,28 +141,28 @@ def test_winograd_conv_without_input_grad_still_fills_weight_grads(rng):
 
 
 def test_method_choice_and_fallback(monkeypatch):
-    assert make_conv(32, 32, "winograd").path(8, 8) == "winograd"
-    assert make_conv(32, 32, "winograd").path(7, 8) == "gemm"     # odd height: no tiling
-    assert make_conv(1, 32, "winograd").path(8, 8) == "winograd"  # asked for, even if thin
-    assert make_conv(32, 32, "im2col").path(8, 8) == "im2col"
+    assert make_conv(32, 32, 3, "winograd").path(8, 8) == "winograd"
+    assert make_conv(32, 32, 3, "winograd").path(7, 8) == "gemm"     # odd height: no tiling
+    assert make_conv(1, 32, 3, "winograd").path(8, 8) == "winograd"  # asked for, even if thin
+    assert make_conv(32, 32, 3, "im2col").path(8, 8) == "im2col"
     five = Conv2d(4, 4, 5, rng=np.random.default_rng(0), dtype=np.float64)
     five.method = "winograd"
     assert five.path(8, 8) == "gemm"                             # only 3x3 kernels
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
-    assert make_conv(32, 32, "auto").path(8, 8) == "winograd"
-    assert make_conv(32, 32, "auto").path(8, 8, on_cpu=False) == "gemm"
-    assert make_conv(1, 32, "auto").path(8, 8) == "gemm"         # too thin to pay off
+    assert make_conv(32, 32, 3, "auto").path(8, 8) == "winograd"
+    assert make_conv(32, 32, 3, "auto").path(8, 8, on_cpu=False) == "gemm"
+    assert make_conv(1, 32, 3, "auto").path(8, 8) == "gemm"         # too thin to pay off
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: False)
-    assert make_conv(32, 32, "auto").path(8, 8) == "gemm"        # 16 multi-threaded BLAS calls: no
+    assert make_conv(32, 32, 3, "auto").path(8, 8) == "gemm"        # 16 multi-threaded BLAS calls: no
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
     monkeypatch.setattr(Conv2d, "auto_winograd", False)
-    assert make_conv(32, 32, "auto").path(8, 8) == "gemm"
+    assert make_conv(32, 32, 3, "auto").path(8, 8) == "gemm"
     with pytest.raises(ValueError):
-        make_conv(32, 32, "winogard").path(8, 8)
+        make_conv(32, 32, 3, "winogard").path(8, 8)
 
 
 def test_winograd_odd_size_falls_back(rng):
-    conv = make_conv(2, 3, "winograd")
+    conv = make_conv(2, 3, 3, "winograd")
     x = rng.standard_normal((1, 5, 4, 2))
     out = conv.forward(x)
     assert conv.cache[0] == "gemm" and out.shape == (1, 5, 4, 3)
