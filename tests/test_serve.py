@@ -326,7 +326,7 @@ def chromium_driver(download_dir: Path, profile_dir: Path):
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile_dir}", "--window-size=1100,900"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile_dir}", "--window-size=1000,1040"):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(download_dir)})
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
