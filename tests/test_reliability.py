@@ -2,7 +2,6 @@
 code; killed or interrupted training never loses a checkpoint, and resuming is exact."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import re
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import REPO, colorful_rgb, gray_rgb, save_image
+from conftest import (colorful_rgb, gray_rgb, run_colorize, run_train, save_image, script_env, tiny_weights,
+                      train_cmd)
 from nanocolor import data, serialize
 from nanocolor.color import rgb_to_lab
 from nanocolor.loss import MSELoss
@@ -32,24 +32,7 @@ from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
 # tests/test_properties.py checks this bound on random colors.
 L8_TOL = 0.26
 
-_spec = importlib.util.spec_from_file_location("colorize_cli", REPO / "colorize.py")
-colorize_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(colorize_cli)
-
-
 # -- helpers ---------------------------------------------------------------------------------------
-
-def tiny_weights(path: Path, widths=(4, 8), seed: int = 0) -> Path:
-    ColorNet(widths, seed=seed).save(path, train_size=8)
-    return path
-
-
-def run_colorize(capsys, *args) -> tuple[int, str, list[str]]:
-    """colorize.py's main in this process: (exit code, stdout, stderr lines)."""
-    code = colorize_cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.splitlines()
-
 
 def lightness(rgb01: np.ndarray) -> np.ndarray:
     return rgb_to_lab(np.asarray(rgb01, dtype=np.float64))[..., 0]
@@ -83,22 +66,6 @@ def make_photos(folder: Path, n: int, size: int = 16, seed: int = 0) -> Path:
     for i in range(n):
         save_image(folder / f"{i:03d}.png", colorful_rgb(size, size, seed=seed + i))
     return folder
-
-
-def script_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    env.pop("NANOCOLOR_DEVICE", None)
-    return env
-
-
-def train_cmd(*args) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), *map(str, args)]
-
-
-def run_train(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(*args), cwd=cwd, env=script_env(), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def checkpoint_arrays(run: Path) -> dict:
@@ -144,7 +111,7 @@ def test_batch_with_bad_files_does_the_good_ones_and_names_each_failure(tmp_path
         assert len(lines) == 1, (name, err)
         assert reason in lines[0] and lines[0].startswith("colorize.py: error:")
         assert not (out / f"{Path(name).stem}.png").exists()
-    assert err[-1] == f"colorize.py: {len(bad)} of {len(good) + len(bad)} images failed"
+    assert err[-1] == f"colorize.py: {len(bad)} of {len(good) + len(bad)} inputs failed"
     assert len(err) == len(bad) + 1  # nothing else: no traceback
     assert stray_temp_files(tmp_path) == []
 
@@ -245,30 +212,25 @@ def test_unwritable_outputs_fail_alone_and_leave_nothing_behind(tmp_path, capsys
     b = save_image(src / "b.png", colorful_rgb(8, 8, seed=1))
     c = save_image(src / "c.jpg", colorful_rgb(8, 8, seed=2))
     save_image(src / "c.png", colorful_rgb(8, 8, seed=3))  # same output name as c.jpg
-    # --output is a regular file: every image fails, the file is untouched
+    # --output is a regular file, or lies under one: one line, exit 2, the file untouched
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("keep me")
     for output in (blocker, blocker / "sub"):
         code, _, err = run_colorize(capsys, a, b, "--output", output, "--weights", weights)
-        assert code == 1 and len(err) == 3
-        assert all(line.startswith("colorize.py: error:") and "cannot write" in line for line in err[:2])
+        assert code == 2 and len(err) == 1 and err[0].startswith("colorize.py: error:") and "is a file" in err[0]
         assert blocker.read_text() == "keep me"
-    # one output path is taken by a folder: only that image fails
+    # an output name taken by a folder or by another input's output: a distinct name, nothing lost
     out = tmp_path / "out"
     (out / "b.png").mkdir(parents=True)
-    code, _, err = run_colorize(capsys, src, "--output", out, "--weights", weights)
-    assert code == 1
-    assert len(one_line_errors(err, "b.png")) == 1 and "cannot write" in one_line_errors(err, "b.png")[0]
-    assert len(one_line_errors(err, "c.png")) == 1 and "would overwrite that of" in one_line_errors(err, "c.png")[0]
-    assert (out / "a.png").is_file() and (out / "b.png").is_dir()
-    with Image.open(out / "c.png") as img, Image.open(c) as first:  # written once, from c.jpg (sorted first)
-        dL = lightness(np.asarray(img) / 255.0) - lightness(np.asarray(first) / 255.0)
-        assert np.abs(dL).max() <= L8_TOL
-    assert err[-1] == "colorize.py: 2 of 4 images failed"
+    code, stdout, err = run_colorize(capsys, src, "--output", out, "--weights", weights)
+    assert code == 0, err
+    assert f"{b} -> {out / 'b_png.png'}" in stdout and (out / "b.png").is_dir()
+    assert f"{c} -> {out / 'c.png'}" in stdout and f"{src / 'c.png'} -> {out / 'c_png.png'}" in stdout
+    assert (out / "a.png").is_file()
     # writing into the input folder must never overwrite an input
     before = a.read_bytes()
-    code, _, err = run_colorize(capsys, a, "--output", src, "--weights", weights)
-    assert code == 1 and "refusing to overwrite" in err[0] and a.read_bytes() == before
+    code, stdout, err = run_colorize(capsys, a, "--output", src, "--weights", weights)
+    assert code == 0 and f"{a} -> {src / 'a_png.png'}" in stdout and a.read_bytes() == before
     assert stray_temp_files(tmp_path) == []
 
 
@@ -493,6 +455,99 @@ def test_an_update_that_breaks_the_weights_at_the_end_of_an_epoch_is_never_saved
     assert_same_arrays(arrays, good)
 
 
+# Runs the script named by argv[1]; when it is about to rename its Nth finished checkpoint temp file
+# onto checkpoint.npz, it first sends itself a signal ($NANOCOLOR_TEST_RENAME_SIGNAL = "N,SIGNAME").
+# SIGKILL there leaves the temp file written and fsync'ed but never renamed.
+SIGNAL_AT_RENAME = """
+import os, runpy, signal, sys
+count, name = os.environ["NANOCOLOR_TEST_RENAME_SIGNAL"].split(",")
+real_replace, renames = os.replace, []
+def replace(src, dst, **kwargs):
+    if os.path.basename(dst) == "checkpoint.npz":
+        renames.append(dst)
+        if len(renames) == int(count):
+            os.kill(os.getpid(), getattr(signal, name))
+    return real_replace(src, dst, **kwargs)
+os.replace = replace
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def train_with_signal(*args, cwd: Path, at: str | None = None, at_rename: str | None = None):
+    """train.py sending itself a signal at a chosen moment: `at` = "EPOCH,STEP,SIGNAME" (the
+    trainer's test hook), or `at_rename` = "N,SIGNAME" (just before its Nth checkpoint rename)."""
+    cmd = train_cmd(*args)
+    env = {"NANOCOLOR_TEST_SIGNAL_AT": at} if at else {}
+    if at_rename:
+        cmd[1:2] = ["-c", SIGNAL_AT_RENAME, cmd[1]]
+        env["NANOCOLOR_TEST_RENAME_SIGNAL"] = at_rename
+    return subprocess.run(cmd, cwd=cwd, env=script_env(**env), capture_output=True, text=True, timeout=120)
+
+
+def checkpoint_position(run: Path) -> tuple[int, int] | None:
+    """(epoch, step) of a run's checkpoint, after verifying it loads; None when there is none."""
+    if not (run / "checkpoint.npz").exists():
+        return None
+    _, meta = load_npz(run / "checkpoint.npz", kinds=("checkpoint",))
+    return meta["epoch"], meta["step"]
+
+
+def test_sigkill_at_chosen_moments_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path, photo_folder):
+    """SIGKILL in the middle of an epoch (the last epoch's checkpoint remains) and between writing a
+    checkpoint's temp file and renaming it (the old checkpoint remains, the temp file is cleared
+    by the next start): after every kill both files load, and the epochs never go back."""
+    run = tmp_path / "run"
+    common = ["--data", photo_folder, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet",
+              "--epochs", "1000"]
+    positions = []
+    for attempt in range(8):
+        before = checkpoint_position(run)
+        epoch = before[0] if before else 0
+        where = ["--resume", run] if before else ["--out", run]
+        if attempt % 2:  # killed inside its first checkpoint save, before the rename
+            result = train_with_signal(*common, *where, cwd=tmp_path, at_rename="1,SIGKILL")
+        else:  # one epoch done and saved, then killed at step 1 + attempt % 3 of the next
+            result = train_with_signal(*common, *where, cwd=tmp_path, at=f"{epoch + 2},{1 + attempt % 3},SIGKILL")
+        assert result.returncode == -signal.SIGKILL, result.stderr
+        leftovers = list(run.glob(".checkpoint.npz.*.tmp"))
+        assert len(leftovers) == attempt % 2, leftovers  # exactly the kills inside a save left one
+        position = checkpoint_position(run)  # checksum verified
+        assert position == (before if attempt % 2 else (epoch + 1, 0)), (attempt, before, position)
+        ColorNet.load(run / "model.npz")
+        positions.append(position)
+    assert positions == sorted(positions) and positions[-1][0] == 4
+    result = run_train(*common[:-2], "--resume", run, "--epochs", 6, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint_position(run) == (6, 0) and not list(run.glob(".checkpoint.npz.*.tmp"))
+
+
+def test_sigint_and_sigterm_at_chosen_moments_then_resume_is_bit_identical(tmp_path, photo_folder):
+    """SIGTERM while the photos load, SIGINT and SIGTERM inside epochs, at an epoch's first step and
+    during a checkpoint save: each is one line and exit 130, the checkpoint holds exactly the
+    moment it stopped at, and the resumed run ends with the weights of an uninterrupted one."""
+    common = ["--data", photo_folder, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet",
+              "--seed", "3", "--epochs", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_train(*common, "--out", straight, cwd=tmp_path).returncode == 0
+    # (moment, message, checkpoint (epoch, step) afterwards; None: no checkpoint)
+    plan = [({"at": "0,0,SIGTERM"}, "interrupted; nothing more was saved", None),
+            ({"at": "1,2,SIGINT"}, "interrupted at epoch 1, step 2;", (0, 2)),
+            ({"at": "2,0,SIGTERM"}, "interrupted at epoch 2, step 0;", (1, 0)),
+            ({"at": "3,3,SIGINT"}, "interrupted at epoch 3, step 3;", (2, 3)),
+            ({"at_rename": "1,SIGTERM"}, "interrupted after epoch 3;", (3, 0))]
+    for moment, message, position in plan:
+        where = ["--resume", split] if (split / "checkpoint.npz").exists() else ["--out", split]
+        result = train_with_signal(*common, *where, cwd=tmp_path, **moment)
+        assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("train.py: ") and message in lines[0], result.stderr
+        assert checkpoint_position(split) == position
+    assert run_train(*common, "--resume", split, cwd=tmp_path).returncode == 0
+    assert checkpoint_position(split) == (4, 0)
+    assert_same_arrays(checkpoint_arrays(split), checkpoint_arrays(straight))
+
+
 # Runs the script named by argv[1] with every fsync 20 ms slower (a slow disk).
 SLOW_FSYNC = ("import os, runpy, sys, time; fsync = os.fsync; "
               "os.fsync = lambda fd: (time.sleep(0.02), fsync(fd))[1]; sys.argv = sys.argv[1:]; "
@@ -521,7 +576,10 @@ def _poll_and_kill(proc: subprocess.Popen, run: Path, rnd: random.Random, during
     proc.wait()
 
 
-def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path, photo_folder):
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path, photo_folder):
+    """The randomized stress variant of test_sigkill_at_chosen_moments...: its moments are
+    wall-clock times, so what it covers depends on the machine's speed."""
     run = tmp_path / "run"
     common = ["--data", photo_folder, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet"]
     rnd = random.Random(1)
@@ -598,9 +656,12 @@ def _wait_for_mid_epoch(log: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_at_random_moments_then_resume_is_bit_identical(tmp_path):
     """Real signals at random times, each answered by a saved checkpoint, a one-line message and
-    exit 130; the resumed run ends with exactly the weights of an uninterrupted one."""
+    exit 130; the resumed run ends with exactly the weights of an uninterrupted one. The stress
+    variant of test_sigint_and_sigterm_at_chosen_moments...: it needs a machine slow enough for
+    its sleeps to land inside the run."""
     photos = make_photos(tmp_path / "photos", 80, size=16)
     common = ["--data", photos, "--size", "32", "--batch-size", "2", "--widths", "8,16",
               "--epochs", "5"]  # 36 steps an epoch
