@@ -169,17 +169,29 @@ class Conv2d(Layer):
     auto_winograd = True
     winograd_min_channels = 16
 
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, rng=None, dtype=np.float32):
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, rng=None, dtype=np.float32, bias: bool = True):
         super().__init__()
         if kernel % 2 != 1:
             raise ValueError("'same' padding needs an odd kernel size")
         rng = rng if rng is not None else np.random.default_rng()
         std = np.sqrt(2.0 / (kernel * kernel * c_in))
         self.k, self.c_in, self.c_out = kernel, c_in, c_out
-        self.params = {"W": (rng.standard_normal((kernel, kernel, c_in, c_out)) * std).astype(dtype),
-                       "b": np.zeros(c_out, dtype=dtype)}
+        self.params = {"W": (rng.standard_normal((kernel, kernel, c_in, c_out)) * std).astype(dtype)}
+        if bias:  # a conv followed by BatchNorm has none: BatchNorm subtracts any constant again
+            self.params["b"] = np.zeros(c_out, dtype=dtype)
         self.grads = {name: None for name in self.params}
         self.input_grad = True  # the first layer of a network may skip computing dx
+
+    @property
+    def bias(self):
+        """(F,) the bias, zeros for a conv without one."""
+        W = self.params["W"]
+        return self.params["b"] if "b" in self.params else array_module(W).zeros(self.c_out, dtype=W.dtype)
+
+    def _set_bias_grad(self, dout_rows) -> None:
+        """db = the sum of dout over every pixel (rows (P, F)), for a conv that has a bias."""
+        if "b" in self.params:
+            self.grads["b"] = dout_rows.sum(axis=0)
 
     def path(self, H: int, W: int, on_cpu: bool = True) -> str:
         """The method forward/backward take at image size H x W: 'im2col', 'gemm' or 'winograd'."""
@@ -215,7 +227,7 @@ class Conv2d(Layer):
         # The patch matrix is kept for backward (dW needs it): one buffer per layer and shape.
         cols = im2col(x_pad, k, H, W, out=self._own_buffer("_cols", (N * H * W, k * k * C), x))
         out = cols @ self.params["W"].reshape(k * k * C, F)
-        out += self.params["b"]
+        out += self.bias
         self.cache = ("im2col", cols, x.shape)
         return out.reshape(N, H, W, F)
 
@@ -229,7 +241,7 @@ class Conv2d(Layer):
         k, F = self.k, self.c_out
         dout2d = dout.reshape(N * H * W, F)
         self.grads["W"] = _weight_grad(cols, dout2d).reshape(self.params["W"].shape)
-        self.grads["b"] = dout2d.sum(axis=0)
+        self._set_bias_grad(dout2d)
         if not self.input_grad:
             return None
         if self.dx_method == "col2im":
@@ -252,8 +264,8 @@ class Conv2d(Layer):
         k, F = self.k, self.c_out
         self.cache = ("gemm", x)
         if 4 * F <= C and k > 1:
-            return _conv_multiply_then_shift(x, self.params["W"], self.params["b"])
-        w2d, b = self.params["W"].reshape(k * k * C, F), self.params["b"]
+            return _conv_multiply_then_shift(x, self.params["W"], self.bias)
+        w2d, b = self.params["W"].reshape(k * k * C, F), self.bias
         out = xp.empty((N, H, W, F), dtype=x.dtype)
 
         def piece(n: slice, y: slice) -> None:
@@ -281,7 +293,7 @@ class Conv2d(Layer):
 
             _run_pieces(weight_grad, pieces, dout)
             self.grads["W"] = dw.sum(axis=0).reshape(self.params["W"].shape)
-            self.grads["b"] = db.sum(axis=0)
+            self._set_bias_grad(db)
             return None
         # One patch matrix of dout serves both gradients (dcols[(n,y,x), (i,j,f)] = dout_pad[n, y+i, x+j, f]):
         #   dx = dcols @ W_flipped                       (a convolution with the flipped kernel)
@@ -300,7 +312,7 @@ class Conv2d(Layer):
         _run_pieces(products, pieces, dout)
         dw_flipped = dw.sum(axis=0).reshape(C, k, k, F)
         self.grads["W"] = xp.ascontiguousarray(dw_flipped[:, ::-1, ::-1].transpose(1, 2, 0, 3))
-        self.grads["b"] = db.sum(axis=0)
+        self._set_bias_grad(db)
         return dx
 
     # -- "winograd" -----------------------------------------------------------------------------
@@ -321,7 +333,7 @@ class Conv2d(Layer):
         N, H, W, C = x.shape
         F, tw = self.c_out, W // 2
         U = winograd.filter_transform(self.params["W"])
-        b = self.params["b"]
+        b = self.bias
         out = xp.empty((N, H, W, F), dtype=x.dtype)
 
         def piece(n: slice, t: slice) -> None:
@@ -368,7 +380,7 @@ class Conv2d(Layer):
         # Whole images only: the input transform's adjoint adds across the borders of tile rows.
         _run_pieces(piece, _pieces(N, th, tw, dout, bands=False), dout)
         self.grads["W"] = winograd.filter_transform_adjoint(dU.sum(axis=0))
-        self.grads["b"] = db.sum(axis=0)
+        self._set_bias_grad(db)
         return dx
 
 
@@ -583,6 +595,8 @@ class BatchNorm2d(Layer):
     mean and variance collected in training take their place, so one photo's output does not
     depend on the others in its batch. gamma and beta are parameters (Adam steps them); the
     running statistics are `buffers`, saved with the weights but never stepped.
+    When a batch is split over several processes (MPI), `sum_over_batch` adds per-channel sums
+    over all of them, so every shard is normalized with the statistics of the whole batch.
     """
 
     def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32):
@@ -593,6 +607,15 @@ class BatchNorm2d(Layer):
         self.buffers = {"running_mean": np.zeros(channels, dtype=dtype),
                         "running_var": np.ones(channels, dtype=dtype)}
         self.training = True
+        # Data parallelism: the batch is cut into `shards` equal shards, one per process, and
+        # sum_over_batch maps (k, C) sums over this shard to sums over the whole batch.
+        self.shards, self.sum_over_batch = 1, None
+
+    def _batch_sums(self, *partial):
+        """Per-channel sums (C,) over this shard's pixels -> the same sums over the whole batch."""
+        if self.sum_over_batch is None:
+            return partial
+        return tuple(self.sum_over_batch(array_module(partial[0]).stack(partial)))
 
     def forward(self, x):
         """x (N, H, W, C) -> (N, H, W, C)."""
@@ -603,35 +626,31 @@ class BatchNorm2d(Layer):
             scale = gamma / (self.buffers["running_var"] + self.eps) ** 0.5
             self.cache = ("eval",)
             return (rows * scale + (beta - self.buffers["running_mean"] * scale)).reshape(x.shape)
-        P = rows.shape[0]
-        mean = rows.mean(axis=0)
-        centered = rows - mean
-        var = (centered * centered).mean(axis=0)  # biased: the variance the batch was normalized by
+        P = rows.shape[0] * self.shards  # pixels in the whole batch
+        mean = self._batch_sums(rows.sum(axis=0))[0] / P
+        x_hat = rows - mean
+        var = self._batch_sums((x_hat * x_hat).sum(axis=0))[0] / P  # biased: what the batch is normalized by
         inv_std = 1 / (var + self.eps) ** 0.5
-        x_hat = centered
         x_hat *= inv_std
-        m = self.momentum  # running variance is the unbiased estimate, as PyTorch keeps it
+        m = self.momentum  # the running variance is the unbiased estimate, as PyTorch keeps it
         self.buffers["running_mean"] = (1 - m) * self.buffers["running_mean"] + m * mean
         self.buffers["running_var"] = (1 - m) * self.buffers["running_var"] + m * var * (P / max(P - 1, 1))
-        self.cache = ("train", x_hat, inv_std)
+        self.cache = ("train", x_hat, inv_std, P)
         return (x_hat * gamma + beta).reshape(x.shape)
 
     def backward(self, dout):
         """dout (N, H, W, C) -> dx (N, H, W, C); fills grads of gamma and beta."""
-        C = dout.shape[-1]
-        d = dout.reshape(-1, C)
         if self.cache[0] != "train":
             raise RuntimeError("BatchNorm2d.backward needs a forward pass in training mode")
-        _, x_hat, inv_std = self.cache
-        P = d.shape[0]
-        dbeta = d.sum(axis=0)
-        dgamma = (d * x_hat).sum(axis=0)
-        self.grads["beta"], self.grads["gamma"] = dbeta, dgamma
+        _, x_hat, inv_std, P = self.cache
+        d = dout.reshape(-1, dout.shape[-1])
+        self.grads["beta"] = d.sum(axis=0)
+        self.grads["gamma"] = (d * x_hat).sum(axis=0)
+        dbeta, dgamma = self._batch_sums(self.grads["beta"], self.grads["gamma"])
         # dx = gamma / std * (d - mean(d) - x_hat * mean(d * x_hat)): the batch mean and variance
         # depend on every input, which gives the two subtracted terms.
         dx = x_hat * (dgamma / P)
-        xp = array_module(d)
-        xp.subtract(d, dx, out=dx)
+        array_module(d).subtract(d, dx, out=dx)
         dx -= dbeta / P
         dx *= self.params["gamma"] * inv_std
         return dx.reshape(dout.shape)

@@ -49,12 +49,14 @@ class ColorNet:
         self.config = {"arch": arch, "widths": [int(w) for w in widths], "kernel": int(kernel),
                        "out_channels": int(out_channels), "head": head}
         rng = np.random.default_rng(seed)
-        conv = lambda c_in, c_out: Conv2d(c_in, c_out, kernel, rng=rng, dtype=dtype)
+        conv = lambda c_in, c_out, bias=True: Conv2d(c_in, c_out, kernel, rng=rng, dtype=dtype, bias=bias)
         unet = arch == "unet"
 
         def block(c_in: int, c_out: int) -> list:
-            """Conv + ReLU, with BatchNorm between them in the U-Net."""
-            return [conv(c_in, c_out), BatchNorm2d(c_out, dtype=dtype), ReLU()] if unet else [conv(c_in, c_out), ReLU()]
+            """Conv + ReLU, with BatchNorm between them (and no conv bias) in the U-Net."""
+            if unet:
+                return [conv(c_in, c_out, bias=False), BatchNorm2d(c_out, dtype=dtype), ReLU()]
+            return [conv(c_in, c_out), ReLU()]
 
         self.down, self.up = [], []  # (block, MaxPool2d) per encoder level; (block, Upsample2d, Concat | None) per decoder level
         c = 1

@@ -34,6 +34,7 @@ from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset
 from .distributed import GradientAverager, World
 from .infer import side_by_side
 from .classify import ClassificationLoss
+from .layers import BatchNorm2d
 from .loss import MSELoss
 from .metrics import psnr
 from .model import DEFAULT_WIDTHS, ColorNet, full_config
@@ -146,6 +147,14 @@ class Trainer:
                 self._load_initial_weights(cfg.init)
             self.optimizer = Adam(self.model.param_layers, lr=cfg.lr)
         self.averager = GradientAverager(self.model.param_layers, self.world) if self.world.size > 1 else None
+        if self.world.size > 1:  # BatchNorm normalizes each shard with the whole batch's statistics
+            for layer in self.model.layers:
+                if isinstance(layer, BatchNorm2d):
+                    layer.shards, layer.sum_over_batch = self.world.size, self._sum_over_ranks
+
+    def _sum_over_ranks(self, partial):
+        """Per-channel sums (k, C) of this rank's shard -> the sums over all ranks, same dtype and device."""
+        return backend.xp.asarray(self.world.sum(backend.to_numpy(partial)), dtype=partial.dtype)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
