@@ -1,0 +1,281 @@
+"""The command-line programs as a user meets them with real files: no user file is ever replaced,
+outputs of earlier runs are recognised, every bad setting or place is one line before any work,
+and --resume continues a run on its own settings."""
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, colorful_rgb, run_colorize, run_train, save_image, tiny_weights
+from nanocolor import evaluate, serialize
+from nanocolor.serialize import load_npz
+
+_spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
+train_cli = importlib.util.module_from_spec(_spec)
+sys.modules["train_cli"] = train_cli
+_spec.loader.exec_module(train_cli)
+
+
+def photos(folder: Path, n: int, size: int = 16) -> Path:
+    for i in range(n):
+        save_image(folder / f"{i:03d}.png", colorful_rgb(size, size, seed=i))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    return photos(tmp_path_factory.mktemp("photos"), 12)
+
+
+def tiny_train(photo_folder: Path) -> list:
+    return ["--data", photo_folder, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet"]
+
+
+def run_train_here(capsys, *args) -> tuple[int, list[str]]:
+    """train.py's main in this process (so that the test can fake the disk): (exit code, stderr lines)."""
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        code = train_cli.main([str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return code, capsys.readouterr().err.splitlines()
+
+
+# -- colorize.py: outputs ------------------------------------------------------------------------
+
+def test_outputs_never_replace_an_input_or_a_file_colorize_did_not_write(tmp_path, capsys):
+    """Defect: `--output s` over s/x.jpg + s/x.png wrote x.jpg's colors into the user's x.png;
+    --compare over c/x.jpg replaced the user's c/x_compare.png."""
+    weights = tiny_weights(tmp_path / "w.npz")
+    s = tmp_path / "s"
+    save_image(s / "x.jpg", colorful_rgb(8, 8), quality=95)
+    user_png = save_image(s / "x.png", colorful_rgb(8, 8, seed=1))
+    c = tmp_path / "c"
+    save_image(c / "x.jpg", colorful_rgb(8, 8, seed=2), quality=95)
+    user_compare = save_image(c / "x_compare.png", colorful_rgb(8, 8, seed=3))
+    user_output = save_image(tmp_path / "p_color.png", colorful_rgb(8, 8, seed=4))  # not colorize's
+    photo = save_image(tmp_path / "p.png", colorful_rgb(8, 8, seed=5))
+    originals = {p: p.read_bytes() for p in (user_png, user_compare, user_output)}
+
+    for args in ([s, "--output", s], [c, "--compare"], [photo]):
+        code, stdout, err = run_colorize(capsys, *args, "--weights", weights)
+        assert code == 0, err
+    assert {p: p.read_bytes() for p in originals} == originals
+    assert sorted(p.name for p in s.iterdir()) == ["x.jpg", "x.png", "x_jpg.png", "x_png.png"]
+    assert (c / "x_color.png").is_file() and (c / "x_compare_2.png").is_file()
+    assert (tmp_path / "p_png_color.png").is_file()  # p_color.png is the user's: a distinct name
+
+
+def test_a_second_run_on_a_folder_skips_the_first_runs_outputs(tmp_path, capsys):
+    """Defect: colorizing a folder twice colorized its own outputs (x_color_color.png)."""
+    weights = tiny_weights(tmp_path / "w.npz")
+    folder = tmp_path / "scans"
+    save_image(folder / "x.png", colorful_rgb(8, 8))
+    save_image(folder / "y.jpg", colorful_rgb(8, 8, seed=1), quality=95)
+    for run in range(2):
+        code, stdout, err = run_colorize(capsys, folder, "--compare", "--weights", weights)
+        assert code == 0, err
+    assert "skipped 4 earlier outputs of colorize.py" in stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["x.png", "x_color.png", "x_compare.png", "y.jpg",
+                                                         "y_color.png", "y_compare.png"]
+
+
+def test_folders_are_searched_recursively_and_mirrored_under_output(tmp_path, capsys):
+    """Defect: colorize.py DIR did not recurse (train and evaluate do); a/x.png and b/x.png must
+    not collide under --output."""
+    weights = tiny_weights(tmp_path / "w.npz")
+    top = tmp_path / "photos"
+    a = save_image(top / "a" / "x.png", colorful_rgb(8, 8))
+    b = save_image(top / "b" / "deeper" / "x.png", colorful_rgb(8, 8, seed=1))
+    out = tmp_path / "out"
+    code, stdout, err = run_colorize(capsys, top, "--output", out, "--weights", weights)
+    assert code == 0, err
+    assert f"{a} -> {out / 'a' / 'x.png'}" in stdout and f"{b} -> {out / 'b' / 'deeper' / 'x.png'}" in stdout
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a/x.png", "b/deeper/x.png"]
+
+
+def test_an_unreadable_folder_is_one_line_and_the_other_inputs_are_done(tmp_path, capsys, monkeypatch):
+    """Defect: a folder that cannot be listed gave a traceback and nothing was colorized."""
+    weights = tiny_weights(tmp_path / "w.npz")
+    locked, other = tmp_path / "locked", tmp_path / "other"
+    save_image(locked / "x.png", colorful_rgb(8, 8))
+    photo = save_image(other / "y.png", colorful_rgb(8, 8, seed=1))
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (tests may run as root)
+        if Path(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, stdout, err = run_colorize(capsys, locked, other, "--weights", weights)
+    assert code == 1
+    assert err[0] == f"colorize.py: error: {locked}: cannot read this folder (Permission denied)"
+    assert err[-1] == "colorize.py: 1 of 2 inputs failed" and len(err) == 2
+    assert f"{photo} ->" in stdout and (other / "y_color.png").is_file()
+
+
+def test_bad_output_and_weights_places_are_one_line_before_any_work(tmp_path, capsys):
+    """Defects: --weights DIR said 'no such file'; --output x.png silently made a folder x.png;
+    --output FILE repeated one error per image."""
+    weights = tiny_weights(tmp_path / "w.npz")
+    photo = save_image(tmp_path / "p.png", colorful_rgb(8, 8))
+    other = save_image(tmp_path / "q.png", colorful_rgb(8, 8, seed=1))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    cases = [(["--weights", tmp_path], "is a folder"),
+             (["--weights", weights, "--output", tmp_path / "x.png"], "looks like a file name"),
+             (["--weights", weights, "--output", a_file], "is a file, not a folder"),
+             (["--weights", weights, "--work-size", 3000], "memory grows with its square")]
+    for args, reason in cases:
+        code, stdout, err = run_colorize(capsys, photo, other, *args)
+        assert code == 2 and len(err) == 1 and reason in err[0], (args, err)
+        assert stdout == ""
+    assert not (tmp_path / "x.png").exists() and a_file.read_text() == "keep me"
+    assert not (tmp_path / "p_color.png").exists()
+    code, _, err = run_colorize(capsys, photo, "--weights", weights, "--work-size", 1024)
+    assert code == 0, err  # the cap itself is allowed
+
+
+def test_an_animated_gif_says_only_its_first_frame_is_colorized(tmp_path, capsys):
+    """Defect: a GIF's first frame was used silently."""
+    frames = [Image.fromarray(colorful_rgb(8, 10, seed=i)) for i in range(3)]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    still = tmp_path / "still.gif"
+    frames[0].save(still)
+    code, _, err = run_colorize(capsys, gif, still, "--weights", tiny_weights(tmp_path / "w.npz"))
+    assert code == 0
+    assert err == [f"colorize.py: warning: {gif} has 3 frames; only the first was colorized"]
+    assert (tmp_path / "anim_color.png").is_file() and (tmp_path / "still_color.png").is_file()
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+def test_evaluate_prints_the_scores_before_a_bad_gallery_fails(tmp_path, capsys, photo_folder):
+    """Defect: --gallery BADPATH computed every score, then printed none."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = evaluate.main(["--data", str(photo_folder), "--weights", str(tiny_weights(tmp_path / "w.npz")),
+                          "--gallery", str(blocker / "gallery.png"), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "12 color photos" in captured.out and "model" in captured.out
+    errors = captured.err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("evaluate: error: cannot write the gallery")
+
+
+def test_evaluate_off_a_terminal_writes_a_few_plain_progress_lines(tmp_path, capsys):
+    """Defect: with stderr in a file, every tqdm redraw became a line (~220 for 1,100 photos)."""
+    folder = photos(tmp_path / "many", 40, size=8)
+    code = evaluate.main(["--data", str(folder), "--weights", str(tiny_weights(tmp_path / "w.npz"))])
+    captured = capsys.readouterr()
+    assert code == 0 and not sys.stderr.isatty()
+    lines = captured.err.splitlines()
+    assert "\r" not in captured.err and 1 <= len(lines) <= 10, lines
+    assert lines[-1] == "evaluating: 40/40 photos"
+
+
+# -- train.py --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,reason", [
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--limit", "-15"], "--limit must be at least 1, got -15"),
+    (["--lr", "inf"], "--lr must be finite and above 0, got inf"),
+    (["--lr", "nan"], "--lr must be finite"),
+    (["--lr", "0"], "--lr must be above 0"),
+    (["--val-fraction", "1"], "--val-fraction must be at least 0 and below 1"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--widths", "4,x"], "--widths must be positive integers"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_train_numeric_options_are_checked_up_front(tmp_path, args, reason):
+    """Defects: --limit 0 and -15 were accepted (-15 trained on all but 15 photos); --lr inf
+    flooded stderr with NumPy warnings. The data folder does not exist: the option is found first."""
+    result = run_train("--data", tmp_path / "nowhere", "--out", tmp_path / "run", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"train.py: error: {result.stderr.split('error: ')[1].strip()}"]
+    assert reason in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("place", ["file", "under_file"])
+def test_train_checks_its_output_place_before_reading_photos(tmp_path, place):
+    """Defect: --out FILE ended in a traceback after the whole dataset was loaded. The data folder
+    does not exist, so an error naming the output place proves it was checked first."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    out = blocker if place == "file" else blocker / "run"
+    result = run_train("--data", tmp_path / "nowhere", "--out", out, "--epochs", 1, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()] and f"error: {blocker}:" in result.stderr
+    assert blocker.read_text() == "keep me"
+
+
+def test_train_on_an_unwritable_folder_is_one_line(tmp_path, capsys, photo_folder, monkeypatch):
+    """Permissions cannot be relied on (tests may run as root): the OS's refusal is faked."""
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if parent in (Path(path), Path(path).parent):  # a file in it, or O_TMPFILE on it
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refusing_open)
+    code, err = run_train_here(capsys, *tiny_train(photo_folder), "--out", parent / "run", "--epochs", 1)
+    assert code == 2 and err == [f"train.py: error: {parent}: cannot write there (Permission denied)"]
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_keeps_the_last_checkpoint(tmp_path, capsys,
+                                                                                photo_folder, monkeypatch):
+    """Defect: an OSError while saving ended in a traceback."""
+    run = tmp_path / "run"
+    code, err = run_train_here(capsys, *tiny_train(photo_folder), "--out", run, "--epochs", 1)
+    assert code == 0, err
+    good = load_npz(run / "checkpoint.npz")[0]
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(serialize.os, "fsync", full)
+    code, err = run_train_here(capsys, *tiny_train(photo_folder), "--resume", run, "--epochs", 2)
+    monkeypatch.undo()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"train.py: error: {run}: No space left on device; "
+                      f"the last checkpoint, {run / 'checkpoint.npz'}, is kept")
+    arrays, meta = load_npz(run / "checkpoint.npz")
+    assert meta["epoch"] == 1 and all(np.array_equal(arrays[k], good[k]) for k in good)
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_resume_continues_the_runs_own_settings_and_names_what_it_ignores(tmp_path, photo_folder):
+    """Defect: --resume of a run started with --epochs 2 trained to 50, and --size, --lr, ...
+    given with --resume were ignored silently. The data path is stored absolute, so a resume from
+    another working folder finds the photos."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / "photos").symlink_to(photo_folder)
+    run = tmp_path / "run"
+    result = run_train("--data", "photos", "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet",
+                       "--out", run, "--epochs", 1, cwd=here)
+    assert result.returncode == 0, result.stderr
+    result = run_train("--resume", run, "--quiet", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert load_npz(run / "checkpoint.npz")[1]["epoch"] == 1  # its own 1 epoch, not 50
+    assert result.stderr == ""
+    result = run_train("--resume", run, "--epochs", 2, "--size", "16", "--lr", "0.5", "--batch-size", "2",
+                       "--quiet", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("train.py: warning: --resume continues"), warnings
+    assert "--size 16 (the run has 8)" in warnings[0] and "--lr 0.5 (the run has 0.001)" in warnings[0]
+    assert "--batch-size" not in warnings[0]  # the same as the run's: nothing ignored
+    _, meta = load_npz(run / "checkpoint.npz")
+    assert meta["epoch"] == 2 and meta["train_config"]["size"] == 8 and meta["train_config"]["epochs"] == 2
