@@ -43,6 +43,11 @@ def use_device(device: str | None = None) -> ModuleType:
     return xp
 
 
+def on_host(x) -> bool:
+    """True for a NumPy array (host memory), False for a device array."""
+    return isinstance(x, np.ndarray)
+
+
 def array_module(x) -> ModuleType:
     """NumPy or CuPy, whichever owns array `x`."""
     return np if isinstance(x, np.ndarray) else _cupy_module(x)

@@ -208,18 +208,18 @@ def annealed_mean(logits, centers: np.ndarray | None = None, temperature: float 
 class SoftmaxCrossEntropy:
     """loss = mean over pixels of weight * (-sum_q target_q log softmax(logits)_q).
 
-    forward(logits (N, H, W, Q), target_dist (N, H, W, Q), weights (N, H, W) or None) -> float;
+    forward(logits (N, H, W, Q), target_dist (N, H, W, Q), weights (N, H, W) or None) -> scalar;
     backward() -> dloss/dlogits (N, H, W, Q) = weight * (softmax * sum_q target_q - target) / pixels.
     """
 
-    def forward(self, logits, target_dist, weights=None) -> float:
+    def forward(self, logits, target_dist, weights=None):
         xp = array_module(logits)
         shifted = logits - logits.max(axis=-1, keepdims=True)  # log-sum-exp without overflow
         log_prob = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
         if weights is None:
             weights = xp.ones(logits.shape[:-1], dtype=logits.dtype)
         self.cache = (log_prob, target_dist, weights)
-        return float((weights * -(target_dist * log_prob).sum(axis=-1)).mean())
+        return (weights * -(target_dist * log_prob).sum(axis=-1)).mean()  # 0-d on a GPU: no sync here
 
     def backward(self):
         xp = array_module(self.cache[0])

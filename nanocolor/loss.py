@@ -5,9 +5,10 @@ from __future__ import annotations
 class MSELoss:
     """loss = mean((pred - target)^2) over every element; backward gives dloss/dpred."""
 
-    def forward(self, pred, target) -> float:
+    def forward(self, pred, target):
+        """pred, target (N, H, W, 2) -> the loss, a scalar (0-d on a GPU: reading it waits for the GPU)."""
         self.diff = pred - target
-        return float((self.diff * self.diff).mean())
+        return (self.diff * self.diff).mean()
 
     def backward(self):
         return self.diff * (2.0 / self.diff.size)

@@ -1,10 +1,8 @@
 """Adam (Kingma & Ba, 2015) with bias correction, updating every parameter in place."""
 from __future__ import annotations
 
-import numpy as np
-
 from . import parallel
-from .backend import array_module
+from .backend import array_module, on_host
 
 
 class Adam:
@@ -47,7 +45,7 @@ class Adam:
             tmp *= step_size
             params[name] -= tmp
 
-        if all(isinstance(m, np.ndarray) for m in self.m):  # parameters side by side on the CPU workers
+        if all(on_host(m) for m in self.m):  # parameters side by side on the CPU workers
             parallel.run(update, len(self.slots))
         else:
             for i in range(len(self.slots)):
@@ -64,5 +62,6 @@ class Adam:
         for i, (m, v) in enumerate(zip(self.m, self.v)):
             if state[f"m{i}"].shape != m.shape:
                 raise ValueError(f"optimizer state m{i} has shape {state[f'm{i}'].shape}, expected {m.shape}")
-            m[...] = state[f"m{i}"]
-            v[...] = state[f"v{i}"]
+            xp = array_module(m)  # a checkpoint's state is host data: copy it onto the parameters' device
+            m[...] = xp.asarray(state[f"m{i}"], dtype=m.dtype)
+            v[...] = xp.asarray(state[f"v{i}"], dtype=v.dtype)

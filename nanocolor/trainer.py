@@ -42,6 +42,9 @@ from .optim import Adam
 from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz
 
 PREVIEW_IMAGES = 4
+# On a GPU the per-step losses stay on the device and are read back (one host sync) every this
+# many steps; on the CPU every step's loss is checked at once.
+SYNC_EVERY_ON_DEVICE = 32
 # Tests only: "EPOCH,STEP,SIGNAME" makes the trainer send itself SIGNAME at a chosen moment (scheduled_test_signal).
 TEST_SIGNAL_ENV = "NANOCOLOR_TEST_SIGNAL_AT"
 
@@ -208,7 +211,7 @@ class Trainer:
         ab_pred = self.model.train().forward(lightness)
         loss = self.loss.forward(ab_pred, ab_true)
         if self.averager is None:
-            if not math.isfinite(loss):
+            if backend.on_host(ab_pred) and not math.isfinite(loss):  # on a device: checked at the next sync
                 return loss
             self.model.backward(self.loss.backward())
         else:
@@ -310,9 +313,27 @@ class Trainer:
             return self.averager.stop_requested
         return bool(self.world.sum([float(asked)])[0] > 0)
 
+    def _take_losses(self, pending: list, bar) -> None:
+        """Read the losses of the last len(pending) steps back to the host (one sync), stop if one
+        is not finite, add them to the epoch's sum and show the running mean; empties `pending`."""
+        if not pending:
+            return
+        on_host = all(isinstance(v, (float, np.floating)) for v in pending)  # CPU, or reduced over MPI
+        values = pending if on_host else backend.to_numpy(backend.xp.stack(pending))
+        first = self.step - len(pending) + 1
+        for i, loss in enumerate(values):
+            if not math.isfinite(loss):
+                raise self._diverged(f"loss is {loss} at epoch {self.epoch + 1}, step {first + i}")
+        self.loss_sum += float(sum(float(v) for v in values))
+        pending.clear()
+        bar.update(len(values))
+        bar.set_postfix(loss=f"{self.loss_sum / self.step:.5f}")
+
     def _weights_finite(self) -> bool:
-        return all(bool(backend.xp.isfinite(p).all()) for layer in self.model.param_layers
-                   for p in layer.params.values())
+        """Whether every parameter is finite, read back as one value."""
+        xp = backend.xp
+        return bool(xp.stack([xp.isfinite(p).all() for layer in self.model.param_layers
+                              for p in layer.params.values()]).all())
 
     def _diverged(self, what: str) -> TrainingStopped:
         kept = (f"the last good checkpoint is kept in {self.checkpoint_path}" if self.checkpoint_path.exists()
@@ -328,9 +349,12 @@ class Trainer:
         started, cpu_started = time.time(), time.process_time()
         bar = tqdm(total=len(plan), initial=self.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not self.progress, leave=False)
+        sync_every = 1 if backend.xp is np else SYNC_EVERY_ON_DEVICE
+        pending: list = []  # losses of the steps since the last read back to the host
         for step, (positions, flips) in enumerate(plan[self.step:], start=self.step):
             self._test_signal(epoch + 1, self.step)
             if self._stop_requested(in_epoch=True):  # checked between steps, so every update is whole
+                self._take_losses(pending, bar)
                 bar.close()
                 self.cpu_seconds += time.process_time() - cpu_started
                 if not self._weights_finite():
@@ -342,14 +366,12 @@ class Trainer:
             crops = None if offsets is None else offsets[step * cfg.batch_size:(step + 1) * cfg.batch_size][shard]
             L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard],
                                     crops, cfg.size)
-            loss = self.train_step(backend.xp.asarray(L, dtype=self.dtype),
-                                   backend.xp.asarray(ab_true, dtype=self.dtype))
-            if not math.isfinite(loss):
-                raise self._diverged(f"loss is {loss} at epoch {epoch + 1}, step {self.step + 1}")
+            pending.append(self.train_step(backend.xp.asarray(L, dtype=self.dtype),
+                                           backend.xp.asarray(ab_true, dtype=self.dtype)))
             self.step += 1
-            self.loss_sum += loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{self.loss_sum / self.step:.5f}")
+            if len(pending) == sync_every:
+                self._take_losses(pending, bar)
+        self._take_losses(pending, bar)
         bar.close()
         if not self._weights_finite():  # the last step's update is seen by no loss
             raise self._diverged(f"the weights are NaN or infinite at epoch {epoch + 1}, step {self.step}")

@@ -1,0 +1,170 @@
+"""The `--device gpu` code paths against the CPU, on two kinds of device:
+  stand-in  NumPy under CuPy's rules (tests/fake_gpu.py), on every machine: a training run, its
+            resume, and colorizing must never hand a device array to NumPy or mix it with a host
+            array;
+  cupy      a real NVIDIA GPU through CuPy, where one is present (skipped otherwise; run
+            bench/gpu_check.sh on a GPU machine).
+Every layer's forward and backward, a short training run with its resume across devices, and
+colorizing a photo must give the CPU's numbers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fake_gpu
+from conftest import colorful_rgb, save_image
+from nanocolor import backend
+from nanocolor.infer import colorize_array
+from nanocolor.layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
+from nanocolor.model import ColorNet
+from nanocolor.optim import Adam
+from nanocolor.serialize import load_npz
+from nanocolor.trainer import TrainConfig, Trainer
+
+
+def _real_gpu() -> str | None:
+    """Why a real GPU cannot be used here, or None when it can."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no GPU"
+    except Exception as err:  # ImportError, or a CUDA runtime error without a driver
+        return f"no CuPy GPU ({err.__class__.__name__})"
+    return None
+
+
+@pytest.fixture(params=["stand-in", "cupy"])
+def device(request, monkeypatch):
+    """backend.xp is the device's module for this test (the CPU fixture restores NumPy after)."""
+    if request.param == "stand-in":
+        fake_gpu.install(monkeypatch)
+    elif _real_gpu():
+        pytest.skip(_real_gpu())
+    module = backend.use_device("gpu")
+    yield module
+    backend.use_device("cpu")
+
+
+def test_the_device_is_strict_about_host_arrays(device):
+    a = device.asarray(np.arange(6.0).reshape(2, 3))
+    host = np.ones((2, 3))
+    with pytest.raises(TypeError):
+        np.asarray(a)  # implicit device -> host
+    with pytest.raises(TypeError):
+        a + host  # mixing in arithmetic
+    with pytest.raises(TypeError):
+        np.concatenate([a, host])  # mixing in a NumPy function
+    with pytest.raises(TypeError):
+        a[...] = host  # what Adam's restore did: CuPy refuses a host array as the value
+    b = np.concatenate([a, a * 2])  # device-only NumPy calls are dispatched to the device
+    assert isinstance(b, device.ndarray) and b.shape == (4, 3)
+    np.testing.assert_array_equal(b.get()[2:], np.arange(6.0).reshape(2, 3) * 2)
+
+
+def test_adam_restores_host_state_onto_device_parameters(device):
+    """A checkpoint's Adam state is host data; restoring it onto device parameters must copy it over."""
+    layer = type("Layer", (), {})()
+    layer.params = {"W": device.asarray(np.ones((2, 3), dtype=np.float32))}
+    layer.grads = {"W": device.asarray(np.full((2, 3), 0.5, dtype=np.float32))}
+    opt = Adam([layer])
+    opt.step()
+    state = {k: backend.to_numpy(v) if hasattr(v, "shape") else v for k, v in opt.state_dict().items()}
+    again = Adam([layer])
+    again.load_state_dict(state)
+    assert again.t == 1 and isinstance(again.m[0], device.ndarray)
+    np.testing.assert_array_equal(again.m[0].get(), opt.m[0].get())
+
+
+def _photos(folder, count: int = 8):
+    for i in range(count):
+        save_image(folder / f"{i}.png", colorful_rgb(20, 20, seed=i))
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["seed", "unet"])
+def test_training_and_resume_across_devices_equal_the_cpu(tmp_path, device, arch):
+    """2 epochs on the CPU; vs 1 on the device, resumed for 1 on the CPU; vs 1 on the CPU resumed on the device."""
+    photos = _photos(tmp_path / "photos")
+
+    def config(out, epochs):
+        return TrainConfig(data=str(photos), out=str(tmp_path / out), epochs=epochs, batch_size=2, lr=3e-3,
+                           size=8, crop_margin=2, val_fraction=0.25, seed=1, widths=(4, 8), arch=arch,
+                           progress=False)
+
+    def on(where: str) -> None:
+        backend.use_device(where)
+
+    on("cpu")
+    Trainer(config("cpu", 2)).run()
+    on("gpu")
+    Trainer(config("gpu_cpu", 1)).run()
+    on("cpu")
+    Trainer(config("gpu_cpu", 2), resume=True).run()  # a device run's checkpoint resumed on the CPU
+    Trainer(config("cpu_gpu", 1)).run()
+    on("gpu")
+    Trainer(config("cpu_gpu", 2), resume=True).run()  # host checkpoint -> device model and Adam state
+    cpu = load_npz(tmp_path / "cpu" / "checkpoint.npz")[0]
+    for run in ("gpu_cpu", "cpu_gpu"):
+        other = load_npz(tmp_path / run / "checkpoint.npz")[0]
+        assert other.keys() == cpu.keys()
+        for name in cpu:
+            np.testing.assert_allclose(other[name], cpu[name], rtol=1e-3, atol=1e-4, err_msg=f"{run} {name}")
+
+
+@pytest.mark.parametrize("arch", ["seed", "unet"])
+def test_colorize_on_the_device_equals_the_cpu(device, arch):
+    """Within one level of 8 bits."""
+    rgb = colorful_rgb(37, 53, seed=3).astype(np.float32) / 255
+    backend.use_device("cpu")
+    model = ColorNet((4, 8), seed=2, arch=arch)
+    on_cpu = colorize_array(model, rgb, work_size=32)
+    backend.use_device("gpu")
+    model.to_device()
+    on_device = colorize_array(model, rgb, work_size=32)
+    assert isinstance(on_device, np.ndarray) and on_device.shape == (37, 53, 3)
+    assert np.abs(on_device * 255 - on_cpu * 255).max() < 1
+
+
+LAYERS = {
+    "conv3x3": lambda dtype: Conv2d(5, 6, 3, rng=np.random.default_rng(0), dtype=dtype),
+    "conv1x1": lambda dtype: Conv2d(5, 3, 1, rng=np.random.default_rng(0), dtype=dtype),
+    "conv_no_bias": lambda dtype: Conv2d(5, 4, 3, rng=np.random.default_rng(0), dtype=dtype, bias=False),
+    "maxpool": lambda dtype: MaxPool2d(),
+    "upsample": lambda dtype: Upsample2d(),
+    "relu": lambda dtype: ReLU(),
+    "tanh": lambda dtype: Tanh(),
+    "batchnorm": lambda dtype: BatchNorm2d(5, dtype=dtype),
+}
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-4), (np.float64, 1e-10)])
+@pytest.mark.parametrize("name", LAYERS)
+def test_every_layer_forward_and_backward_equal_numpy(device, name, dtype, rtol):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 10, 5)).astype(dtype)
+    results = {}
+    for where in ("cpu", "gpu"):
+        backend.use_device(where)
+        layer = LAYERS[name](dtype)
+        for store in (layer.params, getattr(layer, "buffers", {})):
+            for key, value in store.items():
+                store[key] = backend.xp.asarray(value)
+        out = layer.forward(backend.xp.asarray(x))
+        dout = backend.xp.asarray(np.random.default_rng(6).standard_normal(out.shape).astype(dtype))
+        dx = layer.backward(dout)
+        results[where] = [backend.to_numpy(out), backend.to_numpy(dx)] + \
+            [backend.to_numpy(layer.grads[key]) for key in sorted(layer.params)]
+    for cpu, gpu in zip(results["cpu"], results["gpu"]):
+        assert gpu.dtype == cpu.dtype
+        np.testing.assert_allclose(gpu, cpu, rtol=rtol, atol=rtol * np.abs(cpu).max())
+
+
+def test_concat_equal_numpy(device):
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 4, 6, 3)), rng.standard_normal((2, 4, 6, 2))
+    cat = Concat()
+    out = cat.forward(device.asarray(a), device.asarray(b))
+    np.testing.assert_array_equal(backend.to_numpy(out), np.concatenate([a, b], axis=-1))
+    da, db = cat.backward(out)
+    np.testing.assert_array_equal(backend.to_numpy(da), a)
+    np.testing.assert_array_equal(backend.to_numpy(db), b)
