@@ -18,8 +18,8 @@ from pathlib import Path
 from nanocolor import backend, options
 from nanocolor.data import DataError
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
-from nanocolor.model import DEFAULT_WIDTHS
-from nanocolor.serialize import CorruptFileError
+from nanocolor.model import DEFAULT_WIDTHS, full_config
+from nanocolor.serialize import CorruptFileError, load_npz
 from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
 
 HERE = Path(__file__).resolve().parent
@@ -27,9 +27,9 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data",
-                   help="folder of color photos, searched recursively; a Kaggle-style folder with "
-                        "color/ and gray/ trains on color/ (default: the run's own folder with "
+    p.add_argument("--data", nargs="+", metavar="FOLDER",
+                   help="folder(s) of color photos, searched recursively; a Kaggle-style folder with "
+                        "color/ and gray/ trains on color/ (default: the run's own folders with "
                         "--resume, else the bundled sample)")
     p.add_argument("--out", help="run folder for checkpoint, weights, log and preview "
                                  "(default: runs/<date-time>)")
@@ -45,8 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing (default mse)")
     p.add_argument("--size", type=int, default=64,
                    help="training images are center-cropped and resized to SIZE x SIZE (default 64)")
-    p.add_argument("--widths", default=",".join(map(str, DEFAULT_WIDTHS)),
-                   help="channel widths of the encoder levels, comma-separated (default %(default)s)")
+    p.add_argument("--arch", choices=("unet", "seed"), default=None,
+                   help="unet: BatchNorm and skip connections; seed: the plain autoencoder "
+                        "(default unet, or that of the --init weights)")
+    p.add_argument("--crop-margin", type=int, default=None,
+                   help="photos are resized to SIZE + MARGIN and every batch takes random SIZE x SIZE crops "
+                        "(default SIZE / 4; 0: the whole photo at SIZE)")
+    p.add_argument("--widths", default=None,
+                   help="channel widths of the encoder levels, comma-separated "
+                        f"(default {','.join(map(str, DEFAULT_WIDTHS))}, or those of the --init weights)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of photos held out for validation (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, split and batch order (default 0)")
@@ -79,11 +86,14 @@ def main(argv=None) -> int:
         backend.use_device(args.device)
         use_local_gpu(world, backend.xp)
         check_numbers(args)
-        widths = options.parse_widths(args.widths)
-        data = str(Path(args.data).resolve()) if args.data else (None if args.resume else str(HERE / "data" / "sample"))
+        arch, widths = _architecture(args)
+        data = [str(Path(d).resolve()) for d in args.data] if args.data else \
+            (None if args.resume else str(HERE / "data" / "sample"))
+        crop_margin = args.size // 4 if args.crop_margin is None else args.crop_margin
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
                           lr=args.lr, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          widths=widths, loss=args.loss, limit=args.limit, init=args.init, progress=not args.quiet and world.is_root)
+                          widths=widths, arch=arch, crop_margin=crop_margin, loss=args.loss, limit=args.limit,
+                          init=args.init, progress=not args.quiet and world.is_root)
         if not args.resume and (Path(out) / "checkpoint.npz").exists():
             raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
         if args.resume:
@@ -124,6 +134,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--val-fraction", args.val_fraction, low=0, high=1, below=True)
     options.check_number("--seed", args.seed, low=0)
     options.check_number("--limit", args.limit, low=1)
+    options.check_number("--crop-margin", args.crop_margin, low=0)
 
 
 def resume_settings(cfg: TrainConfig, args: argparse.Namespace) -> None:
@@ -136,6 +147,16 @@ def resume_settings(cfg: TrainConfig, args: argparse.Namespace) -> None:
         warnings.warn(f"--resume continues {cfg.out} with its own settings; ignored: {', '.join(ignored)}")
     cfg.epochs = args.epochs or stored.get("epochs", cfg.epochs)
     cfg.data = None  # the trainer reads the run's own data folders from its checkpoint
+
+
+def _architecture(args: argparse.Namespace) -> tuple[str, tuple]:
+    """--arch and --widths as given; what is not given comes from the --init weights, else the defaults."""
+    config = {"arch": "unet", "widths": DEFAULT_WIDTHS}
+    if args.init:
+        config = full_config(load_npz(args.init)[1].get("config") or {})
+    arch = args.arch or config["arch"]
+    widths = options.parse_widths(args.widths) if args.widths else tuple(config["widths"])
+    return arch, widths
 
 
 def _rank_tag(world: World) -> str:

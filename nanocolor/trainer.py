@@ -39,6 +39,7 @@ from .loss import MSELoss
 from .metrics import psnr
 from .model import DEFAULT_WIDTHS, ColorNet, full_config
 from .optim import Adam
+from .plots import curves_png
 from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz
 
 PREVIEW_IMAGES = 4
@@ -269,12 +270,20 @@ class Trainer:
         writer.writerows(self.cfg.history)
         atomic_write_bytes(self.out / "log.csv", buffer.getvalue().encode())
 
+    def write_curves(self) -> None:
+        """curves.png: the log's losses and PSNR per epoch (needs matplotlib, an optional extra)."""
+        picture = curves_png(self.cfg.history, title=self.out.name)
+        if picture is not None:
+            atomic_write_bytes(self.out / "curves.png", picture)
+        elif self.progress and len(self.cfg.history) == 1:
+            tqdm.write("no curves.png: matplotlib is not installed (pip install 'nanocolor[plots]')")
+
     def run(self) -> dict:
         """Train up to cfg.epochs; returns the last epoch's history row (empty if nothing to do)."""
         cfg = self.cfg
         if self.world.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
-            for name in ("checkpoint.npz", "model.npz", "preview.png", "log.csv"):
+            for name in ("checkpoint.npz", "model.npz", "preview.png", "log.csv", "curves.png"):
                 remove_stale_temp_files(self.out / name)  # left by a run killed while saving
         self._stop_signal = None
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -389,6 +398,7 @@ class Trainer:
                         cpu_seconds=round(self.cpu_seconds, 1))
         self.write_preview()
         self.write_log()
+        self.write_curves()
         if self.progress:
             tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  "
                        f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  "

@@ -55,7 +55,8 @@ def trained_run(tmp_path_factory):
 
 def test_train_one_epoch_writes_the_run_files(trained_run):
     run_dir, result = trained_run
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.npz", "log.csv", "model.npz", "preview.png"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.npz", "curves.png", "log.csv", "model.npz",
+                                                         "preview.png"]
     rows = read_log(run_dir)
     assert len(rows) == 1 and rows[0]["epoch"] == "1"
     for column in ("train_loss", "val_loss", "val_psnr"):

@@ -21,7 +21,7 @@ from nanocolor import distributed
 from nanocolor.distributed import DistributedError, GradientAverager, World, init_world
 from nanocolor.model import ColorNet
 
-RUN_FILES = {"checkpoint.npz", "model.npz", "log.csv", "preview.png"}
+RUN_FILES = {"checkpoint.npz", "model.npz", "log.csv", "preview.png", "curves.png"}
 # A tiny run: 16 photos -> 13 train / 3 validation, 3 steps of 4 images per epoch.
 TINY = ("--size", "16", "--widths", "4,8", "--batch-size", "4", "--val-fraction", "0.2", "--quiet")
 
