@@ -52,6 +52,13 @@ def gray_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.repeat(g[..., None], 3, axis=-1)
 
 
+def make_photos(folder: Path, n: int, size: int = 16, seed: int = 0) -> Path:
+    """n colorful PNG photos 000.png, 001.png, ... of size x size in `folder`."""
+    for i in range(n):
+        save_image(folder / f"{i:03d}.png", colorful_rgb(size, size, seed=seed + i))
+    return folder
+
+
 def save_image(path: Path, array: np.ndarray, **save_kwargs) -> Path:
     """Write a uint8 (H, W, 3) or (H, W) array as an image file; the format follows the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,10 +155,16 @@ def run_train(*args, cwd: Path, timeout: float = 120, **env: str) -> subprocess.
     return run_script("train.py", *args, cwd=cwd, timeout=timeout, **env)
 
 
-_spec = importlib.util.spec_from_file_location("colorize_cli", REPO / "colorize.py")
-colorize_cli = importlib.util.module_from_spec(_spec)
-sys.modules["colorize_cli"] = colorize_cli  # dataclasses look their module up there
-_spec.loader.exec_module(colorize_cli)
+def load_script(script: str, name: str):
+    """colorize.py / train.py imported as module `name`, to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(name, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+colorize_cli = load_script("colorize.py", "colorize_cli")
 
 
 def run_colorize(capsys, *args) -> tuple[int, str, list[str]]:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import (colorful_rgb, gray_rgb, run_colorize, run_train, save_image, script_env, tiny_weights,
-                      train_cmd)
+from conftest import (colorful_rgb, gray_rgb, make_photos, run_colorize, run_train, save_image, script_env,
+                      tiny_weights, train_cmd)
 from nanocolor import data, serialize
 from nanocolor.color import rgb_to_lab
 from nanocolor.loss import MSELoss
@@ -60,12 +60,6 @@ def stray_temp_files(folder: Path) -> list[Path]:
 
 def one_line_errors(err_lines: list[str], name: str) -> list[str]:
     return [line for line in err_lines if name in line]
-
-
-def make_photos(folder: Path, n: int, size: int = 16, seed: int = 0) -> Path:
-    for i in range(n):
-        save_image(folder / f"{i:03d}.png", colorful_rgb(size, size, seed=seed + i))
-    return folder
 
 
 def checkpoint_arrays(run: Path) -> dict:

@@ -4,7 +4,6 @@ and --resume continues a run on its own settings."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import signal
 import sys
@@ -14,25 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, colorful_rgb, run_colorize, run_train, save_image, tiny_weights
+from conftest import colorful_rgb, load_script, make_photos, run_colorize, run_train, save_image, tiny_weights
 from nanocolor import evaluate, serialize
 from nanocolor.serialize import load_npz
 
-_spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
-train_cli = importlib.util.module_from_spec(_spec)
-sys.modules["train_cli"] = train_cli
-_spec.loader.exec_module(train_cli)
-
-
-def photos(folder: Path, n: int, size: int = 16) -> Path:
-    for i in range(n):
-        save_image(folder / f"{i:03d}.png", colorful_rgb(size, size, seed=i))
-    return folder
+train_cli = load_script("train.py", "train_cli")
 
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory) -> Path:
-    return photos(tmp_path_factory.mktemp("photos"), 12)
+    return make_photos(tmp_path_factory.mktemp("photos"), 12)
 
 
 def tiny_train(photo_folder: Path) -> list:
@@ -174,7 +164,7 @@ def test_evaluate_prints_the_scores_before_a_bad_gallery_fails(tmp_path, capsys,
 
 def test_evaluate_off_a_terminal_writes_a_few_plain_progress_lines(tmp_path, capsys):
     """Defect: with stderr in a file, every tqdm redraw became a line (~220 for 1,100 photos)."""
-    folder = photos(tmp_path / "many", 40, size=8)
+    folder = make_photos(tmp_path / "many", 40, size=8)
     code = evaluate.main(["--data", str(folder), "--weights", str(tiny_weights(tmp_path / "w.npz"))])
     captured = capsys.readouterr()
     assert code == 0 and not sys.stderr.isatty()
