@@ -1,13 +1,14 @@
-"""Winograd F(2x2, 3x3): transforms against their definitions and adjoints, the Winograd Conv2d
-against central differences (float64) and against the im2col reference path."""
+"""Winograd F(2x2, 3x3) (nanocolor/fast/winograd.py): transforms against their definitions and
+adjoints, the Winograd path of Conv2d against the textbook im2col code, and which path the
+engine knob picks."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import check_gradients, make_conv
-from nanocolor import parallel, winograd
-from nanocolor.layers import Conv2d
+from conftest import make_conv
+from nanocolor import fast
+from nanocolor.fast import parallel, winograd
 
 def tiles_of(x_pad: np.ndarray) -> np.ndarray:
     """(N, 2th+2, 2tw+2, C) -> every 4x4 tile at stride 2, (N, th, tw, 4, 4, C), by loops."""
@@ -88,81 +89,81 @@ def test_applies_only_to_3x3_on_even_sizes():
 
 
 # ---------------------------------------------------------------------------------------------
-# Conv2d on the Winograd path
+# Conv2d on the Winograd path (gradients by central differences: tests/test_layers.py)
 
-@pytest.mark.parametrize("shape,c_out", [
-    ((2, 4, 6, 3), 4),   # non-square
-    ((1, 2, 2, 1), 2),   # batch 1, a single tile, one input channel
-    ((1, 6, 4, 5), 1),   # one output channel
-])
-def test_winograd_conv_gradients(shape, c_out, rng):
-    conv = make_conv(shape[-1], c_out, 3, "winograd")
-    check_gradients(conv, rng.standard_normal(shape), rng)
-    assert conv.cache[0] == "winograd"
+def textbook_and_winograd(conv_args: tuple, x, dout, input_grad: bool = True, dtype=np.float64) -> tuple:
+    """(out, dx, grads) of the float64 textbook code and of the Winograd path in `dtype`, from
+    the same seeded weights and data."""
+    results = []
+    for engine, dt in (("im2col", np.float64), ("winograd", dtype)):
+        conv = make_conv(*conv_args, dtype=dt)
+        conv.input_grad = input_grad
+        with fast.use_engine(engine):
+            out = conv.forward(x.astype(dt))
+            dx = conv.backward(dout.astype(dt))
+        assert conv.cache[0] == engine
+        results.append((out, dx, conv.grads))
+    return tuple(results)
 
 
 @pytest.mark.parametrize("shape,c_out", [((3, 8, 6, 5), 7), ((1, 2, 10, 2), 3), ((2, 4, 4, 16), 8),
                                          ((1, 12, 6, 3), 2)])  # batch 1: forward in bands of tile rows
 def test_winograd_conv_matches_im2col_reference(shape, c_out, workers, rng):
     """Forward, dx, dW and db equal the textbook path's (float64, to rounding)."""
-    fast, ref = make_conv(shape[-1], c_out, 3, "winograd"), make_conv(shape[-1], c_out, 3, "im2col")
-    ref.dx_method = "col2im"
-    x = rng.standard_normal(shape)
-    dout = rng.standard_normal(shape[:3] + (c_out,))
-    np.testing.assert_allclose(fast.forward(x), ref.forward(x), rtol=1e-11, atol=1e-11)
-    np.testing.assert_allclose(fast.backward(dout), ref.backward(dout), rtol=1e-11, atol=1e-11)
+    x, dout = rng.standard_normal(shape), rng.standard_normal(shape[:3] + (c_out,))
+    (out, dx, grads), (out_fast, dx_fast, grads_fast) = textbook_and_winograd((shape[-1], c_out, 3), x, dout)
+    np.testing.assert_allclose(out_fast, out, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(dx_fast, dx, rtol=1e-11, atol=1e-11)
     for name in ("W", "b"):
-        np.testing.assert_allclose(fast.grads[name], ref.grads[name], rtol=1e-11, atol=1e-11)
-    assert fast.cache[0] == "winograd" and ref.cache[0] == "im2col"
+        np.testing.assert_allclose(grads_fast[name], grads[name], rtol=1e-11, atol=1e-11)
 
 
 def test_winograd_conv_float32_close_to_float64_reference(rng):
-    fast = make_conv(16, 24, 3, "winograd", dtype=np.float32)
-    ref = make_conv(16, 24, 3, "im2col", dtype=np.float64)
-    ref.params = {name: p.astype(np.float64) for name, p in fast.params.items()}
-    x = rng.standard_normal((2, 8, 6, 16))
-    dout = rng.standard_normal((2, 8, 6, 24))
-    out = fast.forward(x.astype(np.float32))
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, ref.forward(x), rtol=1e-4, atol=1e-4)
-    dx = fast.backward(dout.astype(np.float32))
-    assert dx.dtype == np.float32 and fast.grads["W"].dtype == np.float32
-    np.testing.assert_allclose(dx, ref.backward(dout), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(fast.grads["W"], ref.grads["W"], rtol=1e-4, atol=1e-3)
+    x, dout = rng.standard_normal((2, 8, 6, 16)), rng.standard_normal((2, 8, 6, 24))
+    (out, dx, grads), (out32, dx32, grads32) = textbook_and_winograd((16, 24, 3), x, dout, dtype=np.float32)
+    assert out32.dtype == dx32.dtype == grads32["W"].dtype == np.float32
+    np.testing.assert_allclose(out32, out, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx32, dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads32["W"], grads["W"], rtol=1e-4, atol=1e-3)
 
 
 def test_winograd_conv_without_input_grad_still_fills_weight_grads(rng):
-    fast, ref = make_conv(3, 4, 3, "winograd"), make_conv(3, 4, 3, "im2col")
-    fast.input_grad = ref.input_grad = False
     x, dout = rng.standard_normal((2, 4, 4, 3)), rng.standard_normal((2, 4, 4, 4))
-    fast.forward(x), ref.forward(x)
-    assert fast.backward(dout) is None and ref.backward(dout) is None
-    np.testing.assert_allclose(fast.grads["W"], ref.grads["W"], rtol=1e-11, atol=1e-11)
+    (_, dx, grads), (_, dx_fast, grads_fast) = textbook_and_winograd((3, 4, 3), x, dout, input_grad=False)
+    assert dx is None and dx_fast is None
+    np.testing.assert_allclose(grads_fast["W"], grads["W"], rtol=1e-11, atol=1e-11)
 
 
-def test_method_choice_and_fallback(monkeypatch):
-    assert make_conv(32, 32, 3, "winograd").path(8, 8) == "winograd"
-    assert make_conv(32, 32, 3, "winograd").path(7, 8) == "gemm"     # odd height: no tiling
-    assert make_conv(1, 32, 3, "winograd").path(8, 8) == "winograd"  # asked for, even if thin
-    assert make_conv(32, 32, 3, "im2col").path(8, 8) == "im2col"
-    five = Conv2d(4, 4, 5, rng=np.random.default_rng(0), dtype=np.float64)
-    five.method = "winograd"
-    assert five.path(8, 8) == "gemm"                             # only 3x3 kernels
+def path(engine: str, c_in: int, c_out: int, k: int = 3, H: int = 8, W: int = 8, x=None) -> str:
+    with fast.use_engine(engine):
+        return fast.conv2d_path(x if x is not None else np.zeros((1, H, W, c_in)), np.zeros((k, k, c_in, c_out)))
+
+
+def test_engine_choice_and_fallback(monkeypatch):
+    assert path("winograd", 32, 32) == "winograd"
+    assert path("winograd", 32, 32, H=7) == "gemm"      # odd height: no tiling
+    assert path("winograd", 1, 32) == "winograd"        # asked for, even if thin
+    assert path("winograd", 4, 4, k=5) == "gemm"        # only 3x3 kernels
+    assert path("im2col", 32, 32) == "im2col"
+    assert path("gemm", 32, 32) == "gemm"
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
-    assert make_conv(32, 32, 3, "auto").path(8, 8) == "winograd"
-    assert make_conv(32, 32, 3, "auto").path(8, 8, on_cpu=False) == "gemm"
-    assert make_conv(1, 32, 3, "auto").path(8, 8) == "gemm"         # too thin to pay off
+    assert path("auto", 32, 32) == "winograd"
+    assert path("auto", 1, 32) == "gemm"                # too thin to pay off
+    assert path("auto", 16, 16) == "winograd" and path("auto", 15, 32) == "gemm"
+    assert path("auto", 32, 32, x=OffHost((1, 8, 8, 32))) == "gemm"  # not on the CPU
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: False)
-    assert make_conv(32, 32, 3, "auto").path(8, 8) == "gemm"        # 16 multi-threaded BLAS calls: no
-    monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
-    monkeypatch.setattr(Conv2d, "auto_winograd", False)
-    assert make_conv(32, 32, 3, "auto").path(8, 8) == "gemm"
-    with pytest.raises(ValueError):
-        make_conv(32, 32, 3, "winogard").path(8, 8)
+    assert path("auto", 32, 32) == "gemm"               # 16 multi-threaded BLAS calls: no
+
+
+class OffHost:
+    """Stands for a device array: it has a shape but is no NumPy array."""
+
+    def __init__(self, shape: tuple):
+        self.shape = shape
 
 
 def test_winograd_odd_size_falls_back(rng):
-    conv = make_conv(2, 3, 3, "winograd")
-    x = rng.standard_normal((1, 5, 4, 2))
-    out = conv.forward(x)
+    conv = make_conv(2, 3, 3)
+    with fast.use_engine("winograd"):
+        out = conv.forward(rng.standard_normal((1, 5, 4, 2)))
     assert conv.cache[0] == "gemm" and out.shape == (1, 5, 4, 3)

@@ -1,5 +1,6 @@
-"""CPU threads for the layers: a small pool of workers over which GEMMs and copies are split,
-every piece running single-threaded BLAS.
+"""CPU threads for the fast engine: a small pool of workers over which GEMMs and copies are
+split, every piece running single-threaded BLAS, and the cutting of a layer's work into pieces
+(`pieces`, `run_pieces`, `map_rows`).
 
 Why not let OpenBLAS thread each GEMM itself: it splits a GEMM statically between its threads
 and keeps idle threads spinning for ~0.1 s after every call. When other processes compete for
@@ -165,3 +166,49 @@ def split(n: int, pieces: int) -> list:
     pieces = max(1, min(pieces, n))
     bounds = [n * i // pieces for i in range(pieces + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting a layer's work into pieces: slices of the batch, or row bands of one image.
+
+Piece = tuple  # (batch slice, row slice)
+
+
+def pieces(N: int, rows: int, per_row: int, like, bands: bool = True, target: int = 4096) -> list[Piece]:
+    """Cut N images of `rows` rows (of `per_row` pixels or tiles each) into (batch, rows) slice
+    pieces of about `target` pixels for the CPU workers, at least two per worker when the work
+    allows: whole images, or with `bands` and fewer images than that, bands of one image's rows.
+    Off the CPU, or with one worker, a single piece.
+    """
+    n_workers = workers() if isinstance(like, np.ndarray) else 1
+    if n_workers == 1:
+        return [(slice(0, N), slice(0, rows))]
+    want = max(2 * n_workers, -(-N * rows * per_row // target))
+    if N >= min(want, 2 * n_workers) or not bands:
+        return [(slice(a, b), slice(0, rows)) for a, b in split(N, want)]
+    per_image = -(-want // N)
+    return [(slice(n, n + 1), slice(a, b)) for n in range(N) for a, b in split(rows, per_image)]
+
+
+def run_pieces(task: Callable[[slice, slice], None], work: list[Piece], like) -> None:
+    """task(batch slice, row slice) for every piece, side by side on the CPU workers (NumPy), or
+    on the calling thread (CuPy: one piece)."""
+    if isinstance(like, np.ndarray):
+        run(lambda i: task(*work[i]), len(work))
+    else:
+        for piece in work:
+            task(*piece)
+
+
+def map_rows(task: Callable[[slice, slice], None], N: int, rows: int, per_row: int, like) -> None:
+    """task(batch slice, row slice) over pieces of N images x `rows` rows, for memory-bound work
+    (pooling, upsampling, activations): bigger pieces than a GEMM's."""
+    run_pieces(task, pieces(N, rows, per_row, like, target=1 << 16), like)
+
+
+def map_elementwise(task: Callable, x) -> None:
+    """task(index) over pieces of x's first two axes ((N, H, W, C) arrays), or once over all of x."""
+    if x.ndim == 4:
+        map_rows(lambda n, y: task((n, y)), x.shape[0], x.shape[1], x.shape[2], x)
+    else:
+        task(Ellipsis)

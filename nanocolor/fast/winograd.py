@@ -12,12 +12,19 @@ Shapes (channels-last): x (N, H, W, C) with H and W even; w (3, 3, C, F);
 th, tw = H // 2, W // 2 tiles; P = N * th * tw. Transformed arrays have the position first,
 (16, P, C) or (16, P, F), so each position is one contiguous matrix for the GEMM; position
 a * 4 + b is row a, column b of the 4x4 domain.
+
+`forward` and `backward` at the end run the whole convolution: each piece of the batch runs the
+pipeline (transform, 16 GEMMs, transform) in its worker's scratch, so the transformed arrays
+stay small and nothing but x and U is kept: backward transforms its input again rather than
+holding 4x the input from forward.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module
+from ..backend import array_module
+from . import parallel
+from .workspace import scratch
 
 # F(2x2, 3x3) matrices: input transform B^T (4x4), filter transform G (4x3), output transform A^T (2x4).
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
@@ -252,3 +259,70 @@ def input_transform_adjoint(dV, tiles: tuple, out=None, work=None):
         xp.copyto(dx[:, :, r, :, 0], rows[r, 4])  # pixel (2t + r, 2u)
         xp.copyto(dx[:, :, r, :, 1], rows[r, 5])  # pixel (2t + r, 2u + 1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The convolution: x (N, H, W, C), w (3, 3, C, F), b (F,) -> out (N, H, W, F), H and W even.
+
+def _transformed_input(x, n: slice, t: slice):
+    """V = B^T x_tile B of tile rows t of images n: (16, tiles, C), in scratch."""
+    W, C = x.shape[2], x.shape[3]
+    N_, T_, tw = n.stop - n.start, t.stop - t.start, W // 2
+    x_split = pad_and_split(x[n], slice(2 * t.start, 2 * t.stop),
+                            out=scratch("pad", (N_, 2 * T_ + 2, 2, tw + 1, C), x.dtype, x))
+    return input_transform(x_split, out=scratch("wino_V", (16, N_ * T_ * tw, C), x.dtype, x),
+                           work=scratch("wino_work", (4, N_, 2 * T_ + 2, tw, C), x.dtype, x))
+
+
+def forward(x, w, b) -> tuple:
+    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`)."""
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    F, tw = w.shape[-1], W // 2
+    U = filter_transform(w)
+    out = xp.empty((N, H, W, F), dtype=x.dtype)
+
+    def piece(n: slice, t: slice) -> None:
+        V = _transformed_input(x, n, t)
+        M = scratch("wino_M", (16, V.shape[1], F), x.dtype, x)
+        for q in range(16):
+            xp.matmul(V[q], U[q], out=M[q])
+        M[5] += b  # position (1, 1) reaches all four pixels of a tile with weight 1
+        tiles = (n.stop - n.start, t.stop - t.start, tw)
+        output_transform(M, tiles, out=out[n, 2 * t.start:2 * t.stop],
+                         work=scratch("wino_work", (2, 4) + M.shape[1:], x.dtype, x))
+
+    parallel.run_pieces(piece, parallel.pieces(N, H // 2, tw, x), x)
+    return out, ("winograd", x, U)
+
+
+def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
+    """dout (N, H, W, F) -> (dx (N, H, W, C) or None without input_grad, dW (3, 3, C, F), db (F,))."""
+    xp = array_module(dout)
+    _, x, U = cache
+    N, H, W, C = x.shape
+    F, th, tw = U.shape[-1], H // 2, W // 2
+    dU = xp.zeros((parallel.workers(), 16, C, F), dtype=dout.dtype)  # partial sums, one per worker
+    db = xp.zeros((parallel.workers(), F), dtype=dout.dtype)
+    dx = xp.empty((N, H, W, C), dtype=dout.dtype) if input_grad else None
+
+    def piece(n: slice, t: slice) -> None:
+        V = _transformed_input(x, n, t)
+        N_ = n.stop - n.start
+        dM = output_transform_adjoint(dout[n], out=scratch("wino_M", (16, V.shape[1], F), dout.dtype, dout),
+                                      work=scratch("wino_work", (4, 2, N_, th, tw, F), dout.dtype, dout))
+        i = parallel.slot()
+        db[i] += dM[5].sum(axis=0)  # dM at (1, 1) is each tile's sum of its 4 pixels
+        dU_q = scratch("wino_dU", (C, F), dout.dtype, dout)
+        for q in range(16):
+            dU[i, q] += xp.matmul(V[q].T, dM[q], out=dU_q)
+        if dx is not None:
+            dV = V  # V is spent: its buffer takes dV = dM U^T
+            for q in range(16):
+                xp.matmul(dM[q], U[q].T, out=dV[q])
+            input_transform_adjoint(dV, (N_, th, tw), out=dx[n],
+                                    work=scratch("wino_work", (2, 6, N_, th, tw, C), dout.dtype, dout))
+
+    # Whole images only: the input transform's adjoint adds across the borders of tile rows.
+    parallel.run_pieces(piece, parallel.pieces(N, th, tw, dout, bands=False), dout)
+    return dx, filter_transform_adjoint(dU.sum(axis=0)), db.sum(axis=0)

@@ -1,7 +1,7 @@
-"""The fast paths against the textbook ones: the 'gemm' convolution (gradients by central
-differences and equality with the im2col reference), the CPU worker pool (same numbers with one
-worker or several), max-pool and upsample against loop references, and the in-place Adam against
-the textbook update."""
+"""The fast engine (nanocolor/fast) against the textbook layers: the 'gemm' convolution equal to
+the im2col reference, the CPU worker pool (same numbers with one worker or several), max-pool,
+upsample and ReLU against loop references on both codes, and the in-place Adam against the
+textbook update. Gradient checks of every engine: tests/test_layers.py."""
 from __future__ import annotations
 
 import os
@@ -14,74 +14,78 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import adam_reference, check_gradients, make_conv
-from nanocolor import parallel
+from conftest import adam_reference, make_conv
+from nanocolor import fast
+from nanocolor.fast import parallel
 from nanocolor.layers import MaxPool2d, ReLU, Upsample2d
 from nanocolor.model import ColorNet
 from nanocolor.optim import Adam
 
-CONV_CASES = [
+MATCH_CASES = [
     ((2, 5, 7, 3), 4, 3),    # odd sizes
     ((1, 4, 6, 1), 2, 3),    # batch 1: the workers split image rows
     ((3, 3, 5, 2), 3, 1),    # 1x1 kernel: the patch matrix is x itself
     ((1, 7, 5, 2), 3, 5),    # 5x5 kernel
     ((2, 5, 4, 8), 2, 3),    # 4F <= C: multiply first, then add shifted slices
     ((1, 2, 3, 9), 2, 5),    # ... with a kernel larger than the image
+    ((5, 6, 4, 3), 5, 3),    # more images than pieces
+    ((1, 9, 4, 2), 3, 3),    # one image in bands of rows
 ]
 
 
+def textbook_and_fast(engine: str, conv_args: tuple, x, dout, input_grad: bool = True, dtype=np.float64) -> tuple:
+    """(out, dx, grads) of the textbook code and of `engine`, from equal weights and the same data."""
+    results = []
+    for name in ("im2col", engine):
+        conv = make_conv(*conv_args, dtype=dtype)
+        conv.input_grad = input_grad
+        with fast.use_engine(name):
+            out = conv.forward(x.astype(dtype))
+            dx = conv.backward(dout.astype(dtype))
+        assert conv.cache[0] == name or (name == "winograd" and conv.cache[0] == "gemm")
+        results.append((out, dx, conv.grads, conv.cache[0]))
+    return tuple(results)
+
+
 # ---------------------------------------------------------------------------------------------
-# The "gemm" convolution
+# The "gemm" convolution (gradients by central differences: tests/test_layers.py)
 
-@pytest.mark.parametrize("shape,c_out,k", CONV_CASES)
+@pytest.mark.parametrize("shape,c_out,k", MATCH_CASES)
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_gemm_conv_gradients(shape, c_out, k, input_grad, rng):
-    conv = make_conv(shape[-1], c_out, k, "gemm")
-    conv.input_grad = input_grad
-    dx = check_gradients(conv, rng.standard_normal(shape), rng)
-    assert conv.cache[0] == "gemm"
-    assert (dx is not None) == input_grad
-
-
-@pytest.mark.parametrize("shape,c_out,k", CONV_CASES + [((5, 6, 4, 3), 5, 3), ((1, 9, 4, 2), 3, 3)])
-@pytest.mark.parametrize("input_grad", [True, False])
-def test_gemm_conv_matches_im2col_reference(shape, c_out, k, input_grad, workers, rng):
-    fast, ref = make_conv(shape[-1], c_out, k, "gemm"), make_conv(shape[-1], c_out, k, "im2col")
-    ref.dx_method = "col2im"
-    fast.input_grad = ref.input_grad = input_grad
-    x = rng.standard_normal(shape)
-    dout = rng.standard_normal(shape[:3] + (c_out,))
-    np.testing.assert_allclose(fast.forward(x), ref.forward(x), rtol=1e-12, atol=1e-12)
-    dx_fast, dx_ref = fast.backward(dout), ref.backward(dout)
+def test_gemm_conv_matches_textbook(shape, c_out, k, input_grad, workers, rng):
+    x, dout = rng.standard_normal(shape), rng.standard_normal(shape[:3] + (c_out,))
+    (out, dx, grads, _), (out_fast, dx_fast, grads_fast, path) = textbook_and_fast(
+        "gemm", (shape[-1], c_out, k), x, dout, input_grad)
+    assert path == "gemm"
+    np.testing.assert_allclose(out_fast, out, rtol=1e-12, atol=1e-12)
     if input_grad:
-        np.testing.assert_allclose(dx_fast, dx_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx_fast, dx, rtol=1e-12, atol=1e-12)
     for name in ("W", "b"):
-        np.testing.assert_allclose(fast.grads[name], ref.grads[name], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(grads_fast[name], grads[name], rtol=1e-12, atol=1e-12)
 
 
 def test_gemm_conv_float32(rng):
-    fast = make_conv(8, 3, 3, "gemm", dtype=np.float32)
-    ref = make_conv(8, 3, 3, "im2col", dtype=np.float64)
-    ref.params = {name: p.astype(np.float64) for name, p in fast.params.items()}
-    x = rng.standard_normal((2, 6, 5, 8))
-    dout = rng.standard_normal((2, 6, 5, 3))
-    out = fast.forward(x.astype(np.float32))
-    dx = fast.backward(dout.astype(np.float32))
-    assert out.dtype == dx.dtype == fast.grads["W"].dtype == fast.grads["b"].dtype == np.float32
-    np.testing.assert_allclose(out, ref.forward(x), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dx, ref.backward(dout), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fast.grads["W"], ref.grads["W"], rtol=1e-4, atol=1e-4)
+    """float32 in, float32 out, close to the float64 textbook numbers."""
+    x, dout = rng.standard_normal((2, 6, 5, 8)), rng.standard_normal((2, 6, 5, 3))
+    (out, dx, grads, _), _ = textbook_and_fast("gemm", (8, 3, 3), x, dout)
+    conv = make_conv(8, 3, 3, dtype=np.float32)
+    with fast.use_engine("gemm"):
+        out32, dx32 = conv.forward(x.astype(np.float32)), conv.backward(dout.astype(np.float32))
+    assert out32.dtype == dx32.dtype == conv.grads["W"].dtype == conv.grads["b"].dtype == np.float32
+    np.testing.assert_allclose(out32, out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx32, dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(conv.grads["W"], grads["W"], rtol=1e-4, atol=1e-4)
 
 
 def test_padding_buffers_do_not_leak_between_paddings(rng):
-    """p=1 on a 5x7 image and p=2 on a 3x5 one pad to the same 7x9 shape: the second must still
-    see zeros in its border."""
-    wide = make_conv(2, 2, 3, "im2col")
-    wide.forward(rng.standard_normal((1, 5, 7, 2)) + 10.0)
-    five = make_conv(2, 2, 5, "im2col", seed=3)
+    """p=1 on a 5x7 image and p=2 on a 3x5 one pad to the same 7x9 scratch shape: the second
+    must still see zeros in its border."""
     x = rng.standard_normal((1, 3, 5, 2))
-    reference = make_conv(2, 2, 5, "gemm", seed=3)
-    np.testing.assert_allclose(five.forward(x), reference.forward(x), rtol=1e-12, atol=1e-12)
+    with fast.use_engine("im2col"):
+        reference = make_conv(2, 2, 5, seed=3).forward(x)
+    with fast.use_engine("gemm"):
+        make_conv(2, 2, 3).forward(rng.standard_normal((1, 5, 7, 2)) + 10.0)
+        np.testing.assert_allclose(make_conv(2, 2, 5, seed=3).forward(x), reference, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +109,8 @@ def test_run_calls_every_task_once(workers):
     assert np.all(seen == 1)
 
 
-def test_network_step_same_with_one_worker_or_several(rng, use_workers):
+@pytest.mark.parametrize("engine", ["gemm", "winograd"])
+def test_network_step_same_with_one_worker_or_several(engine, rng, use_workers):
     """A training step's output, gradients and updated weights do not depend on how the work
     is split (up to rounding: the per-worker partial sums add in another order)."""
     lightness = rng.uniform(-1, 1, (3, 8, 8, 1))
@@ -114,16 +119,15 @@ def test_network_step_same_with_one_worker_or_several(rng, use_workers):
     for threads in (1, 3):
         use_workers(threads)
         model = ColorNet((4, 16, 16), seed=2, dtype=np.float64)
-        for layer in model.param_layers:
-            layer.method = "winograd" if layer.c_in >= 16 else "gemm"
         optimizer = Adam(model.param_layers, lr=1e-2)
-        ab = model.forward(lightness)
-        model.backward(d_ab)
+        with fast.use_engine(engine):
+            ab = model.forward(lightness)
+            model.backward(d_ab)
         grads = [layer.grads[name].copy() for layer in model.param_layers for name in ("W", "b")]
         optimizer.step()
         weights = [layer.params["W"].copy() for layer in model.param_layers]
         results.append((ab, grads, weights))
-    assert [layer.cache[0] for layer in model.param_layers].count("winograd") == 3
+    assert all(layer.cache[0] == engine for layer in model.param_layers)
     (ab_one, grads_one, weights_one), (ab_several, grads_several, weights_several) = results
     np.testing.assert_allclose(ab_one, ab_several, rtol=1e-12, atol=1e-13)
     for one, several in zip(grads_one, grads_several):
@@ -154,15 +158,17 @@ def loop_maxpool(x: np.ndarray) -> tuple:
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 9, 7, 2), (3, 2, 2, 1)])
-def test_maxpool_matches_loop_reference_with_many_ties(shape, workers, rng):
+@pytest.mark.parametrize("engine", ["im2col", "auto"], ids=["textbook", "fast"])
+def test_maxpool_matches_loop_reference_with_many_ties(shape, engine, workers, rng):
     x = rng.integers(0, 3, shape).astype(np.float64)  # three values: ties in most windows
     x = np.maximum(x - 1, 0)                         # and zeros as after a ReLU
     pool = MaxPool2d()
-    out = pool.forward(x)
+    dout = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+    with fast.use_engine(engine):
+        out = pool.forward(x)
+        dx = pool.backward(dout)
     expected_out, mask = loop_maxpool(x)
     np.testing.assert_array_equal(out, expected_out)
-    dout = rng.standard_normal(out.shape)
-    dx = pool.backward(dout)
     # Each receiver gets its window's gradient; every other pixel gets zero.
     expected_dx = np.zeros_like(x)
     N, H2, W2, C = out.shape
@@ -176,23 +182,28 @@ def test_maxpool_matches_loop_reference_with_many_ties(shape, workers, rng):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 2, 3), (1, 5, 3, 2)])
-def test_upsample_repeats_forward_and_sums_blocks_backward(shape, workers, rng):
+@pytest.mark.parametrize("engine", ["im2col", "auto"], ids=["textbook", "fast"])
+def test_upsample_repeats_forward_and_sums_blocks_backward(shape, engine, workers, rng):
     N, H, W, C = shape
     x = rng.standard_normal(shape)
     up = Upsample2d()
-    np.testing.assert_array_equal(up.forward(x), np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
     dout = rng.standard_normal((N, 2 * H, 2 * W, C))
-    expected = dout.reshape(N, H, 2, W, 2, C).sum(axis=(2, 4))
-    np.testing.assert_allclose(up.backward(dout), expected, rtol=1e-12, atol=1e-14)
+    with fast.use_engine(engine):
+        out, dx = up.forward(x), up.backward(dout)
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
+    np.testing.assert_allclose(dx, dout.reshape(N, H, 2, W, 2, C).sum(axis=(2, 4)), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 7, 2, 3), (4, 6)])
-def test_relu_forward_and_backward(shape, workers, rng):
+@pytest.mark.parametrize("engine", ["im2col", "auto"], ids=["textbook", "fast"])
+def test_relu_forward_and_backward(shape, engine, workers, rng):
     x = rng.standard_normal(shape)
     relu = ReLU()
-    np.testing.assert_array_equal(relu.forward(x), np.maximum(x, 0))
     dout = rng.standard_normal(x.shape)
-    np.testing.assert_array_equal(relu.backward(dout), np.where(x > 0, dout, 0))
+    with fast.use_engine(engine):
+        out, dx = relu.forward(x), relu.backward(dout)
+    np.testing.assert_array_equal(out, np.maximum(x, 0))
+    np.testing.assert_array_equal(dx, np.where(x > 0, dout, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +284,7 @@ def test_forked_child_does_not_wait_on_parent_workers(use_workers):
 # holds in mmap()ed blocks after each (mallinfo2().hblkhd).
 _HEAP_PROBE = """
 import ctypes, numpy as np
-from nanocolor import parallel
+from nanocolor.fast import parallel
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]

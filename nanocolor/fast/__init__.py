@@ -1,0 +1,97 @@
+"""The fast engine: the numbers of the textbook layers in nanocolor/layers.py, computed sooner.
+
+One knob picks the engine for the whole process (the layers ask at every forward pass):
+
+    nanocolor.fast.set_engine("auto")      the default: "winograd" where it applies and pays off,
+                                           "gemm" elsewhere
+    nanocolor.fast.set_engine("im2col")    the textbook code of nanocolor/layers.py for every
+                                           layer: im2col + one GEMM, col2im; no threads, no scratch
+    nanocolor.fast.set_engine("gemm")      gemm.py: one GEMM per pass and piece of the batch
+    nanocolor.fast.set_engine("winograd")  winograd.py: Winograd F(2x2, 3x3) for every 3x3 conv
+                                           on even sizes, "gemm" for the other convs
+
+Every engine but "im2col" also runs max-pool, upsample and ReLU split over the CPU workers
+(resample.py). "auto" takes Winograd for 3x3 convs on even sizes whose channels in and out both
+reach WINOGRAD_MIN_CHANNELS, on the CPU when BLAS runs one thread per call (the worker pool of
+parallel.py hands out its 16 GEMMs): with OpenBLAS threading each call itself, 16 calls per pass
+wait 16 times for a descheduled thread when other processes share the cores.
+
+The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F); b (F,)):
+    conv2d_path(x, w)                             -> "im2col" | "gemm" | "winograd"
+    conv2d_forward(x, w, b, path)                 -> (out, cache)
+    conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
+    maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
+    likewise upsample2d_* and relu_*
+A cache is a tuple whose first item names the path that made it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+from . import gemm, parallel, winograd
+from .resample import (maxpool2d_backward, maxpool2d_forward, relu_backward, relu_forward,  # noqa: F401
+                       upsample2d_backward, upsample2d_forward)
+
+ENGINES = ("auto", "im2col", "gemm", "winograd")
+WINOGRAD_MIN_CHANNELS = 16  # thinner convs spend more time in Winograd's transforms than they save
+_state = {"engine": "auto"}
+
+
+def set_engine(name: str) -> None:
+    """Compute every layer from now on with engine `name`, one of ENGINES."""
+    if name not in ENGINES:
+        raise ValueError(f"conv engine must be one of {ENGINES}, got {name!r}")
+    _state["engine"] = name
+
+
+def get_engine() -> str:
+    return _state["engine"]
+
+
+@contextmanager
+def use_engine(name: str) -> Iterator[None]:
+    """`with use_engine("im2col"): ...` runs the block with that engine, then restores the previous one."""
+    previous = get_engine()
+    set_engine(name)
+    try:
+        yield
+    finally:
+        set_engine(previous)
+
+
+def enabled() -> bool:
+    """Whether the layers run this package's code (every engine but the textbook "im2col")."""
+    return _state["engine"] != "im2col"
+
+
+def conv2d_path(x, w) -> str:
+    """The code that convolves x (N, H, W, C) with w (k, k, C, F) under the current engine."""
+    engine = _state["engine"]
+    k, _, C, F = w.shape
+    if engine == "im2col":
+        return "im2col"
+    if engine == "gemm" or not winograd.applies(k, x.shape[1], x.shape[2]):
+        return "gemm"
+    if engine == "winograd":
+        return "winograd"
+    worth_it = min(C, F) >= WINOGRAD_MIN_CHANNELS
+    return "winograd" if worth_it and isinstance(x, np.ndarray) and parallel.blas_single_threaded() else "gemm"
+
+
+def conv2d_forward(x, w, b, path: str) -> tuple:
+    """'same' convolution by `path` ("gemm" or "winograd"): (out (N, H, W, F), cache)."""
+    if path == "winograd":
+        return winograd.forward(x, w, b)
+    if path == "gemm":
+        return gemm.forward(x, w, b)
+    raise ValueError(f"the fast engine has no conv path {path!r}")
+
+
+def conv2d_backward(dout, w, cache: tuple, input_grad: bool = True) -> tuple:
+    """(dx (N, H, W, C), or None without input_grad; dW (k, k, C, F); db (F,)) by the forward's path."""
+    if cache[0] == "winograd":
+        return winograd.backward(dout, cache, input_grad)
+    return gemm.backward(dout, cache, w, input_grad)

@@ -1,0 +1,165 @@
+"""The "gemm" convolution: one GEMM per pass and piece, nothing kept from forward but x.
+
+Compared with the textbook im2col of nanocolor/layers.py, which keeps the (P, k*k*C) patch
+matrix from forward to backward, patch matrices are built piece by piece in scratch buffers and
+never kept: backward builds the patch matrix of dout and gets both dx (dcols W_flipped, a
+convolution with the flipped kernel) and dW (x^T dcols) from it. Thin outputs (4F <= C)
+multiply first and add k*k shifted slices after, reading x once instead of k*k times.
+
+Shapes (channels-last): x (N, H, W, C), w (k, k, C, F), b (F,), dout (N, H, W, F);
+P = pixels of a piece, one patch-matrix row per pixel.
+"""
+from __future__ import annotations
+
+from ..backend import array_module
+from . import parallel
+from .workspace import scratch
+
+
+def pad_rows(x, rows: slice, p: int, tag: str):
+    """Rows `rows` of x (N, H, W, C) with p more rows above and below (zeros beyond the image) and
+    p zero columns each side: (N, len(rows) + 2p, W + 2p, C), in a scratch buffer.
+
+    With all rows this is 'same' zero padding; a band of rows gets its neighbours' rows.
+    """
+    N, H, W, C = x.shape
+    y0, y1 = rows.start, rows.stop
+    out = scratch(tag, (N, y1 - y0 + 2 * p, W + 2 * p, C), x.dtype, x)
+    lo, hi = max(0, y0 - p), min(H, y1 + p)  # the rows that exist
+    top = lo - (y0 - p)
+    out[:, :top] = 0
+    out[:, top + hi - lo:] = 0
+    out[:, top:top + hi - lo, :p] = 0
+    out[:, top:top + hi - lo, W + p:] = 0
+    out[:, top:top + hi - lo, p:p + W] = x[:, lo:hi]
+    return out
+
+
+def patch_matrix(x, k: int, tag: str, rows: slice | None = None):
+    """im2col of x (N, H, W, C) with 'same' zero padding -> (N*H*W, k*k*C), in a scratch buffer;
+    with `rows`, only the patch-matrix rows of those image rows, (N*len(rows)*W, k*k*C).
+
+    A 1x1 kernel needs no copy: the patch matrix is x itself.
+    """
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    rows = rows if rows is not None else slice(0, H)
+    if k == 1:
+        return x[:, rows].reshape(-1, C)
+    x_pad = pad_rows(x, rows, k // 2, "pad")
+    R = rows.stop - rows.start
+    sN, sH, sW, sC = x_pad.strides
+    every_patch = xp.lib.stride_tricks.as_strided(x_pad, shape=(N, R, W, k, k, C), strides=(sN, sH, sW, sH, sW, sC))
+    cols = scratch(tag, (N * R * W, k * k * C), x.dtype, x)
+    xp.copyto(cols.reshape(N, R, W, k, k, C), every_patch)
+    return cols
+
+
+def pixel_rows(a):
+    """(n, h, w, c) slice of a fresh contiguous array -> its (n*h*w, c) view, written through."""
+    rows = a.reshape(-1, a.shape[-1])
+    if rows.size and not array_module(a).may_share_memory(rows, a):  # pragma: no cover - a bug guard
+        raise ValueError("piece of an output array is not contiguous")
+    return rows
+
+
+def weight_grad(cols, dout2d):
+    """cols^T @ dout, (K, F): the longer side first, as OpenBLAS is very slow on a tiny K x P @ P x F."""
+    if cols.shape[1] >= dout2d.shape[1]:
+        return cols.T @ dout2d
+    return (dout2d.T @ cols).T
+
+
+def flipped_weights(w):
+    """(k, k, C, F) -> (k*k*F, C): the kernel rotated by 180 degrees with C and F swapped, for dx."""
+    k, _, C, F = w.shape
+    return w[::-1, ::-1].transpose(0, 1, 3, 2).reshape(k * k * F, C)
+
+
+def forward(x, w, b) -> tuple:
+    """'same' convolution, x (N, H, W, C) -> (out (N, H, W, F), cache for `backward`)."""
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    k, F = w.shape[0], w.shape[-1]
+    cache = ("gemm", x)
+    if 4 * F <= C and k > 1:
+        return multiply_then_shift(x, w, b), cache
+    w2d = w.reshape(k * k * C, F)
+    out = xp.empty((N, H, W, F), dtype=x.dtype)
+
+    def piece(n: slice, y: slice) -> None:
+        o = pixel_rows(out[n, y])
+        xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
+        o += b
+
+    parallel.run_pieces(piece, parallel.pieces(N, H, W, x), x)
+    return out, cache
+
+
+def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
+    """dout (N, H, W, F) -> (dx (N, H, W, C) or None without input_grad, dW (k, k, C, F), db (F,))."""
+    xp = array_module(dout)
+    _, x = cache
+    N, H, W, C = x.shape
+    k, F = w.shape[0], w.shape[-1]
+    work = parallel.pieces(N, H, W, dout)
+    db = xp.zeros((parallel.workers(), F), dtype=dout.dtype)  # partial sums, one per worker
+    if not input_grad:  # only dW = cols^T dout, with x's patch matrix rebuilt piece by piece
+        dw = xp.zeros((parallel.workers(), k * k * C, F), dtype=dout.dtype)
+
+        def weight_grad_piece(n: slice, y: slice) -> None:
+            d = dout[n, y].reshape(-1, F)
+            dw[parallel.slot()] += weight_grad(patch_matrix(x[n], k, "cols", y), d)
+            db[parallel.slot()] += d.sum(axis=0)
+
+        parallel.run_pieces(weight_grad_piece, work, dout)
+        return None, dw.sum(axis=0).reshape(w.shape), db.sum(axis=0)
+    # One patch matrix of dout serves both gradients (dcols[(n,y,x), (i,j,f)] = dout_pad[n, y+i, x+j, f]):
+    #   dx = dcols @ W_flipped                       (a convolution with the flipped kernel)
+    #   dW[i, j] = (x^T dcols)[:, (k-1-i, k-1-j, :)]   (pixel y + k-1-i of dout_pad is y - (i - k//2))
+    w_flipped = flipped_weights(w)
+    dx = xp.empty((N, H, W, C), dtype=dout.dtype)
+    dw = xp.zeros((parallel.workers(), C, k * k * F), dtype=dout.dtype)
+
+    def products(n: slice, y: slice) -> None:
+        dcols = patch_matrix(dout[n], k, "cols", y)
+        xp.matmul(dcols, w_flipped, out=pixel_rows(dx[n, y]))
+        dw_piece = xp.matmul(x[n, y].reshape(-1, C).T, dcols, out=scratch("dW", dw.shape[1:], dw.dtype, dw))
+        dw[parallel.slot()] += dw_piece
+        db[parallel.slot()] += dout[n, y].reshape(-1, F).sum(axis=0)
+
+    parallel.run_pieces(products, work, dout)
+    dw_flipped = dw.sum(axis=0).reshape(C, k, k, F)
+    return dx, xp.ascontiguousarray(dw_flipped[:, ::-1, ::-1].transpose(1, 2, 0, 3)), db.sum(axis=0)
+
+
+def multiply_then_shift(x, w, b):
+    """'same' conv for few output channels: Y = x @ [W_ij] (k*k*F columns), then out = sum of the
+    k*k shifted slices of Y. Reads x once instead of copying it k*k times into a patch matrix.
+
+    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F)
+    """
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    k, F, p = w.shape[0], w.shape[-1], w.shape[0] // 2
+    w_taps = w.transpose(0, 1, 3, 2).reshape(k * k * F, C)
+    out = xp.empty((N, H, W, F), dtype=x.dtype)
+
+    def piece(n: slice, _: slice) -> None:
+        N_ = n.stop - n.start
+        # Channels-first products (k, k, F, N_, H, W): each tap's shifted slice-add runs along W.
+        taps = xp.matmul(w_taps, x[n].reshape(-1, C).T, out=scratch("taps", (k * k * F, N_ * H * W), x.dtype, x))
+        y = taps.reshape(k, k, F, N_, H, W)
+        acc = scratch("taps_sum", (F, N_, H, W), x.dtype, x)
+        xp.add(y[p, p], b.reshape(F, 1, 1, 1), out=acc)
+        for i in range(k):
+            for j in range(k):
+                if i == p and j == p:
+                    continue
+                dy, dx = i - p, j - p  # out[y, x] += x[y + dy, x + dx] @ W[i, j]
+                acc[:, :, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)] += \
+                    y[i, j, :, :, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+        xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
+
+    parallel.run_pieces(piece, parallel.pieces(N, H, W, x, bands=False), x)
+    return out
