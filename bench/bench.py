@@ -3,6 +3,7 @@
     python bench/bench.py                      # CPU, 2 threads, both configurations, a table
     python bench/bench.py --json --steps 3     # one JSON object per configuration
     python bench/bench.py --device gpu         # CuPy against PyTorch CUDA
+    python bench/bench.py --conv im2col        # nanocolor's textbook code instead of the fast engine
 
 Both sides run the same network (Conv 1->64, pool, 64->128, pool, 128->256, pool, 256->512,
 512->256, up, 256->128, up, 128->64, up, 64->2 + tanh; 3x3, ReLU; 3,099,714 parameters) from the
@@ -40,7 +41,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
-from nanocolor import backend  # noqa: E402
+from nanocolor import backend, fast  # noqa: E402
 from nanocolor.layers import Conv2d, MaxPool2d, Upsample2d  # noqa: E402
 from nanocolor.loss import MSELoss  # noqa: E402
 from nanocolor.model import ColorNet  # noqa: E402
@@ -334,7 +335,7 @@ def run_worker(args) -> dict:
 def spawn(worker: str, config: str, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--configs", config,
                "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device]
+               "--device", args.device, "--conv", args.conv]
     if args.torch_channels_last:
         command.append("--torch-channels-last")
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
@@ -408,6 +409,7 @@ def benchmark_config(config: str, args, gemm: dict) -> dict:
         "parity_max_rel_diff": worst,
         "parity_adam_update_rel_diff": adam_diff,
         "forward_gflop_per_image": flops / 1e9,
+        "conv_engine": args.conv,
         "steps": args.steps,
         "warmup": args.warmup,
         "torch_memory_format": "channels_last" if args.torch_channels_last else "contiguous (NCHW)",
@@ -455,6 +457,9 @@ def main(argv: list | None = None) -> int:
                         help="gpu: nanocolor on CuPy against PyTorch CUDA")
     parser.add_argument("--torch-channels-last", action="store_true",
                         help="run PyTorch in channels_last memory format (default: its NCHW default)")
+    parser.add_argument("--conv", choices=fast.ENGINES, default="auto",
+                        help="nanocolor's engine (nanocolor.fast.set_engine): auto (default), the textbook "
+                             "im2col, gemm or winograd")
     parser.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     parser.add_argument("--worker", choices=("nanocolor", "torch", "gemm"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -462,6 +467,7 @@ def main(argv: list | None = None) -> int:
         parse_config(config)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--steps and --threads must be at least 1, --warmup at least 0")
+    fast.set_engine(args.conv)  # for the parity check here and in each nanocolor worker
 
     if args.worker:
         print(json.dumps(run_worker(args)))
@@ -486,7 +492,8 @@ def main(argv: list | None = None) -> int:
             print(json.dumps(row))
     else:
         print_table(rows, f"nanocolor vs PyTorch {torch.__version__}, device {args.device}, "
-                          f"{args.threads} threads, float32\nmachine: {machine_description(args.device)}; "
+                          f"{args.threads} threads, float32, nanocolor engine {args.conv}\n"
+                          f"machine: {machine_description(args.device)}; "
                           f"NumPy {np.__version__}; load average at start {load[0]:.2f}")
     return 0
 
