@@ -61,7 +61,7 @@ def check_options(args: argparse.Namespace) -> None:
         return
     output = Path(args.output)
     options.check_output_folder(output)
-    if not output.is_dir() and output.suffix.lower() in FOLDER_EXTENSIONS | {".npz"}:
+    if not output.is_dir() and output.suffix.lower() in FOLDER_EXTENSIONS:
         raise ValueError(f"--output {output} looks like a file name; --output takes a folder "
                          f"(each output is named after its input)")
 

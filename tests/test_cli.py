@@ -282,7 +282,7 @@ def test_device_gpu_without_cupy_exits_2_with_one_line(script, args, weights, tm
 def test_train_refuses_a_non_positive_learning_rate(tmp_path):
     result = run_script("train.py", "--lr", "-1", "--out", tmp_path / "run")
     assert result.returncode == 2
-    assert "--lr must be positive" in result.stderr and "Traceback" not in result.stderr
+    assert "--lr must be above 0, got -1.0" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
