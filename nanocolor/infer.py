@@ -57,7 +57,7 @@ def predict_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
         ab = backend.to_numpy(annealed_mean(out))[0]
     else:
         ab = unscale_ab(backend.to_numpy(out)[0])
-    return _resize_channels(ab, H, W)
+    return _resize_channels(ab * model.chroma_gain, H, W)
 
 
 def colorize_array(model: ColorNet, rgb: np.ndarray, work_size: int) -> np.ndarray:

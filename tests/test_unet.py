@@ -163,3 +163,16 @@ def test_init_from_a_file_of_the_previous_format(tmp_path):
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert ColorNet.load(tmp_path / "run" / "model.npz").config == ColorNet.load(SHIPPED).config
+
+
+def test_chroma_gain_is_saved_and_scales_the_colors(tmp_path):
+    from nanocolor.infer import predict_ab
+    model = ColorNet((4, 8), seed=3, arch="unet")
+    lightness = np.linspace(0, 100, 16 * 24, dtype=np.float32).reshape(16, 24)
+    plain = predict_ab(model, lightness, work_size=24)
+    model.chroma_gain = 1.5
+    model.save(tmp_path / "gain.npz", dtype=None)  # float32: the same weights
+    loaded = ColorNet.load(tmp_path / "gain.npz")
+    assert loaded.chroma_gain == 1.5
+    np.testing.assert_allclose(predict_ab(loaded, lightness, work_size=24), 1.5 * plain, rtol=1e-5, atol=1e-5)
+    assert ColorNet.load(SHIPPED).chroma_gain == 1.0  # files without one leave the prediction as it is
