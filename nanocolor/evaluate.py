@@ -6,6 +6,8 @@ LAB units), colorfulness (Hasler and Suesstrunk 2003) and its ratio to the origi
 baseline is the photo's own lightness with a* = b* = 0, scored the same way. Examples:
     python -m nanocolor.evaluate --data ../shared/data/scenes150/test --weights nanocolor/weights/colornet.npz
     python -m nanocolor.evaluate --data photos/ --weights run/model.npz --limit 200 --gallery gallery.png --json
+    python -m nanocolor.evaluate --data val/ --weights run/model.npz --chroma-gain 1 1.2 1.4   # a row per gain
+A data folder with subfolders (one per class, say) also gets a table per subfolder.
 """
 from __future__ import annotations
 
@@ -67,6 +69,9 @@ class Evaluation:
     original_colorfulness: float
     model: dict
     gray: dict
+    chroma_gain: float = 1.0                            # the model's gain in `model`
+    other_gains: dict = field(default_factory=dict)      # gain -> model scores with that gain instead
+    per_folder: dict = field(default_factory=dict)       # first subfolder -> {"photos", "model", "gray", ...}
     gallery_rows: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -75,14 +80,16 @@ class Evaluation:
 
 def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, limit: int | None = None,
                     gallery_photos: int = GALLERY_PHOTOS, gallery_every: int = 1,
-                    progress: bool = False) -> Evaluation:
+                    progress: bool = False, other_gains: tuple = ()) -> Evaluation:
     """Colorize and score every color photo under `data` (the first `limit` of them, sorted by path).
 
     Unreadable files and photos that are already gray (data.is_grayscale) are skipped and counted.
     The gallery takes every `gallery_every`-th scored photo (spread over a sorted folder's classes).
+    With `other_gains`, every photo is also colorized and scored with each of those chroma gains.
     """
     paths = find_images(data)
-    model_scores, gray_scores, original_colorfulness, rows = [], [], [], []
+    model_scores, gray_scores, original_colorfulness, rows, folders = [], [], [], [], []
+    gain_scores: dict = {g: [] for g in other_gains}
     unreadable = skipped_gray = 0
     bar = progress_bar(min(limit, len(paths)) if limit else len(paths), "evaluating", "photos", progress)
     for path in paths:
@@ -98,6 +105,9 @@ def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, li
             continue
         original = to_uint8(rgb)
         colorized, gray = colorize_array(model, rgb, work_size), gray_of(rgb)
+        for gain, scores in gain_scores.items():
+            scores.append(colorization_scores(to_uint8(_with_gain(model, gain, rgb, work_size)), original))
+        folders.append(_first_folder(path, data))
         model_scores.append(colorization_scores(to_uint8(colorized), original))
         gray_scores.append(colorization_scores(to_uint8(gray), original))
         original_colorfulness.append(colorfulness(original))
@@ -108,22 +118,61 @@ def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, li
     if not model_scores:
         raise DataError(f"{data}: no readable color photo among {len(paths)} image files "
                         f"({skipped_gray} gray, {unreadable} unreadable)")
+    per_folder = {}
+    if len(set(folders)) > 1:
+        for name in sorted(set(folders)):
+            pick = [i for i, f in enumerate(folders) if f == name]
+            reference = [original_colorfulness[i] for i in pick]
+            per_folder[name] = {"photos": len(pick), "original_colorfulness": float(np.mean(reference)),
+                                "model": summarize([model_scores[i] for i in pick], reference),
+                                "gray": summarize([gray_scores[i] for i in pick], reference)}
     return Evaluation(photos=len(model_scores), skipped_gray=skipped_gray, unreadable=unreadable,
                       work_size=work_size, original_colorfulness=float(np.mean(original_colorfulness)),
                       model=summarize(model_scores, original_colorfulness),
-                      gray=summarize(gray_scores, original_colorfulness), gallery_rows=rows)
+                      gray=summarize(gray_scores, original_colorfulness), chroma_gain=model.chroma_gain,
+                      other_gains={g: summarize(sc, original_colorfulness) for g, sc in gain_scores.items()},
+                      per_folder=per_folder, gallery_rows=rows)
+
+
+def _with_gain(model: ColorNet, gain: float, rgb: np.ndarray, work_size: int) -> np.ndarray:
+    """colorize_array with the model's chroma gain set to `gain` for this call."""
+    kept, model.chroma_gain = model.chroma_gain, gain
+    try:
+        return colorize_array(model, rgb, work_size)
+    finally:
+        model.chroma_gain = kept
+
+
+def _first_folder(path: Path, root: str | os.PathLike) -> str:
+    """The subfolder of `root` a photo lies in ('.' for one directly in it)."""
+    parts = Path(path).relative_to(Path(root)).parts
+    return parts[0] if len(parts) > 1 else "."
 
 
 def format_table(ev: Evaluation) -> str:
-    """The scores as a plain-text table: gray baseline, model, originals."""
+    """The scores as a plain-text table: gray baseline, model (and its other gains), originals;
+    then one table per subfolder when the photos lie in several."""
     lines = [f"{ev.photos} color photos ({ev.skipped_gray} gray and {ev.unreadable} unreadable skipped), "
-             f"work size {ev.work_size}",
-             f"{'':22}{'PSNR dB':>9}{'AuC':>8}{'colorful':>10}{'ratio':>7}"]
-    for name, s in (("gray baseline (ab=0)", ev.gray), ("model", ev.model)):
-        lines.append(f"{name:22}{s['psnr']:9.2f}{s['auc']:8.4f}{s['colorfulness']:10.2f}"
-                     f"{s['colorfulness_ratio']:7.3f}")
-    lines.append(f"{'originals':22}{'-':>9}{'-':>8}{ev.original_colorfulness:10.2f}{1:7.3f}")
+             f"work size {ev.work_size}"]
+    model_rows = [(_gain_name(ev.chroma_gain), ev.model)] + [(_gain_name(g), s) for g, s in ev.other_gains.items()]
+    lines += _rows(ev.gray, model_rows, ev.original_colorfulness)
+    for folder, part in ev.per_folder.items():
+        lines += ["", f"{folder}: {part['photos']} photos"]
+        lines += _rows(part["gray"], [("model", part["model"])], part["original_colorfulness"])
     return "\n".join(lines)
+
+
+def _gain_name(gain: float) -> str:
+    return "model" if gain == 1.0 else f"model, chroma gain {gain:g}"
+
+
+def _rows(gray: dict, models: list, original_colorfulness: float) -> list[str]:
+    lines = [f"{'':28}{'PSNR dB':>9}{'AuC':>8}{'colorful':>10}{'ratio':>7}"]
+    for name, s in [("gray baseline (ab=0)", gray)] + models:
+        lines.append(f"{name:28}{s['psnr']:9.2f}{s['auc']:8.4f}{s['colorfulness']:10.2f}"
+                     f"{s['colorfulness_ratio']:7.3f}")
+    lines.append(f"{'originals':28}{'-':>9}{'-':>8}{original_colorfulness:10.2f}{1:7.3f}")
+    return lines
 
 
 def gallery_picture(rows: list) -> Image.Image:
@@ -146,6 +195,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gallery photos are every K-th scored photo (default 1: the first ones)")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side at which the network predicts color (default: the model's training size x 2)")
+    p.add_argument("--chroma-gain", type=float, nargs="+", metavar="G",
+                   help="multiply the predicted a*b* by G instead of the weights' own gain; several values: "
+                        "one row each (the first is the model's row, of the gallery and per-folder tables)")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
     p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -159,10 +211,15 @@ def main(argv=None) -> int:
         options.check_number("--gallery-every", args.gallery_every, low=1)
         options.check_number("--work-size", args.work_size, low=1, high=MAX_WORK_SIZE)
         backend.use_device(args.device)
+        for gain in args.chroma_gain or ():
+            options.check_number("--chroma-gain", gain, low=0, high=10, above=True)
         model, work_size = load_colorizer(args.weights)
+        gains = args.chroma_gain or [model.chroma_gain]
+        model.chroma_gain = gains[0]
         ev = evaluate_folder(model, args.data, args.work_size or work_size, limit=args.limit,
                              gallery_photos=GALLERY_PHOTOS if args.gallery else 0,
-                             gallery_every=args.gallery_every, progress=not args.quiet)
+                             gallery_every=args.gallery_every, progress=not args.quiet,
+                             other_gains=tuple(gains[1:]))
     except (ValueError, backend.DeviceError, OSError) as err:  # DataError, CorruptFileError are ValueErrors
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

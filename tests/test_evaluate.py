@@ -98,3 +98,30 @@ def test_gallery_every_k_takes_photos_spread_over_the_folder(tmp_path):
     ev = evaluate_folder(model, folder, work_size=16, gallery_photos=3, gallery_every=2)
     reds = [int(round(row[1][0, 0, 0] * 255)) for row in ev.gallery_rows]
     assert reds == [20, 100, 180]  # photos 0, 2 and 4
+
+
+def test_a_table_per_subfolder(tmp_path, weights, capsys):
+    for folder, count in (("faces", 2), ("rooms", 3)):
+        for i in range(count):
+            save_image(tmp_path / "data" / folder / f"{i}.png", colorful_rgb(16, 16, seed=10 * count + i))
+    ev = evaluate_folder(ColorNet(widths=(4, 8), seed=0), tmp_path / "data", work_size=16)
+    assert {name: part["photos"] for name, part in ev.per_folder.items()} == {"faces": 2, "rooms": 3}
+    # the whole is the photo-weighted mean of its parts
+    whole = (2 * ev.per_folder["faces"]["model"]["psnr"] + 3 * ev.per_folder["rooms"]["model"]["psnr"]) / 5
+    assert ev.model["psnr"] == pytest.approx(whole)
+    assert main(["--data", str(tmp_path / "data"), "--weights", str(weights), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "faces: 2 photos" in table and "rooms: 3 photos" in table
+
+
+def test_chroma_gains_get_a_row_each(photos, weights, capsys):
+    assert main(["--data", str(photos), "--weights", str(weights), "--quiet", "--json",
+                 "--chroma-gain", "1", "0.5", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result["other_gains"]) == {"0.5", "2.0"}
+    colorful = [result["model"]["colorfulness"], result["other_gains"]["0.5"]["colorfulness"],
+                result["other_gains"]["2.0"]["colorfulness"]]
+    assert colorful[1] < colorful[0] < colorful[2]  # the gain scales the colors
+    assert any("chroma gain 2" in line for line in lines)
+    assert main(["--data", str(photos), "--weights", str(weights), "--chroma-gain", "0"]) == 2
