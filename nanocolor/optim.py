@@ -1,7 +1,7 @@
 """Adam (Kingma & Ba, 2015) with bias correction, updating every parameter in place."""
 from __future__ import annotations
 
-from . import parallel
+from .fast import parallel
 from .backend import array_module, on_host
 
 
