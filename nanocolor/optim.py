@@ -1,8 +1,8 @@
 """Adam (Kingma & Ba, 2015) with bias correction, updating every parameter in place."""
 from __future__ import annotations
 
-from .fast import parallel
 from .backend import array_module, on_host
+from .fast import parallel
 
 
 class Adam:
