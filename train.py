@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from nanocolor import backend, options
+from nanocolor import backend, fast, options
 from nanocolor.data import DataError
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
 from nanocolor.model import DEFAULT_WIDTHS, full_config
@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", metavar="WEIGHTS",
                    help="start from these weights instead of random ones, e.g. to continue training "
                         "the shipped model (nanocolor/weights/colornet.npz) on your photos")
+    p.add_argument("--conv", choices=fast.ENGINES, default="auto",
+                   help="how layers are computed: im2col is the textbook code of nanocolor/layers.py; gemm and "
+                        "winograd are the fast engine of nanocolor/fast; auto picks the fastest (default)")
     p.add_argument("--device", default=None,
                    help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
     try:
         world = init_world()
         backend.use_device(args.device)
+        fast.set_engine(args.conv)
         use_local_gpu(world, backend.xp)
         check_numbers(args)
         arch, widths = _architecture(args)

@@ -298,3 +298,25 @@ def test_init_starts_from_given_weights_and_rejects_another_architecture(tmp_pat
     result = run_script("train.py", *common, "--widths", "4,16", "--init", tmp_path / "start.npz",
                         "--out", tmp_path / "other")
     assert result.returncode == 2 and "does not match" in result.stderr
+
+
+def test_the_textbook_engine_trains_and_colorizes_end_to_end(tmp_path, trained_run):
+    """--conv im2col runs nanocolor/layers.py alone; it computes what the default engine computes."""
+    run_dir, _ = trained_run
+    args = [a for a in TINY_RUN if a != "--quiet"] + ["--quiet", "--seed", "2"]
+    runs = {}
+    for engine in ("im2col", "auto"):
+        result = run_script("train.py", *args, "--conv", engine, "--out", tmp_path / engine)
+        assert result.returncode == 0, result.stderr
+        runs[engine] = weights_of(tmp_path / engine / "checkpoint.npz")
+    for name, value in runs["auto"].items():
+        np.testing.assert_allclose(runs["im2col"][name], value, rtol=1e-3, atol=1e-4, err_msg=name)
+    photo = save_image(tmp_path / "in.png", colorful_rgb(21, 30, seed=5))
+    outputs = {}
+    for engine in ("im2col", "auto"):
+        out = tmp_path / f"out_{engine}"
+        result = run_script("colorize.py", photo, "--weights", run_dir / "model.npz", "--conv", engine, "--output", out)
+        assert result.returncode == 0, result.stderr
+        outputs[engine] = np.asarray(Image.open(out / "in.png"), dtype=int)
+    assert outputs["im2col"].shape == (21, 30, 3)
+    assert np.abs(outputs["im2col"] - outputs["auto"]).max() <= 1
