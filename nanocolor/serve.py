@@ -50,7 +50,7 @@ from starlette.routing import Route
 
 from . import __version__, backend
 from .data import alpha_channel, rgb_array
-from .infer import colorize_array, encode_png, load_colorizer
+from .infer import MAX_WORK_SIZE, colorize_array, encode_png, load_colorizer
 from .serialize import CorruptFileError
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
@@ -288,7 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queue", type=int, default=Limits.queue,
                    help=f"colorize requests admitted at once, more get 503 (default {Limits.queue})")
     p.add_argument("--work-size", type=int, default=None,
-                   help="longer side at which the network predicts color (default: the model's training size x 2)")
+                   help="longer side at which the network predicts color "
+                        f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
     p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     return p.parse_args(argv)
 
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                               ("--jobs", limits.jobs), ("--queue", limits.queue), ("--work-size", args.work_size or 1)):
             if value <= 0:
                 raise ValueError(f"{option} must be positive")
+        if args.work_size and args.work_size > MAX_WORK_SIZE:
+            raise ValueError(f"--work-size must be at most {MAX_WORK_SIZE}, got {args.work_size}")
         backend.use_device(args.device)
         colorizers = load_colorizers(args.weights, args.work_size)
         sock = listening_socket(args.host, args.port)

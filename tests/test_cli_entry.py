@@ -71,7 +71,9 @@ def test_nanocolor_colorize_failure_keeps_the_script_exit_code(tmp_path):
 
 
 def test_serve_without_the_web_packages_says_how_to_install_them(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "starlette", None)  # importing it now fails, as if not installed
+    for name in [name for name in sys.modules if name.split(".")[0] == "starlette"] + ["starlette"]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now fails, as if not installed
     monkeypatch.delitem(sys.modules, "nanocolor.serve", raising=False)
-    assert cli.main(["serve"]) == 2
+    # were starlette still importable, the missing weights would stop the server before it starts
+    assert cli.main(["serve", "--weights", "no/such.npz"]) == 2
     assert "pip install 'nanocolor[serve]'" in capsys.readouterr().err

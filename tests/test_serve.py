@@ -296,6 +296,7 @@ def test_nanocolor_serve_command_serves_until_stopped(tmp_path, stop, exit_code)
     (["--weights", "no/such.npz"], "no/such.npz"),
     (["--max-megapixels", "0"], "--max-megapixels must be positive"),
     (["--device", "tpu"], "tpu"),
+    (["--work-size", "5000"], "--work-size must be at most"),
 ])
 def test_nanocolor_serve_bad_settings_are_one_line_and_exit_2(args, message):
     process = start_command("--port", "0", *args)
