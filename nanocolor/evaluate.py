@@ -12,7 +12,6 @@ A data folder with subfolders (one per class, say) also gets a table per subfold
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -25,10 +24,10 @@ from tqdm import tqdm
 
 from . import backend, options
 from .data import DataError, ImageError, find_images, is_grayscale, read_photo
-from .infer import MAX_WORK_SIZE, colorize_array, gray_of, load_colorizer, side_by_side, to_uint8
+from .images import gray_of, side_by_side, to_uint8, write_png
+from .infer import MAX_WORK_SIZE, colorize_array, load_colorizer
 from .metrics import colorfulness, colorization_scores, summarize
 from .model import ColorNet
-from .serialize import atomic_write_bytes
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
 GALLERY_PHOTOS = 8
@@ -229,9 +228,7 @@ def main(argv=None) -> int:
     if args.gallery:
         try:
             options.check_output_folder(Path(args.gallery).parent)
-            buffer = io.BytesIO()
-            gallery_picture(ev.gallery_rows).save(buffer, format="PNG")
-            atomic_write_bytes(args.gallery, buffer.getvalue())
+            write_png(args.gallery, gallery_picture(ev.gallery_rows))
         except OSError as err:
             where = f"{err.filename}: {err.strerror}" if isinstance(err, NotADirectoryError) else err.strerror
             print(f"evaluate: error: cannot write the gallery {args.gallery} ({where or err})", file=sys.stderr)

@@ -1,25 +1,25 @@
-"""Colorizing photos of any size with a trained model, and side-by-side pictures.
+"""Colorizing photos of any size with a trained model.
 
 The network runs at a small working size (the longer side, rounded to its downsampling
 factor); its ab prediction is upsampled to the full image and joined with the input's own
 full-resolution lightness, so fine detail comes from the photo and only color from the net.
 Predicted colors that sRGB cannot show are pulled into gamut at fixed lightness, so the output's
-L* is the input's, up to 8-bit rounding.
+L* is the input's, up to 8-bit rounding. Pictures and PNG bytes are made by images.py.
 """
 from __future__ import annotations
 
 import errno
-import io
 import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from . import backend
 from .classify import ab_bins, annealed_mean
 from .color import fit_to_gamut, lab_to_rgb, rgb_to_lab, scale_lightness, unscale_ab
 from .data import read_photo
+from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side
 from .model import ColorNet
 from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 
@@ -27,8 +27,6 @@ from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 # Longest side the network may run at: its memory grows with the square (about 1.1 GB at 1024
 # for the shipped model, 4 GB at 2048), while color is smooth and gains little from more pixels.
 MAX_WORK_SIZE = 1024
-# PNG text key that marks the files colorize_file writes, so that a later run can recognise them.
-OUTPUT_KEY = "nanocolor"
 
 
 def working_shape(height: int, width: int, work_size: int, factor: int) -> tuple[int, int]:
@@ -88,25 +86,6 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     return model, 2 * int(train_size)
 
 
-def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None, note: str | None = None) -> bytes:
-    """RGB (H, W, 3) in [0, 1] and optional alpha uint8 (H, W) -> the bytes of an 8-bit PNG;
-    a note is stored under OUTPUT_KEY, marking the file as colorize's output."""
-    pixels = to_uint8(rgb)
-    img = Image.fromarray(np.dstack([pixels, alpha]), "RGBA") if alpha is not None else Image.fromarray(pixels)
-    return png_bytes(img, note)
-
-
-def png_bytes(img: Image.Image, note: str | None = None) -> bytes:
-    """The bytes of `img` as a PNG, with `note` (if any) in a text chunk under OUTPUT_KEY."""
-    info = None
-    if note is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add_text(OUTPUT_KEY, note)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
 def is_colorize_output(path: str | os.PathLike) -> bool:
     """Whether `path` is a PNG that colorize_file wrote (it carries the OUTPUT_KEY text chunk)."""
     path = Path(path)
@@ -148,26 +127,3 @@ def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.P
         atomic_write_bytes(compare_path, png_bytes(picture, f"gray | original | colorized of {path.name}"))
 
 
-def to_uint8(rgb: np.ndarray) -> np.ndarray:
-    return np.clip(np.asarray(rgb) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def gray_of(rgb: np.ndarray) -> np.ndarray:
-    """The lightness of an RGB image, shown as a gray RGB image (a = b = 0)."""
-    lab = rgb_to_lab(rgb.astype(np.float64))
-    lab[..., 1:] = 0
-    return lab_to_rgb(lab)
-
-
-def side_by_side(rows: list[tuple[np.ndarray, ...]], gap: int = 4) -> Image.Image:
-    """Rows of equally sized RGB images in [0, 1] -> one picture, white gaps between cells.
-
-    Each row is usually (grayscale, ground truth, colorized).
-    """
-    h, w = rows[0][0].shape[:2]
-    cols = len(rows[0])
-    canvas = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = to_uint8(img)
-    return Image.fromarray(canvas)

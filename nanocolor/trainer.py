@@ -1,10 +1,6 @@
-"""The training loop: data, epochs, validation, checkpoints, previews and a CSV log.
+"""Training: one step of gradient descent (`train_step`), and the loop around it (`Trainer`):
+data, epochs, validation, and after every epoch the run folder's files (runfolder.py).
 
-A run folder holds:
-    checkpoint.npz  weights + Adam state + position (epoch, step), written atomically
-    model.npz       the latest weights alone (float16), what colorize.py reads
-    log.csv         one row per epoch: losses, validation PSNR, seconds
-    preview.png     fixed validation photos: grayscale | ground truth | colorized
 The order of mini-batches depends only on (seed, epoch), so --resume continues exactly.
 
 Data-parallel over MPI (see distributed.py): with N processes every global batch of the same
@@ -14,8 +10,6 @@ split across ranks and its sums reduced; only rank 0 writes files and shows prog
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import signal
@@ -25,22 +19,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from . import backend
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, split_indices
 from .distributed import GradientAverager, World
-from .infer import side_by_side
+from .images import side_by_side
 from .classify import ClassificationLoss
 from .layers import BatchNorm2d
 from .loss import MSELoss
 from .metrics import psnr
 from .model import DEFAULT_WIDTHS, ColorNet, full_config
 from .optim import Adam
-from .plots import curves_png
-from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz
+from .runfolder import RunFolder
+from .serialize import load_npz
 
 PREVIEW_IMAGES = 4
 # On a GPU the per-step losses stay on the device and are read back (one host sync) every this
@@ -102,6 +95,21 @@ def lab_to_rgb_batch(lightness, ab) -> np.ndarray:
     return lab_to_rgb(lab)
 
 
+def train_step(model: ColorNet, loss_fn, optimizer: Adam, lightness, ab_true, average=None):
+    """One step of gradient descent on a batch; returns its loss (before the step).
+
+    lightness (N, H, W, 1) and ab_true (N, H, W, 2), scaled to [-1, 1]. With data parallelism,
+    `average(loss)` replaces every gradient (and the loss) by its mean over all processes.
+    """
+    ab_pred = model.train().forward(lightness)   # (N, H, W, 2)
+    loss = loss_fn.forward(ab_pred, ab_true)
+    model.backward(loss_fn.backward())           # fills every layer's grads
+    if average is not None:
+        loss = average(loss)
+    optimizer.step()                             # one Adam update of every parameter
+    return loss
+
+
 class Trainer:
     """Trains one model, alone or as one rank of an MPI `world`.
 
@@ -113,7 +121,8 @@ class Trainer:
         self.cfg, self.out = cfg, Path(cfg.out)
         self.world = world or World()
         self.progress = cfg.progress and self.world.is_root  # the other ranks stay quiet
-        self.checkpoint_path = self.out / "checkpoint.npz"
+        self.folder = RunFolder(cfg.out)
+        self.checkpoint_path = self.folder.checkpoint
         self.epoch, self.step, self.loss_sum, self.cpu_seconds = 0, 0, 0.0, 0.0
         self.dtype = np.dtype(dtype)
         self._signal_at = scheduled_test_signal()
@@ -168,12 +177,12 @@ class Trainer:
         if getattr(self, "class_weights", None) is not None:
             arrays["class_weights"] = np.asarray(self.class_weights)
         train_config = {k: v for k, v in asdict(self.cfg).items() if k != "history"}
-        save_npz(self.checkpoint_path, arrays, kind="checkpoint", config=self.model.config,
-                 train_config=train_config, epoch=self.epoch, step=self.step, loss_sum=self.loss_sum,
-                 cpu_seconds=self.cpu_seconds, history=self.cfg.history)
+        self.folder.save_checkpoint(arrays, config=self.model.config, train_config=train_config, epoch=self.epoch,
+                                    step=self.step, loss_sum=self.loss_sum, cpu_seconds=self.cpu_seconds,
+                                    history=self.cfg.history)
 
     def _load_checkpoint(self) -> None:
-        arrays, meta = load_npz(self.checkpoint_path, kinds=("checkpoint",))
+        arrays, meta = self.folder.load_checkpoint()
         stored = meta["train_config"]
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
@@ -207,23 +216,14 @@ class Trainer:
         return backend.to_numpy(self.loss.decode(out) if self.cfg.loss == "classify" else out)
 
     # -- one epoch ------------------------------------------------------------------------------
-    def train_step(self, lightness, ab_true) -> float:
+    def train_step(self, lightness, ab_true):
         """One Adam step on this rank's shard; returns the loss of the whole (global) batch."""
-        ab_pred = self.model.train().forward(lightness)
-        loss = self.loss.forward(ab_pred, ab_true)
         if self.averager is None:
-            if backend.on_host(ab_pred) and not math.isfinite(loss):  # on a device: checked at the next sync
-                return loss
-            self.model.backward(self.loss.backward())
-        else:
-            # Every rank joins the Allreduce, even with a diverged shard: a NaN anywhere makes the
-            # reduced loss NaN everywhere, so all ranks stop together.
-            self.model.backward(self.loss.backward())
-            loss = self.averager.average(loss, stop=self._stop_signal is not None)
-            if not math.isfinite(loss):
-                return loss
-        self.optimizer.step()
-        return loss
+            return train_step(self.model, self.loss, self.optimizer, lightness, ab_true)
+        # Every rank joins the Allreduce, even with a diverged shard: a NaN anywhere makes the
+        # reduced loss NaN everywhere, so all ranks stop together.
+        average = lambda loss: self.averager.average(loss, stop=self._stop_signal is not None)
+        return train_step(self.model, self.loss, self.optimizer, lightness, ab_true, average)
 
     def validate(self, batch_size: int = 64) -> tuple[float, float]:
         """Mean validation MSE (scaled ab) and mean PSNR (dB, 8-bit RGB) over the validation set.
@@ -255,36 +255,13 @@ class Trainer:
         ab_pred = self.predict_scaled_ab(L)
         gray = lab_to_rgb_batch(L, np.zeros_like(ab_true))
         truth, pred = lab_to_rgb_batch(L, ab_true), lab_to_rgb_batch(L, ab_pred)
-        picture = side_by_side(list(zip(gray, truth, pred)))
-        zoom = max(1, 128 // self.cfg.size)  # small training images are shown enlarged
-        picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.Resampling.NEAREST)
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        atomic_write_bytes(self.out / "preview.png", buffer.getvalue())
-
-    def write_log(self) -> None:
-        buffer = io.StringIO()
-        fields = ["epoch", "train_loss", "val_loss", "val_psnr", "seconds"]
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(self.cfg.history)
-        atomic_write_bytes(self.out / "log.csv", buffer.getvalue().encode())
-
-    def write_curves(self) -> None:
-        """curves.png: the log's losses and PSNR per epoch (needs matplotlib, an optional extra)."""
-        picture = curves_png(self.cfg.history, title=self.out.name)
-        if picture is not None:
-            atomic_write_bytes(self.out / "curves.png", picture)
-        elif self.progress and len(self.cfg.history) == 1:
-            tqdm.write("no curves.png: matplotlib is not installed (pip install 'nanocolor[plots]')")
+        self.folder.write_preview(side_by_side(list(zip(gray, truth, pred))), zoom=max(1, 128 // self.cfg.size))
 
     def run(self) -> dict:
         """Train up to cfg.epochs; returns the last epoch's history row (empty if nothing to do)."""
         cfg = self.cfg
         if self.world.is_root:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for name in ("checkpoint.npz", "model.npz", "preview.png", "log.csv", "curves.png"):
-                remove_stale_temp_files(self.out / name)  # left by a run killed while saving
+            self.folder.clean()
         self._stop_signal = None
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -394,11 +371,11 @@ class Trainer:
         if not self.world.is_root:
             return
         self.save_checkpoint()
-        self.model.save(self.out / "model.npz", train_size=cfg.size, epochs=self.epoch,
-                        cpu_seconds=round(self.cpu_seconds, 1))
+        self.folder.save_model(self.model, train_size=cfg.size, epochs=self.epoch, cpu_seconds=round(self.cpu_seconds, 1))
         self.write_preview()
-        self.write_log()
-        self.write_curves()
+        self.folder.write_log(cfg.history)
+        if not self.folder.write_curves(cfg.history) and self.progress and len(cfg.history) == 1:
+            tqdm.write("no curves.png: matplotlib is not installed (pip install 'nanocolor[plots]')")
         if self.progress:
             tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  "
                        f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  "
