@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanocolor import parallel
+from nanocolor.fast import parallel
 from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.layers import Conv2d
 from nanocolor.model import ColorNet
@@ -68,14 +68,11 @@ def save_image(path: Path, array: np.ndarray, **save_kwargs) -> Path:
 
 # -- layers ----------------------------------------------------------------------------------------
 
-def make_conv(c_in: int, c_out: int, k: int = 3, method: str | None = None, seed: int = 0,
-              dtype=np.float64) -> Conv2d:
-    """A k x k Conv2d with seeded weights and a seeded non-zero bias (so its gradient is exercised);
-    `method` forces a path ('im2col', 'gemm', 'winograd'), None keeps the layer's default."""
+def make_conv(c_in: int, c_out: int, k: int = 3, seed: int = 0, dtype=np.float64) -> Conv2d:
+    """A k x k Conv2d with seeded weights and a seeded non-zero bias (so its gradient is exercised).
+    The engine that computes it is the process-wide one (nanocolor.fast.use_engine)."""
     conv = Conv2d(c_in, c_out, k, rng=np.random.default_rng(seed), dtype=dtype)
     conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
-    if method is not None:
-        conv.method = method
     return conv
 
 
