@@ -4,11 +4,20 @@
     python bench/bench.py --json --steps 3     # one JSON object per configuration
     python bench/bench.py --device gpu         # CuPy against PyTorch CUDA
     python bench/bench.py --conv im2col        # nanocolor's textbook code instead of the fast engine
+    python bench/bench.py --nets unet          # only the U-Net (default: reference and unet)
 
-Both sides run the same network (Conv 1->64, pool, 64->128, pool, 128->256, pool, 256->512,
-512->256, up, 256->128, up, 128->64, up, 64->2 + tanh; 3x3, ReLU; 3,099,714 parameters) from the
-same initial weights, in float32. Before any timing, one batch must give the same MSE loss and
-the same weight gradients on both sides (relative difference < 1e-3), or the run aborts.
+Both sides run the same network from the same initial weights, in float32:
+  reference  Conv 1->64, pool, 64->128, pool, 128->256, pool, 256->512, 512->256, up, 256->128,
+             up, 128->64, up, 64->2 + tanh; 3x3, ReLU; 3,099,714 parameters
+  unet       ColorNet(DEFAULT_WIDTHS, arch="unet"): Conv (no bias) + BatchNorm + ReLU blocks of
+             widths 32, 64, 128, 256, skip connections by concatenation, Conv 64->2 + tanh;
+             BatchNorm in training mode for training steps, in eval mode for inference
+Before any timing, one batch must give the same MSE loss and the same parameter gradients on
+both sides (relative difference < 1e-3), or the run aborts.
+
+The machine line names the OpenBLAS kernel NumPy runs (OPENBLAS_CORETYPE can force an older one
+than the CPU supports: the table then warns; compare with `env -u OPENBLAS_CORETYPE -u
+OPENBLAS_L2_SIZE python bench/bench.py`).
 
 Each side is timed in its own subprocess (peak memory of one side never mixes with the other's)
 with the same thread count: OMP/OpenBLAS/MKL variables are set before NumPy or PyTorch load.
@@ -42,14 +51,16 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 from nanocolor import backend, fast  # noqa: E402
-from nanocolor.layers import Conv2d, MaxPool2d, Upsample2d  # noqa: E402
+from nanocolor.layers import BatchNorm2d, Conv2d, MaxPool2d, Upsample2d  # noqa: E402
 from nanocolor.loss import MSELoss  # noqa: E402
-from nanocolor.model import ColorNet  # noqa: E402
+from nanocolor.model import DEFAULT_WIDTHS, ColorNet  # noqa: E402
 from nanocolor.optim import Adam  # noqa: E402
 
 REFERENCE_WIDTHS = (64, 128, 256, 512)
 REFERENCE_PARAMS = 3_099_714
 DEFAULT_CONFIGS = ("128x128x16", "64x64x32")  # height x width x batch
+NETS = ("reference", "unet")
+BLAS_KERNEL_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # override OpenBLAS's choice of kernel
 PARITY_TOL_FLOAT32 = 1e-3
 LR = 1e-3
 
@@ -91,6 +102,64 @@ def torch_reference_net(widths: tuple = REFERENCE_WIDTHS, kernel: int = 3):
     return nn.Sequential(*layers)
 
 
+def torch_unet(widths: tuple = DEFAULT_WIDTHS, kernel: int = 3):
+    """ColorNet(widths, arch="unet") in PyTorch (NCHW), written out independently of ColorNet:
+    Conv (no bias) + BatchNorm + ReLU blocks, max-pool down, nearest upsample and concatenation
+    of the encoder's map of that size ([upsampled, skip] along channels) up, Conv + tanh head."""
+    import torch
+    from torch import nn
+
+    def block(c_in: int, c_out: int):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+                             nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            c, self.down = 1, nn.ModuleList()  # modules in the order of ColorNet.layers
+            for w in widths[:-1]:
+                self.down.append(block(c, w))
+                c = w
+            self.bottleneck = block(c, widths[-1])
+            c, self.up = widths[-1], nn.ModuleList()
+            for w in reversed(widths[:-1]):
+                self.up.append(block(c, w))
+                c = 2 * w
+            self.head = nn.Conv2d(c, 2, kernel, padding=kernel // 2)
+
+        def forward(self, x):
+            skips = []
+            for level in self.down:
+                x = level(x)
+                skips.append(x)
+                x = nn.functional.max_pool2d(x, 2)
+            x = self.bottleneck(x)
+            for level, skip in zip(self.up, reversed(skips)):
+                x = nn.functional.interpolate(level(x), scale_factor=2, mode="nearest")
+                x = torch.cat([x, skip], dim=1)
+            return torch.tanh(self.head(x))
+
+    return UNet()
+
+
+def nanocolor_net(net: str = "reference", dtype=np.float32, seed: int = 0) -> ColorNet:
+    """The nanocolor side of network `net` (one of NETS)."""
+    if net == "unet":
+        return ColorNet(DEFAULT_WIDTHS, arch="unet", dtype=dtype, seed=seed)
+    return ColorNet(REFERENCE_WIDTHS, dtype=dtype, seed=seed)
+
+
+def torch_net(net: str = "reference"):
+    """The PyTorch side of network `net` (one of NETS)."""
+    return torch_unet() if net == "unet" else torch_reference_net()
+
+
+def set_training(model: ColorNet, net, training: bool) -> None:
+    """BatchNorm in training mode (batch statistics) or eval mode (running statistics), both sides."""
+    (model.train if training else model.eval)()
+    net.train(training)
+
+
 def nanocolor_convs(model: ColorNet) -> list:
     return [layer for layer in model.layers if isinstance(layer, Conv2d)]
 
@@ -100,19 +169,54 @@ def torch_convs(net) -> list:
     return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
 
 
-def copy_weights(model: ColorNet, net) -> None:
-    """Load nanocolor's weights into the PyTorch twin: W (k, k, C, F) -> weight (F, C, k, k)."""
-    import torch
-    ours, theirs = nanocolor_convs(model), torch_convs(net)
+def param_pairs(model: ColorNet, net) -> list:
+    """[(name, nanocolor layer, its parameter name, PyTorch module, its attribute)] for every
+    parameter, in layer order: conv<i>.W / .b (weight (F, C, k, k), bias), bn<i>.gamma / .beta."""
+    from torch import nn
+    ours = [layer for layer in model.layers if isinstance(layer, (Conv2d, BatchNorm2d))]
+    theirs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     if len(ours) != len(theirs):
-        raise ValueError(f"nanocolor has {len(ours)} convs, the PyTorch net {len(theirs)}")
+        raise ValueError(f"nanocolor has {len(ours)} conv and BatchNorm layers, the PyTorch net {len(theirs)}")
+    pairs, convs, norms = [], 0, 0
+    for layer, module in zip(ours, theirs):
+        if isinstance(layer, Conv2d) != isinstance(module, nn.Conv2d):
+            raise ValueError(f"layer order differs: {type(layer).__name__} against {type(module).__name__}")
+        if isinstance(layer, Conv2d):
+            if ("b" in layer.params) != (module.bias is not None):
+                raise ValueError(f"conv{convs}: one side has a bias, the other none")
+            pairs.append((f"conv{convs}.W", layer, "W", module, "weight"))
+            if "b" in layer.params:
+                pairs.append((f"conv{convs}.b", layer, "b", module, "bias"))
+            convs += 1
+        else:
+            pairs += [(f"bn{norms}.gamma", layer, "gamma", module, "weight"),
+                      (f"bn{norms}.beta", layer, "beta", module, "bias")]
+            norms += 1
+    return pairs
+
+
+def to_torch_layout(a: np.ndarray) -> np.ndarray:
+    """A nanocolor parameter in PyTorch's layout: conv W (k, k, C, F) -> (F, C, k, k); vectors as they are."""
+    return np.ascontiguousarray(a.transpose(3, 2, 0, 1)) if a.ndim == 4 else a
+
+
+def from_torch_layout(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(2, 3, 1, 0)) if a.ndim == 4 else a
+
+
+def copy_weights(model: ColorNet, net) -> None:
+    """Load nanocolor's parameters (and BatchNorm running statistics) into the PyTorch twin."""
+    import torch
     with torch.no_grad():
-        for layer, conv in zip(ours, theirs):
-            W = backend.to_numpy(layer.params["W"]).transpose(3, 2, 0, 1)
-            if W.shape != tuple(conv.weight.shape):
-                raise ValueError(f"conv weight shapes differ: {W.shape} vs {tuple(conv.weight.shape)}")
-            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(W)))
-            conv.bias.copy_(torch.from_numpy(backend.to_numpy(layer.params["b"])))
+        for name, layer, key, module, attr in param_pairs(model, net):
+            value = to_torch_layout(backend.to_numpy(layer.params[key]))
+            target = getattr(module, attr)
+            if value.shape != tuple(target.shape):
+                raise ValueError(f"{name}: shapes differ: {value.shape} vs {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(value))
+            if isinstance(layer, BatchNorm2d) and key == "gamma":
+                module.running_mean.copy_(torch.from_numpy(backend.to_numpy(layer.buffers["running_mean"])))
+                module.running_var.copy_(torch.from_numpy(backend.to_numpy(layer.buffers["running_var"])))
 
 
 def to_nchw(a: np.ndarray, device: str = "cpu"):
@@ -131,8 +235,10 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
                  device: str = "cpu") -> dict:
     """One training step on both sides from equal weights; relative differences of everything.
 
-    Returns {'loss': d, 'conv<i>.W': d, 'conv<i>.b': d, ..., 'adam_update': d}: loss, every
-    weight and bias gradient, and the parameter change made by one Adam step.
+    Returns {'loss': d, 'conv<i>.W': d, 'conv<i>.b': d, 'bn<i>.gamma': d, ..., 'adam_update': d,
+    'eval_output': d}: the loss, every parameter gradient, the parameter change made by one Adam
+    step, and (networks with BatchNorm) the output in eval mode after that step, which runs on
+    the running statistics both sides updated in the training pass.
     """
     import torch
     dtype = torch.float64 if lightness.dtype == np.float64 else torch.float32
@@ -140,7 +246,9 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
     copy_weights(model, net)
     torch_device = "cuda" if device == "gpu" else "cpu"
     net.to(torch_device)
-    before = [backend.to_numpy(layer.params["W"]).copy() for layer in nanocolor_convs(model)]
+    pairs = param_pairs(model, net)
+    before = [backend.to_numpy(layer.params[key]).copy() for _, layer, key, _, _ in pairs]
+    set_training(model, net, True)
 
     loss_fn = MSELoss()
     ab_pred = model.forward(backend.xp.asarray(lightness))
@@ -153,24 +261,28 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
     torch_loss.backward()
 
     diffs = {"loss": rel_diff(loss, torch_loss.item())}
-    for i, (layer, conv) in enumerate(zip(nanocolor_convs(model), torch_convs(net))):
-        dW_torch = conv.weight.grad.detach().cpu().numpy().transpose(2, 3, 1, 0)
-        diffs[f"conv{i}.W"] = rel_diff(backend.to_numpy(layer.grads["W"]), dW_torch)
-        diffs[f"conv{i}.b"] = rel_diff(backend.to_numpy(layer.grads["b"]), conv.bias.grad.cpu().numpy())
+    torch_grads = [from_torch_layout(getattr(module, attr).grad.detach().cpu().numpy())
+                   for _, _, _, module, attr in pairs]
+    for (name, layer, key, _, _), grad in zip(pairs, torch_grads):
+        diffs[name] = rel_diff(backend.to_numpy(layer.grads[key]), grad)
 
     # Both optimizers step from PyTorch's gradients, so the update compares Adam alone
     # (a near-zero gradient's float32 sign would otherwise decide a whole lr-sized move).
-    for layer, conv in zip(nanocolor_convs(model), torch_convs(net)):
-        layer.grads["W"] = backend.xp.asarray(np.ascontiguousarray(
-            conv.weight.grad.detach().cpu().numpy().transpose(2, 3, 1, 0)))
-        layer.grads["b"] = backend.xp.asarray(conv.bias.grad.detach().cpu().numpy())
+    for (_, layer, key, _, _), grad in zip(pairs, torch_grads):
+        layer.grads[key] = backend.xp.asarray(grad)
     Adam(model.param_layers, lr=LR).step()
     torch.optim.Adam(net.parameters(), lr=LR).step()
-    ours = np.concatenate([(backend.to_numpy(layer.params["W"]) - w0).ravel()
-                           for layer, w0 in zip(nanocolor_convs(model), before)])
-    theirs = np.concatenate([(conv.weight.detach().cpu().numpy().transpose(2, 3, 1, 0) - w0).ravel()
-                             for conv, w0 in zip(torch_convs(net), before)])
+    ours = np.concatenate([(backend.to_numpy(layer.params[key]) - p0).ravel()
+                           for (_, layer, key, _, _), p0 in zip(pairs, before)])
+    theirs = np.concatenate([(from_torch_layout(getattr(module, attr).detach().cpu().numpy()) - p0).ravel()
+                             for (_, _, _, module, attr), p0 in zip(pairs, before)])
     diffs["adam_update"] = rel_diff(ours, theirs)
+
+    if any(isinstance(layer, BatchNorm2d) for layer in model.layers):
+        set_training(model, net, False)  # each side's own stepped weights and running statistics
+        with torch.no_grad():
+            theirs = net(to_nchw(lightness, torch_device)).cpu().numpy().transpose(0, 2, 3, 1)
+        diffs["eval_output"] = rel_diff(backend.to_numpy(model.forward(backend.xp.asarray(lightness))), theirs)
     return diffs
 
 
@@ -244,11 +356,12 @@ def time_steps(step, sync, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def run_nanocolor(height: int, width: int, batch: int, warmup: int, steps: int, device: str) -> dict:
+def run_nanocolor(height: int, width: int, batch: int, warmup: int, steps: int, device: str,
+                  net: str = "reference") -> dict:
     backend.use_device(device)
     xp = backend.xp
     sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
-    model = ColorNet(REFERENCE_WIDTHS)
+    model = nanocolor_net(net).train()
     optimizer, loss_fn = Adam(model.param_layers, lr=LR), MSELoss()
     lightness, ab_true = (xp.asarray(a) for a in make_batch(height, width, batch))
     rss_before = current_rss_mb()
@@ -262,13 +375,14 @@ def run_nanocolor(height: int, width: int, batch: int, warmup: int, steps: int, 
     result = {"train_s": time_steps(train_step, sync, warmup, steps), "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         result["gpu_pool_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
+    model.eval()
     result["infer_s"] = time_steps(lambda: model.forward(lightness), sync, warmup, steps)
     result["rss_before_mb"] = rss_before
     return result
 
 
 def run_torch(height: int, width: int, batch: int, warmup: int, steps: int, device: str,
-              threads: int, channels_last: bool) -> dict:
+              threads: int, channels_last: bool, net_name: str = "reference") -> dict:
     import torch
     torch.set_num_threads(threads)
     torch_device = "cuda" if device == "gpu" else "cpu"
@@ -276,8 +390,8 @@ def run_torch(height: int, width: int, batch: int, warmup: int, steps: int, devi
         torch.backends.cudnn.allow_tf32 = False  # a float32 race: no TF32 tensor-core shortcuts
         torch.backends.cuda.matmul.allow_tf32 = False
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
-    model = ColorNet(REFERENCE_WIDTHS)  # only for its initial weights
-    net = torch_reference_net()
+    model = nanocolor_net(net_name)  # only for its initial weights
+    net = torch_net(net_name)
     copy_weights(model, net)
     del model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -299,9 +413,11 @@ def run_torch(height: int, width: int, batch: int, warmup: int, steps: int, devi
         with torch.inference_mode():
             net(lightness)
 
+    net.train()
     result = {"train_s": time_steps(train_step, sync, warmup, steps), "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         result["gpu_pool_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    net.eval()
     result["infer_s"] = time_steps(infer_step, sync, warmup, steps)
     result["rss_before_mb"] = rss_before
     return result
@@ -326,16 +442,17 @@ def run_worker(args) -> dict:
     if args.worker == "gemm":
         return run_gemm(args.device)
     height, width, batch = parse_config(args.configs[0])
+    net = args.nets[0]
     if args.worker == "nanocolor":
-        return run_nanocolor(height, width, batch, args.warmup, args.steps, args.device)
+        return run_nanocolor(height, width, batch, args.warmup, args.steps, args.device, net)
     return run_torch(height, width, batch, args.warmup, args.steps, args.device, args.threads,
-                     args.torch_channels_last)
+                     args.torch_channels_last, net)
 
 
-def spawn(worker: str, config: str, args) -> dict:
+def spawn(worker: str, config: str, args, net: str = "reference") -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--configs", config,
                "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--conv", args.conv]
+               "--device", args.device, "--conv", args.conv, "--nets", net]
     if args.torch_channels_last:
         command.append("--torch-channels-last")
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
@@ -344,28 +461,94 @@ def spawn(worker: str, config: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def parity_or_abort(height: int, width: int, batch: int, device: str, threads: int) -> tuple[float, float]:
-    """(worst relative difference of loss and gradients, that of the Adam update); exits when above tolerance."""
+def parity_or_abort(height: int, width: int, batch: int, device: str, threads: int,
+                    net_name: str = "reference") -> tuple[float, float, float | None]:
+    """(worst relative difference of loss and gradients, that of the Adam update, that of the
+    eval-mode output or None without BatchNorm); exits when any is above tolerance."""
     import torch
     torch.set_num_threads(threads)
     if device == "gpu":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     backend.use_device(device)
-    model = ColorNet(REFERENCE_WIDTHS)
-    if model.num_params() != REFERENCE_PARAMS:
-        sys.exit(f"nanocolor's reference net has {model.num_params():,} parameters, not {REFERENCE_PARAMS:,}")
-    net = torch_reference_net()
+    model = nanocolor_net(net_name)
+    expected = REFERENCE_PARAMS if net_name == "reference" else model.num_params()
+    if model.num_params() != expected:
+        sys.exit(f"nanocolor's {net_name} net has {model.num_params():,} parameters, not {expected:,}")
+    net = torch_net(net_name)
     n_torch = sum(p.numel() for p in net.parameters())
-    if n_torch != REFERENCE_PARAMS:
-        sys.exit(f"the PyTorch reference net has {n_torch:,} parameters, not {REFERENCE_PARAMS:,}")
+    if n_torch != expected:
+        sys.exit(f"the PyTorch {net_name} net has {n_torch:,} parameters, not {expected:,}")
     diffs = check_parity(model, net, *make_batch(height, width, batch), device=device)
     if not max(diffs.values()) < PARITY_TOL_FLOAT32:
         lines = "\n".join(f"  {name:12s} {d:.3e}" for name, d in diffs.items())
-        sys.exit(f"parity check FAILED at {height}x{width} batch {batch}: nanocolor and PyTorch differ "
+        sys.exit(f"parity check FAILED for the {net_name} net at {height}x{width} batch {batch}: "
+                 f"nanocolor and PyTorch differ "
                  f"(relative difference, tolerance {PARITY_TOL_FLOAT32:g}):\n{lines}")
-    worst_name = max((name for name in diffs if name != "adam_update"), key=diffs.get)
-    return diffs[worst_name], diffs["adam_update"]
+    worst_name = max((name for name in diffs if name not in ("adam_update", "eval_output")), key=diffs.get)
+    return diffs[worst_name], diffs["adam_update"], diffs.get("eval_output")
+
+
+def blas_kernel() -> dict:
+    """Which BLAS NumPy runs: {'library', 'config', 'corename'} (threadpoolctl's view when it is
+    installed, else the OpenBLAS in NumPy's wheel asked directly, else NumPy's build config)."""
+    try:
+        from threadpoolctl import threadpool_info
+        for info in threadpool_info():
+            if info.get("user_api") == "blas":
+                return {"library": info.get("internal_api"), "config": info.get("version"),
+                        "corename": info.get("architecture")}
+    except ImportError:
+        pass
+    import ctypes
+    import glob
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+            core, config = (getattr(lib, f"{prefix}_get_{what}{suffix}", None) for what in ("corename", "config"))
+            if core is not None and config is not None:
+                core.restype = config.restype = ctypes.c_char_p
+                return {"library": "openblas", "config": config().decode(), "corename": core().decode()}
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return {"library": blas.get("name"), "config": blas.get("openblas configuration") or blas.get("version"),
+                "corename": None}
+    except Exception:  # an older NumPy without mode="dicts"
+        return {"library": None, "config": None, "corename": None}
+
+
+def native_blas_kernel() -> str | None:
+    """The kernel OpenBLAS picks for this CPU on its own: blas_kernel() in a child process
+    without the variables that override its choice."""
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_KERNEL_ENV_VARS}
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "import json, bench; print(json.dumps(bench.blas_kernel()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])["corename"]
+    except (IndexError, ValueError, KeyError):
+        return None
+
+
+def blas_line() -> tuple[str, str | None]:
+    """(one line naming the BLAS kernel, a warning when an environment variable overrides it, or None)."""
+    kernel = blas_kernel()
+    line = f"BLAS: {kernel['library']} kernel {kernel['corename'] or '?'} ({kernel['config']})"
+    forced = {var: os.environ[var] for var in BLAS_KERNEL_ENV_VARS if var in os.environ}
+    if not forced:
+        return line, None
+    native = native_blas_kernel()
+    settings = " ".join(f"{var}={value}" for var, value in forced.items())
+    if native and native != kernel["corename"]:
+        what = f"forces the {kernel['corename']} kernel instead of {native}, the one this CPU would run"
+    else:
+        what = f"may change the kernel (now {kernel['corename']}; without it: {native or '?'})"
+    warning = (f"WARNING: {settings} in the environment {what}; for a fair race run "
+               f"`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench.py ...`")
+    return line, warning
 
 
 def machine_description(device: str) -> str:
@@ -382,13 +565,16 @@ def machine_description(device: str) -> str:
     return text
 
 
-def benchmark_config(config: str, args, gemm: dict) -> dict:
+def benchmark_config(config: str, args, gemm: dict, net: str = "reference") -> dict:
     height, width, batch = parse_config(config)
-    worst, adam_diff = parity_or_abort(height, width, batch, args.device, args.threads)
-    ours, theirs = spawn("nanocolor", config, args), spawn("torch", config, args)
-    flops = conv_flops_per_image(ColorNet(REFERENCE_WIDTHS), height, width)
+    worst, adam_diff, eval_diff = parity_or_abort(height, width, batch, args.device, args.threads, net)
+    ours, theirs = spawn("nanocolor", config, args, net), spawn("torch", config, args, net)
+    model = nanocolor_net(net)
+    flops = conv_flops_per_image(model, height, width)
     train_gflops = 3 * flops * batch / ours["train_s"] / 1e9
     row = {
+        "net": net,
+        "params": model.num_params(),
         "config": f"{height}x{width} batch {batch}",
         "device": args.device,
         "threads": args.threads,
@@ -408,6 +594,7 @@ def benchmark_config(config: str, args, gemm: dict) -> dict:
         "peak_rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
         "parity_max_rel_diff": worst,
         "parity_adam_update_rel_diff": adam_diff,
+        "parity_eval_output_rel_diff": eval_diff,
         "forward_gflop_per_image": flops / 1e9,
         "conv_engine": args.conv,
         "steps": args.steps,
@@ -422,9 +609,12 @@ def benchmark_config(config: str, args, gemm: dict) -> dict:
 def print_table(rows: list, header: str) -> None:
     print(header)
     for row in rows:
-        print(f"\n{row['config']}  (median of {row['steps']} steps after {row['warmup']} warm-up; "
+        eval_note = "" if row.get("parity_eval_output_rel_diff") is None else \
+            f", eval-mode output {row['parity_eval_output_rel_diff']:.1e}"
+        print(f"\n{row.get('net', 'reference')} net ({row.get('params', REFERENCE_PARAMS):,} parameters), "
+              f"{row['config']}  (median of {row['steps']} steps after {row['warmup']} warm-up; "
               f"parity: loss/gradients max rel. diff {row['parity_max_rel_diff']:.1e}, "
-              f"Adam update {row['parity_adam_update_rel_diff']:.1e})")
+              f"Adam update {row['parity_adam_update_rel_diff']:.1e}{eval_note})")
         print(f"  {'':28s}{'nanocolor':>12s}{'PyTorch':>12s}{'ratio':>8s}")
         print(f"  {'training step, images/s':28s}{row['nanocolor_train_img_s']:12.2f}"
               f"{row['torch_train_img_s']:12.2f}{row['train_ratio']:8.2f}")
@@ -460,6 +650,9 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--conv", choices=fast.ENGINES, default="auto",
                         help="nanocolor's engine (nanocolor.fast.set_engine): auto (default), the textbook "
                              "im2col, gemm or winograd")
+    parser.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS),
+                        help="networks to race: reference (the 3.1M-parameter autoencoder) and unet "
+                             "(ColorNet(DEFAULT_WIDTHS, arch='unet'), BatchNorm); default both")
     parser.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     parser.add_argument("--worker", choices=("nanocolor", "torch", "gemm"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -485,16 +678,20 @@ def main(argv: list | None = None) -> int:
             sys.exit(str(err))
 
     load = os.getloadavg()
+    kernel, warning = blas_line()
+    if warning:
+        print(warning, file=sys.stderr)
     gemm = spawn("gemm", args.configs[0], args)
-    rows = [benchmark_config(config, args, gemm) for config in args.configs]
+    rows = [benchmark_config(config, args, gemm, net) for net in args.nets for config in args.configs]
     if args.json:
         for row in rows:
-            print(json.dumps(row))
+            print(json.dumps({**row, "blas": blas_kernel(), "blas_warning": warning}))
     else:
         print_table(rows, f"nanocolor vs PyTorch {torch.__version__}, device {args.device}, "
                           f"{args.threads} threads, float32, nanocolor engine {args.conv}\n"
                           f"machine: {machine_description(args.device)}; "
-                          f"NumPy {np.__version__}; load average at start {load[0]:.2f}")
+                          f"NumPy {np.__version__}; load average at start {load[0]:.2f}\n{kernel}"
+                          + (f"\n{warning}" if warning else ""))
     return 0
 
 

@@ -57,3 +57,67 @@ def test_parity_check_detects_a_different_network():
     diffs = bench.check_parity(ColorNet(SMALL_WIDTHS, dtype=np.float64), net,
                                *bench.make_batch(16, 16, 2, dtype=np.float64))
     assert diffs["conv0.W"] > 1e-3
+
+
+def test_unet_twins_have_the_same_parameters():
+    model = bench.nanocolor_net("unet")
+    net = bench.torch_net("unet")
+    assert sum(p.numel() for p in net.parameters()) == model.num_params()
+    names = [name for name, *_ in bench.param_pairs(model, net)]
+    assert names[:3] == ["conv0.W", "bn0.gamma", "bn0.beta"] and names[-2:] == ["conv7.W", "conv7.b"]
+
+
+def test_float32_parity_unet():
+    torch.set_num_threads(1)
+    diffs = bench.check_parity(bench.nanocolor_net("unet"), bench.torch_net("unet"), *bench.make_batch(16, 16, 2))
+    assert len(diffs) == 1 + 7 * 3 + 2 + 1 + 1  # loss; W, gamma, beta of 7 blocks; head W, b; Adam; eval output
+    assert max(diffs.values()) < bench.PARITY_TOL_FLOAT32, diffs
+
+
+@pytest.mark.parametrize("height, width, batch", [(16, 24, 3), (8, 8, 2)])
+def test_float64_parity_unet_is_tight(height, width, batch):
+    torch.set_num_threads(1)
+    model = ColorNet(SMALL_WIDTHS, arch="unet", seed=3, dtype=np.float64)
+    diffs = bench.check_parity(model, bench.torch_unet(SMALL_WIDTHS),
+                               *bench.make_batch(height, width, batch, dtype=np.float64, seed=4))
+    assert max(diffs.values()) < 1e-10, diffs
+
+
+def test_unet_parity_detects_swapped_skip_channels_and_eval_mode_statistics():
+    batch = bench.make_batch(16, 16, 2, dtype=np.float64)
+    net = bench.torch_unet(SMALL_WIDTHS)
+    net.up[0][1].momentum = 0.5  # running statistics collected differently: only eval mode differs
+    diffs = bench.check_parity(ColorNet(SMALL_WIDTHS, arch="unet", dtype=np.float64), net, *batch)
+    assert diffs["loss"] < 1e-10 and diffs["eval_output"] > 1e-3
+
+    class Swapped(type(net)):
+        def forward(self, x):  # concatenation as [skip, upsampled]
+            skips = []
+            for level in self.down:
+                x = level(x)
+                skips.append(x)
+                x = torch.nn.functional.max_pool2d(x, 2)
+            x = self.bottleneck(x)
+            for level, skip in zip(self.up, reversed(skips)):
+                x = torch.cat([skip, torch.nn.functional.interpolate(level(x), scale_factor=2)], dim=1)
+            return torch.tanh(self.head(x))
+
+    swapped = bench.torch_unet(SMALL_WIDTHS)
+    swapped.__class__ = Swapped
+    diffs = bench.check_parity(ColorNet(SMALL_WIDTHS, arch="unet", dtype=np.float64), swapped, *batch)
+    assert diffs["loss"] > 1e-3
+
+
+def test_blas_line_names_the_kernel_and_warns_when_the_environment_forces_one(monkeypatch):
+    for var in bench.BLAS_KERNEL_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    line, warning = bench.blas_line()
+    kernel = bench.blas_kernel()
+    assert line.startswith("BLAS: ") and warning is None
+    if kernel["corename"] is None:
+        pytest.skip("no OpenBLAS kernel name to read on this NumPy")
+    assert kernel["corename"] in line
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")
+    monkeypatch.setattr(bench, "native_blas_kernel", lambda: "Zen")
+    _, warning = bench.blas_line()
+    assert "OPENBLAS_CORETYPE=Prescott" in warning and "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in warning
