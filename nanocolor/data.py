@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from .color import rgb_to_lab, scale_ab, scale_lightness
+from .progress import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # Refuse images above this many pixels (decompression bombs): 100 megapixels, ~300 MB as RGB.
@@ -163,7 +163,9 @@ def load_dataset(root: str | os.PathLike | list, size: int, limit: int | None = 
     if limit:
         paths = paths[:limit]
     photos, unreadable, gray = [], 0, 0
-    for path in tqdm(paths, desc="loading images", unit="img", disable=not progress, leave=False):
+    bar = progress_bar(len(paths), "loading images", "images", progress)
+    for path in paths:
+        bar.update(1)
         try:
             img = to_rgb(open_image(path))
         except (ImageError, ValueError, OSError):  # undecodable, or a mode PIL cannot make RGB

@@ -20,41 +20,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from . import backend, options
 from .data import DataError, ImageError, find_images, is_grayscale, read_photo
 from .images import gray_of, side_by_side, to_uint8, write_png
 from .infer import MAX_WORK_SIZE, colorize_array, load_colorizer
+from .progress import progress_bar
 from .metrics import colorfulness, colorization_scores, summarize
 from .model import ColorNet
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
 GALLERY_PHOTOS = 8
-PLAIN_PROGRESS_LINES = 10  # off a terminal: one progress line per tenth of the photos
-
-
-class PlainProgress:
-    """tqdm's update/close for a log file or CI: a few plain lines instead of a redrawn bar."""
-
-    def __init__(self, total: int, desc: str, unit: str, file=None, lines: int = PLAIN_PROGRESS_LINES):
-        self.total, self.desc, self.unit, self.file, self.done = total, desc, unit, file or sys.stderr, 0
-        self.marks = {max(1, round(total * k / lines)) for k in range(1, lines + 1)}
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.done in self.marks:
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit}", file=self.file, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, unit: str, enabled: bool):
-    """A tqdm bar on a terminal; PlainProgress lines when stderr is a file or a pipe."""
-    if enabled and not sys.stderr.isatty():
-        return PlainProgress(total, desc, unit)
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
 @dataclass

@@ -22,16 +22,17 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend
+from .classify import ClassificationLoss
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, split_indices
 from .distributed import GradientAverager, World
 from .images import side_by_side
-from .classify import ClassificationLoss
 from .layers import BatchNorm2d
 from .loss import MSELoss
 from .metrics import psnr
 from .model import DEFAULT_WIDTHS, ColorNet, full_config
 from .optim import Adam
+from .progress import progress_bar
 from .runfolder import RunFolder
 from .serialize import load_npz
 
@@ -311,9 +312,9 @@ class Trainer:
             if not math.isfinite(loss):
                 raise self._diverged(f"loss is {loss} at epoch {self.epoch + 1}, step {first + i}")
         self.loss_sum += float(sum(float(v) for v in values))
-        pending.clear()
-        bar.update(len(values))
         bar.set_postfix(loss=f"{self.loss_sum / self.step:.5f}")
+        bar.update(len(pending))
+        pending.clear()
 
     def _weights_finite(self) -> bool:
         """Whether every parameter is finite, read back as one value."""
@@ -333,8 +334,7 @@ class Trainer:
         shard_size = cfg.batch_size // self.world.size
         shard = slice(self.world.rank * shard_size, (self.world.rank + 1) * shard_size)  # this rank's share
         started, cpu_started = time.time(), time.process_time()
-        bar = tqdm(total=len(plan), initial=self.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not self.progress, leave=False)
+        bar = progress_bar(len(plan), f"epoch {epoch + 1}/{cfg.epochs}", "batches", self.progress, initial=self.step)
         sync_every = 1 if backend.xp is np else SYNC_EVERY_ON_DEVICE
         pending: list = []  # losses of the steps since the last read back to the host
         for step, (positions, flips) in enumerate(plan[self.step:], start=self.step):

@@ -320,3 +320,17 @@ def test_the_textbook_engine_trains_and_colorizes_end_to_end(tmp_path, trained_r
         outputs[engine] = np.asarray(Image.open(out / "in.png"), dtype=int)
     assert outputs["im2col"].shape == (21, 30, 3)
     assert np.abs(outputs["im2col"] - outputs["auto"]).max() <= 1
+
+
+def test_train_off_a_terminal_writes_a_few_progress_lines(tmp_path):
+    """stderr is a pipe here, as in a log file or CI: no line per redraw of a progress bar."""
+    result = run_script("train.py", *[a for a in tiny_run(2) if a != "--quiet"], "--limit", "80",
+                        "--batch-size", "2", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    for epoch in (1, 2):
+        progress = [line for line in lines if line.startswith(f"epoch {epoch}/2: ") and "batches" in line]
+        assert 1 <= len(progress) <= 10, progress  # 36 steps, at most one line per tenth
+        assert "loss=" in progress[-1]
+    assert "\r" not in result.stderr
+    assert sum("loading images" in line for line in lines) <= 10
