@@ -45,6 +45,31 @@ def rgb_to_lab(rgb):
     return xp.stack([L, a, b], axis=-1)
 
 
+def _cie_f(t):
+    """CIE's f: the cube root, with a straight line near 0."""
+    xp = array_module(t)
+    return xp.where(t > _DELTA ** 3, xp.cbrt(t), t / (3 * _DELTA ** 2) + 4 / 29)
+
+
+# Linear light of each 8-bit sRGB level, computed in float64 and stored in float32.
+_LINEAR_OF_LEVEL = _srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)
+
+
+def lightness(rgb):
+    """CIE L* of sRGB (..., 3): floats in [0, 1] (L* in their dtype) or uint8 levels (L* in
+    float32, the levels looked up in a float64-made table). The L* of rgb_to_lab, alone."""
+    xp = array_module(rgb)
+    if rgb.dtype == xp.uint8:
+        linear = xp.asarray(_LINEAR_OF_LEVEL)[rgb]
+    else:
+        linear = _srgb_to_linear(rgb)
+    r, g, b = (float(c) / WHITE_D65[1] for c in RGB_TO_XYZ[1])
+    y = linear[..., 0] * r
+    y += linear[..., 1] * g
+    y += linear[..., 2] * b
+    return 116 * _cie_f(y) - 16
+
+
 def lab_to_linear_rgb(lab):
     """CIE L*a*b*, shape (..., 3) -> linear-light RGB, shape (..., 3), unclipped.
 

@@ -10,6 +10,7 @@ import os
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from . import png
 from .color import lab_to_rgb, rgb_to_lab
 from .serialize import atomic_write_bytes
 
@@ -18,8 +19,11 @@ OUTPUT_KEY = "nanocolor"
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
-    """RGB in [0, 1] -> uint8, rounded to the nearest level."""
-    return np.clip(np.asarray(rgb) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """RGB in [0, 1] -> uint8, rounded to the nearest level (uint8 already: returned as it is)."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8:
+        return rgb
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def gray_of(rgb: np.ndarray) -> np.ndarray:
@@ -44,11 +48,13 @@ def side_by_side(rows: list[tuple[np.ndarray, ...]], gap: int = 4) -> Image.Imag
 
 
 def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None, note: str | None = None) -> bytes:
-    """RGB (H, W, 3) in [0, 1] and optional alpha uint8 (H, W) -> the bytes of an 8-bit PNG;
-    a note is stored under OUTPUT_KEY, marking the file as colorize's output."""
+    """RGB (H, W, 3) in [0, 1] (or uint8) and optional alpha uint8 (H, W) -> the bytes of an 8-bit
+    PNG, compressed in row bands on the CPU workers (png.py); a note is stored under OUTPUT_KEY,
+    marking the file as colorize's output."""
     pixels = to_uint8(rgb)
-    img = Image.fromarray(np.dstack([pixels, alpha]), "RGBA") if alpha is not None else Image.fromarray(pixels)
-    return png_bytes(img, note)
+    if alpha is not None:
+        pixels = np.dstack([pixels, alpha])
+    return png.encode(pixels, {OUTPUT_KEY: note} if note is not None else None)
 
 
 def png_bytes(img: Image.Image, note: str | None = None) -> bytes:

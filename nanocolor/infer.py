@@ -5,6 +5,12 @@ factor); its ab prediction is upsampled to the full image and joined with the in
 full-resolution lightness, so fine detail comes from the photo and only color from the net.
 Predicted colors that sRGB cannot show are pulled into gamut at fixed lightness, so the output's
 L* is the input's, up to 8-bit rounding. Pictures and PNG bytes are made by images.py.
+
+Only the network works at the small size; everything at full resolution (lightness, upsampling
+a*b*, gamut fitting, sRGB, 8 bits, PNG compression) runs in row bands of BAND_PIXELS pixels over
+the CPU workers of nanocolor.fast.parallel, in float32, so memory beyond the photo's own pixels
+is a few bytes per pixel plus a few bands: 8-bit input (3 bytes a pixel), its L* (4), the 8-bit
+output (3) and its PNG.
 """
 from __future__ import annotations
 
@@ -16,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from . import backend
-from .classify import ab_bins, annealed_mean
-from .color import fit_to_gamut, lab_to_rgb, rgb_to_lab, scale_lightness, unscale_ab
-from .data import read_photo
-from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side
+from .color import fit_to_gamut, lab_to_rgb, lightness, scale_lightness, unscale_ab
+from .data import HIGH_BIT_MODES, ImageError, alpha_channel, open_image, rgb_array, to_rgb
+from .fast import parallel
+from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side, to_uint8
 from .model import ColorNet
 from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 
@@ -37,33 +43,99 @@ def working_shape(height: int, width: int, work_size: int, factor: int) -> tuple
     return h, w
 
 
-def _resize_channels(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of float (h, w, C) to (height, width, C), one PIL 'F' image per channel."""
-    return np.stack([np.asarray(Image.fromarray(a[..., c].astype(np.float32), "F")
-                                .resize((width, height), Image.Resampling.BILINEAR))
+BAND_PIXELS = 1 << 17  # pixels per band of full-resolution work: ~10 MB of float32 temporaries
+
+
+def _resize_channels(a: np.ndarray, height: int, width: int, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Bilinear resize of float (h, w, C) to (height, width, C), one PIL 'F' image per channel;
+    with rows = (y0, y1), only those output rows, (y1 - y0, width, C), the same values."""
+    y0, y1 = rows or (0, height)
+    h, w = a.shape[:2]
+    box = (0, y0 * h / height, w, y1 * h / height)  # the source region those rows sample, same scale
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c], dtype=np.float32), "F")
+                                .resize((width, y1 - y0), Image.Resampling.BILINEAR, box=box))
                      for c in range(a.shape[-1])], axis=-1)
+
+
+def _over_bands(task, height: int, width: int) -> None:
+    """task(y0, y1) for bands of about BAND_PIXELS pixels covering rows 0..height, on the CPU workers."""
+    step = max(1, BAND_PIXELS // max(width, 1))
+    bands = [(y, min(height, y + step)) for y in range(0, height, step)]
+    parallel.run(lambda i: task(*bands[i]), len(bands))
+
+
+def predict_small_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
+    """Lightness L* (H, W) in [0, 100] -> predicted a*b* (h, w, 2) in LAB units at the working size
+    (chroma gain applied)."""
+    H, W = L.shape
+    h, w = working_shape(H, W, work_size, model.downsample_factor)
+    small = _resize_channels(L[..., None], h, w)
+    lightness_in = backend.xp.asarray(scale_lightness(small)[None].astype(np.float32))
+    out = model.forward(lightness_in)
+    if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
+        from .classify import annealed_mean
+        ab = backend.to_numpy(annealed_mean(out))[0]
+    else:
+        ab = unscale_ab(backend.to_numpy(out)[0])
+    return (ab * model.chroma_gain).astype(np.float32)
 
 
 def predict_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
     """Lightness L* (H, W) in [0, 100] -> predicted a*b* (H, W, 2) in LAB units."""
     H, W = L.shape
-    h, w = working_shape(H, W, work_size, model.downsample_factor)
-    small = _resize_channels(L[..., None], h, w)
-    lightness = backend.xp.asarray(scale_lightness(small)[None].astype(np.float32))
-    out = model.forward(lightness)
-    if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
-        ab = backend.to_numpy(annealed_mean(out))[0]
-    else:
-        ab = unscale_ab(backend.to_numpy(out)[0])
-    return _resize_channels(ab * model.chroma_gain, H, W)
+    return _resize_channels(predict_small_ab(model, L, work_size), H, W)
 
 
-def colorize_array(model: ColorNet, rgb: np.ndarray, work_size: int) -> np.ndarray:
-    """RGB (H, W, 3) in [0, 1] (its color is ignored) -> colorized RGB (H, W, 3) in [0, 1], same L*."""
-    lab = rgb_to_lab(rgb.astype(np.float64))
-    L = lab[..., 0]
-    ab = predict_ab(model, L.astype(np.float32), work_size)
-    return lab_to_rgb(fit_to_gamut(np.concatenate([L[..., None], ab.astype(np.float64)], axis=-1)))
+def full_lightness(rgb: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """L* (H, W) in `dtype` of RGB (H, W, 3) in [0, 1] or uint8, band by band on the CPU workers
+    (float32 from uint8: a table lookup of each level's linear light, made in float64)."""
+    H, W = rgb.shape[:2]
+    L = np.empty((H, W), dtype=dtype)
+
+    def band(y0: int, y1: int) -> None:
+        part = rgb[y0:y1]
+        if part.dtype == np.uint8 and dtype != np.float32:
+            part = part / 255.0
+        L[y0:y1] = lightness(part if part.dtype == np.uint8 else part.astype(dtype))
+
+    _over_bands(band, H, W)
+    return L
+
+
+def colorize_array(model: ColorNet, rgb: np.ndarray, work_size: int, out_dtype=np.float64) -> np.ndarray:
+    """RGB (H, W, 3) in [0, 1] or uint8 (its color is ignored) -> colorized RGB (H, W, 3), same L*.
+
+    out_dtype float64 (default): in [0, 1], computed in float64 (L* kept to 1e-6); float32: computed
+    in float32 (to ~1e-4); uint8: 8-bit levels, computed in float32 and rounded band by band (the
+    8-bit L* bound of 0.26 holds: float32's error is far below half a level).
+    """
+    H, W = rgb.shape[:2]
+    work = np.float64 if np.dtype(out_dtype) == np.float64 else np.float32
+    L = full_lightness(rgb, work)
+    ab_small = predict_small_ab(model, L, work_size).astype(work)
+    out = np.empty((H, W, 3), dtype=out_dtype)
+
+    def band(y0: int, y1: int) -> None:
+        ab = _resize_channels(ab_small, H, W, rows=(y0, y1)).astype(work, copy=False)
+        colors = lab_to_rgb(fit_to_gamut(np.concatenate([L[y0:y1, :, None], ab], axis=-1)))
+        out[y0:y1] = to_uint8(colors) if out.dtype == np.uint8 else colors
+
+    _over_bands(band, H, W)
+    return out
+
+
+def read_pixels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode an image file -> RGB (H, W, 3), uint8 for 8-bit images (float32 in [0, 1] for 16-bit
+    and float ones, as read_photo gives them), and its alpha, uint8 (H, W) or None."""
+    img = open_image(path)
+    try:
+        if img.mode in HIGH_BIT_MODES:
+            return rgb_array(img), None
+        return np.asarray(img if img.mode == "RGB" else to_rgb(img)), alpha_channel(img)
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory for a {img.width}x{img.height} image") from None
+    except (ValueError, OSError) as err:
+        raise ImageError(f"{path}: cannot convert a {img.mode} image to RGB ({err})") from None
 
 
 def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
@@ -78,10 +150,16 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
         raise
     except Exception as err:  # e.g. arrays of a type no parameter can take
         raise CorruptFileError(f"{path}: cannot build a model from it ({err.__class__.__name__}: {err})") from None
-    expected = {"tanh": 2, "logits": len(ab_bins())}.get(model.config.get("head", "tanh"))
+    head = model.config.get("head", "tanh")
+    if head == "logits":  # the bins cost a second to build: only for a model that needs them
+        from .classify import ab_bins
+        bins = len(ab_bins())
+    else:
+        bins = "the bins'"
+    expected = {"tanh": 2, "logits": bins}.get(head)
     if model.config.get("out_channels", 2) != expected:
         raise CorruptFileError(f"{path}: a {model.config.get('head')!r} model with {model.config.get('out_channels')} "
-                               f"outputs; colorizing needs 2 a*b* outputs (tanh) or {len(ab_bins())} bin logits")
+                               f"outputs; colorizing needs 2 a*b* outputs (tanh) or {bins} bin logits")
     train_size = meta.get("train_size") or (meta.get("train_config") or {}).get("size") or 64
     return model, 2 * int(train_size)
 
@@ -118,11 +196,14 @@ def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.P
     path, out_path = Path(path), Path(out_path)
     if out_path.resolve() == path.resolve() or (compare_path and Path(compare_path).resolve() == path.resolve()):
         raise FileExistsError(errno.EEXIST, "it is the input itself; refusing to overwrite it", str(out_path))
-    rgb, alpha = read_photo(path)
-    colorized = colorize_array(model, rgb, work_size)
+    rgb, alpha = read_pixels(path)
+    colorized = colorize_array(model, rgb, work_size, out_dtype=np.uint8)
+    if not compare_path:
+        rgb = None  # the input's pixels are not needed any more
     note = f"colorized from {path.name}"
     atomic_write_bytes(out_path, encode_png(colorized, alpha, note))
     if compare_path:
+        rgb = rgb / 255.0 if rgb.dtype == np.uint8 else rgb
         picture = side_by_side([(gray_of(rgb), rgb, colorized)])
         atomic_write_bytes(compare_path, png_bytes(picture, f"gray | original | colorized of {path.name}"))
 
