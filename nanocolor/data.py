@@ -7,6 +7,7 @@ window of each (and a mirror image half the time), so the network sees many view
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -27,7 +28,12 @@ Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clea
 
 
 class ImageError(ValueError):
-    """A file is missing, not an image, truncated, or too large."""
+    """A file is missing, not an image, truncated, or too large. `reason` says which, in a word:
+    'missing', 'empty', 'too large', 'not an image' or 'corrupt'."""
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class DataError(ValueError):
@@ -42,26 +48,35 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     """
     path = Path(path)
     if not path.exists():
-        raise ImageError(f"{path}: no such file")
+        raise ImageError(f"{path}: no such file", "missing")
     if not path.is_file():
-        raise ImageError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
+        raise ImageError(f"{path}: not a file", "missing")
+    return decode_image(path, str(path))
+
+
+def decode_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
+    """open_image for a path or in-memory bytes: `name` labels errors; max_pixels defaults to MAX_PIXELS."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    size = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else Path(source).stat().st_size
+    if size == 0:
+        raise ImageError(f"{name}: empty file (0 bytes)", "empty")
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"{path}: {width}x{height} pixels is above the limit of "
-                                 f"{MAX_PIXELS:,} (possible decompression bomb)")
+            if width * height > max_pixels:
+                raise ImageError(f"{name}: {width}x{height} pixels is above the limit of "
+                                 f"{max_pixels:,} (possible decompression bomb)", "too large")
             img.load()
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (or an unsupported format)") from None
+        raise ImageError(f"{name}: not an image file (or an unsupported format)", "not an image") from None
     except MemoryError:
-        raise ImageError(f"{path}: not enough memory to decode it") from None
+        raise ImageError(f"{name}: not enough memory to decode it", "too large") from None
     except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, ... on bad data
-        raise ImageError(f"{path}: cannot decode image ({err.__class__.__name__}: {err})") from None
+        raise ImageError(f"{name}: cannot decode image ({err.__class__.__name__}: {err})") from None
     try:
         return ImageOps.exif_transpose(img)
     except Exception:  # a malformed EXIF block: keep the pixels as stored rather than lose the photo
@@ -114,7 +129,11 @@ def read_photo(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
 
     Raises ImageError, naming the file, when it cannot be read or converted.
     """
-    img = open_image(path)
+    return photo_arrays(open_image(path), path)
+
+
+def photo_arrays(img: Image.Image, path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A decoded image -> (RGB float32 (H, W, 3) in [0, 1], alpha uint8 (H, W) or None)."""
     try:
         return rgb_array(img), alpha_channel(img)
     except MemoryError:

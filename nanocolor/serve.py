@@ -26,7 +26,6 @@ How it stays responsive and bounded:
 from __future__ import annotations
 
 import argparse
-import io
 import socket
 import sys
 import threading
@@ -39,7 +38,7 @@ from typing import AsyncIterator
 import anyio
 import numpy as np
 import uvicorn
-from PIL import Image, ImageOps
+
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -49,7 +48,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from . import __version__, backend
-from .data import alpha_channel, rgb_array
+from .data import ImageError, photo_arrays
+from .data import decode_image as decode_image_file
 from .infer import MAX_WORK_SIZE, colorize_array, encode_png, load_colorizer
 from .serialize import CorruptFileError
 
@@ -109,35 +109,17 @@ def load_colorizers(weights: list[str], work_size: int | None = None) -> list[Co
 
 # -- turning uploaded bytes into a colorized PNG (runs in a worker thread) -----------------------
 
+UPLOAD_STATUS = {"empty": 400, "too large": 413, "not an image": 415}  # ImageError.reason -> HTTP status
+
+
 def decode_image(data: bytes, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Image file bytes -> RGB float32 (H, W, 3) in [0, 1] and alpha uint8 (H, W) or None, upright
     (EXIF orientation applied). Raises UploadError for anything that is not a decodable image of
     at most max_pixels pixels; the pixel count is checked from the header, before decoding."""
-    if not data:
-        raise UploadError(400, "empty upload (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise UploadError(413, f"{width}x{height} pixels is above this server's limit of "
-                                       f"{max_pixels / 1e6:g} megapixels")
-            img.load()
-    except UploadError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise UploadError(415, "not an image file (or an unsupported format)") from None
-    except MemoryError:
-        raise UploadError(413, "not enough memory to decode it") from None
-    except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, ... on bad data
-        raise UploadError(400, f"cannot decode image ({err.__class__.__name__}: {err})") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a malformed EXIF block: keep the pixels as stored
-        pass
-    try:
-        return rgb_array(img), alpha_channel(img)
-    except (ValueError, OSError) as err:
-        raise UploadError(400, f"cannot convert a {img.mode} image to RGB ({err})") from None
+        return photo_arrays(decode_image_file(data, "upload", max_pixels), "upload")
+    except ImageError as err:
+        raise UploadError(UPLOAD_STATUS.get(err.reason, 400), str(err)) from None
 
 
 _network_lock = threading.Lock()  # one photo in the network at a time (see the module docstring)

@@ -165,7 +165,7 @@ def test_weights_field_picks_a_model(url):
 
 GOOD_PNG = encoded(colorful_rgb(40, 60))
 BAD_UPLOADS = {
-    "empty": (b"", 400, "empty upload"),
+    "empty": (b"", 400, "empty file (0 bytes)"),
     "text": (b"hello, this is not a photo\n" * 10, 415, "not an image"),
     "truncated png": (GOOD_PNG[:len(GOOD_PNG) // 2], 400, "cannot decode"),
     "decompression bomb": (png_declaring(20000, 20000), 413, "20000x20000 pixels is above"),
