@@ -1,22 +1,17 @@
 """The `nanocolor` command (also `python -m nanocolor`): one entry point for every tool.
 
-    nanocolor colorize photo.jpg          # colorize.py
-    nanocolor train --data ~/photos       # train.py
-    nanocolor evaluate --data test/       # nanocolor.evaluate
-    nanocolor serve                       # nanocolor.serve: a local web page
+    nanocolor colorize photo.jpg          # nanocolor/colorize.py (also python colorize.py)
+    nanocolor train --data ~/photos       # nanocolor/train.py (also python train.py)
+    nanocolor evaluate --data test/       # nanocolor/evaluate.py
+    nanocolor serve                       # nanocolor/serve.py: a local web page
     nanocolor --version
 
-Each command is the `main(argv)` of module nanocolor.<command>. `colorize` and `train` still live
-in the repository's colorize.py and train.py; until they move into the package, they are loaded
-from the source checkout the package was installed from (`pip install -e .`).
+Each command is the `main(argv)` of module nanocolor.<command>.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Callable
 
 from . import __version__
@@ -27,7 +22,6 @@ COMMANDS = {
     "evaluate": "score a model on a folder of color photos (PSNR, AuC, colorfulness)",
     "serve": "colorize in the browser: a local web page and HTTP API (needs nanocolor[serve])",
 }
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
 WEB_PACKAGES = ("starlette", "uvicorn", "multipart", "python_multipart", "anyio")
 
 
@@ -44,19 +38,6 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _source_script(command: str) -> ModuleType:
-    """The repository's <command>.py, imported as a module (for colorize and train, for now)."""
-    path = SOURCE_ROOT / f"{command}.py"
-    if not path.is_file():
-        raise CommandUnavailable(f"`nanocolor {command}` needs {command}.py from a source checkout "
-                                 f"installed with `pip install -e .`; it is not at {path}")
-    spec = importlib.util.spec_from_file_location(f"_nanocolor_{command}_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as an import does: dataclasses, pickle and such look it up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def command_main(command: str) -> Callable[[list[str]], int]:
     """The main(argv) function behind `nanocolor <command>`."""
     module_name = f"{__package__}.{command}"
@@ -66,9 +47,7 @@ def command_main(command: str) -> Callable[[list[str]], int]:
         if (err.name or "").split(".")[0] in WEB_PACKAGES:
             raise CommandUnavailable(f"`nanocolor {command}` needs the web packages: "
                                      f"pip install 'nanocolor[serve]' (missing: {err.name})") from None
-        if err.name != module_name:
-            raise
-    return _source_script(command).main  # not in the package (yet): the repository's script
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

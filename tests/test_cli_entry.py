@@ -77,3 +77,28 @@ def test_serve_without_the_web_packages_says_how_to_install_them(monkeypatch, ca
     # were starlette still importable, the missing weights would stop the server before it starts
     assert cli.main(["serve", "--weights", "no/such.npz"]) == 2
     assert "pip install 'nanocolor[serve]'" in capsys.readouterr().err
+
+
+def test_colorize_reads_stdin_and_writes_a_png_to_stdout(tmp_path):
+    """`nanocolor colorize -` in a pipe: one image in, its colorized PNG out (or into --output)."""
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO, colorful_rgb
+
+    buffer = io.BytesIO()
+    Image.fromarray(colorful_rgb(23, 31, seed=4)).save(buffer, format="JPEG")
+    command = [sys.executable, "-m", "nanocolor", "colorize", "-"]
+    result = subprocess.run(command, input=buffer.getvalue(), capture_output=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr.decode()
+    with Image.open(io.BytesIO(result.stdout)) as out:
+        assert out.format == "PNG" and out.size == (31, 23)
+    result = subprocess.run(command + ["--output", str(tmp_path / "x.png")], input=buffer.getvalue(),
+                            capture_output=True, cwd=REPO)
+    assert result.returncode == 0 and result.stdout == b"" and (tmp_path / "x.png").is_file()
+    bad = subprocess.run(command, input=b"not an image", capture_output=True, cwd=REPO)
+    assert bad.returncode == 1 and bad.stdout == b""
+    assert bad.stderr.decode().count("\n") == 1 and "stdin: not an image" in bad.stderr.decode()
