@@ -168,3 +168,21 @@ def test_concat_equal_numpy(device):
     da, db = cat.backward(out)
     np.testing.assert_array_equal(backend.to_numpy(da), a)
     np.testing.assert_array_equal(backend.to_numpy(db), b)
+
+
+def test_a_device_step_never_starts_the_cpu_worker_pool(device, monkeypatch):
+    """Partial sums have one slot on a GPU; asking for the CPU workers there would start the pool,
+    set OpenBLAS threads and change malloc settings for nothing."""
+    from nanocolor.fast import parallel
+    from nanocolor.loss import MSELoss
+    from nanocolor.trainer import train_step
+
+    def no_workers():
+        raise AssertionError("the CPU worker pool was asked for on the device")
+    monkeypatch.setattr(parallel, "workers", no_workers)
+    model = ColorNet((4, 16), seed=1, arch="unet")  # 16 channels: the Winograd and multiply-then-shift sizes
+    rng = np.random.default_rng(0)
+    lightness = device.asarray(rng.uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32))
+    ab = device.asarray(rng.uniform(-0.3, 0.3, (2, 8, 8, 2)).astype(np.float32))
+    loss = train_step(model, MSELoss(), Adam(model.param_layers), lightness, ab)
+    assert np.isfinite(float(loss))

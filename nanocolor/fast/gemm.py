@@ -103,9 +103,9 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     N, H, W, C = x.shape
     k, F = w.shape[0], w.shape[-1]
     work = parallel.pieces(N, H, W, dout)
-    db = xp.zeros((parallel.workers(), F), dtype=dout.dtype)  # partial sums, one per worker
+    db = xp.zeros((parallel.slots(dout), F), dtype=dout.dtype)  # partial sums, one per worker
     if not input_grad:  # only dW = cols^T dout, with x's patch matrix rebuilt piece by piece
-        dw = xp.zeros((parallel.workers(), k * k * C, F), dtype=dout.dtype)
+        dw = xp.zeros((parallel.slots(dout), k * k * C, F), dtype=dout.dtype)
 
         def weight_grad_piece(n: slice, y: slice) -> None:
             d = dout[n, y].reshape(-1, F)
@@ -119,7 +119,7 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     #   dW[i, j] = (x^T dcols)[:, (k-1-i, k-1-j, :)]   (pixel y + k-1-i of dout_pad is y - (i - k//2))
     w_flipped = flipped_weights(w)
     dx = xp.empty((N, H, W, C), dtype=dout.dtype)
-    dw = xp.zeros((parallel.workers(), C, k * k * F), dtype=dout.dtype)
+    dw = xp.zeros((parallel.slots(dout), C, k * k * F), dtype=dout.dtype)
 
     def products(n: slice, y: slice) -> None:
         dcols = patch_matrix(dout[n], k, "cols", y)

@@ -174,13 +174,19 @@ def split(n: int, pieces: int) -> list:
 Piece = tuple  # (batch slice, row slice)
 
 
+def slots(like) -> int:
+    """Partial-sum slots a pass over array `like` needs: one per CPU worker for NumPy arrays, one
+    on a GPU (where asking for the workers would start the CPU pool for nothing)."""
+    return workers() if isinstance(like, np.ndarray) else 1
+
+
 def pieces(N: int, rows: int, per_row: int, like, bands: bool = True, target: int = 4096) -> list[Piece]:
     """Cut N images of `rows` rows (of `per_row` pixels or tiles each) into (batch, rows) slice
     pieces of about `target` pixels for the CPU workers, at least two per worker when the work
     allows: whole images, or with `bands` and fewer images than that, bands of one image's rows.
     Off the CPU, or with one worker, a single piece.
     """
-    n_workers = workers() if isinstance(like, np.ndarray) else 1
+    n_workers = slots(like)
     if n_workers == 1:
         return [(slice(0, N), slice(0, rows))]
     want = max(2 * n_workers, -(-N * rows * per_row // target))

@@ -302,8 +302,8 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
     _, x, U = cache
     N, H, W, C = x.shape
     F, th, tw = U.shape[-1], H // 2, W // 2
-    dU = xp.zeros((parallel.workers(), 16, C, F), dtype=dout.dtype)  # partial sums, one per worker
-    db = xp.zeros((parallel.workers(), F), dtype=dout.dtype)
+    dU = xp.zeros((parallel.slots(dout), 16, C, F), dtype=dout.dtype)  # partial sums, one per worker
+    db = xp.zeros((parallel.slots(dout), F), dtype=dout.dtype)
     dx = xp.empty((N, H, W, C), dtype=dout.dtype) if input_grad else None
 
     def piece(n: slice, t: slice) -> None:
