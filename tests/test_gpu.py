@@ -13,7 +13,7 @@ import pytest
 
 import fake_gpu
 from conftest import colorful_rgb, save_image
-from nanocolor import backend
+from nanocolor import backend, fast
 from nanocolor.infer import colorize_array
 from nanocolor.layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
 from nanocolor.model import ColorNet
@@ -137,9 +137,15 @@ LAYERS = {
 }
 
 
+@pytest.mark.parametrize("engine", ["im2col", "gemm", "auto"])
 @pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-4), (np.float64, 1e-10)])
 @pytest.mark.parametrize("name", LAYERS)
-def test_every_layer_forward_and_backward_equal_numpy(device, name, dtype, rtol):
+def test_every_layer_forward_and_backward_equal_numpy(device, name, dtype, rtol, engine):
+    with fast.use_engine(engine):
+        _compare_layer(name, dtype, rtol)
+
+
+def _compare_layer(name: str, dtype, rtol: float) -> None:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 6, 10, 5)).astype(dtype)
     results = {}
