@@ -26,6 +26,7 @@ How it stays responsive and bounded:
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 import threading
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"nanocolor serve: http://{shown}:{port}/  ({len(colorizers)} model(s); Ctrl-C stops)", flush=True)
+    # Ctrl-C means stop, even when started from a script in the background (which ignores SIGINT):
+    # uvicorn shuts down on it, then raises it again through this handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         make_server(create_app(colorizers, limits)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises it again
