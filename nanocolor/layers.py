@@ -266,6 +266,8 @@ class BatchNorm2d(Layer):
 
     def forward(self, x):
         """x (N, H, W, C) -> (N, H, W, C)."""
+        if fast.enabled() and x.ndim == 4:  # the same numbers, split over the CPU workers
+            return fast.batchnorm2d_forward(self, x)
         C = x.shape[-1]
         rows = x.reshape(-1, C)  # (P, C): one row per pixel
         gamma, beta = self.params["gamma"], self.params["beta"]
@@ -287,6 +289,8 @@ class BatchNorm2d(Layer):
 
     def backward(self, dout):
         """dout (N, H, W, C) -> dx (N, H, W, C); fills grads of gamma and beta."""
+        if self.cache[0] == "fast":
+            return fast.batchnorm2d_backward(self, dout)
         if self.cache[0] != "train":
             raise RuntimeError("BatchNorm2d.backward needs a forward pass in training mode")
         _, x_hat, inv_std, P = self.cache
@@ -311,11 +315,14 @@ class Concat(Layer):
     """
 
     def forward(self, a, b):
-        xp = array_module(a)
         self.split = a.shape[-1]
-        return xp.concatenate([a, b], axis=-1)
+        if fast.enabled() and a.ndim == 4:
+            return fast.concat_forward(a, b)
+        return array_module(a).concatenate([a, b], axis=-1)
 
     def backward(self, dout):
         """dout (N, H, W, Ca + Cb) -> (da, db)."""
+        if fast.enabled() and dout.ndim == 4:
+            return fast.concat_backward(dout, self.split)
         xp = array_module(dout)
         return (xp.ascontiguousarray(dout[..., :self.split]), xp.ascontiguousarray(dout[..., self.split:]))

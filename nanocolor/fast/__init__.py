@@ -22,6 +22,10 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
     maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
     likewise upsample2d_* and relu_*
+    batchnorm2d_forward(bn, x) -> out, batchnorm2d_backward(bn, dout) -> dx (caches and grads in bn);
+    concat_forward(a, b) -> out, concat_backward(dout, split) -> (da, db)
+    fused_block_forward(layers, x) -> out or None: Conv2d + BatchNorm2d + ReLU in inference as one
+        conv with BatchNorm folded into its weights and the ReLU in its epilogue (norm.py)
 A cache is a tuple whose first item names the path that made it.
 """
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Iterator
 import numpy as np
 
 from . import gemm, parallel, winograd
+from .norm import (batchnorm2d_backward, batchnorm2d_forward, concat_backward, concat_forward,  # noqa: F401
+                   fused_block_forward)
 from .resample import (maxpool2d_backward, maxpool2d_forward, relu_backward, relu_forward,  # noqa: F401
                        upsample2d_backward, upsample2d_forward)
 
@@ -81,12 +87,13 @@ def conv2d_path(x, w) -> str:
     return "winograd" if worth_it and isinstance(x, np.ndarray) and parallel.blas_single_threaded() else "gemm"
 
 
-def conv2d_forward(x, w, b, path: str) -> tuple:
-    """'same' convolution by `path` ("gemm" or "winograd"): (out (N, H, W, F), cache)."""
+def conv2d_forward(x, w, b, path: str, relu: bool = False) -> tuple:
+    """'same' convolution by `path` ("gemm" or "winograd"): (out (N, H, W, F), cache); with
+    `relu`, max(out, 0) computed in the GEMMs' epilogue (for inference: no cache for a ReLU)."""
     if path == "winograd":
-        return winograd.forward(x, w, b)
+        return winograd.forward(x, w, b, relu)
     if path == "gemm":
-        return gemm.forward(x, w, b)
+        return gemm.forward(x, w, b, relu)
     raise ValueError(f"the fast engine has no conv path {path!r}")
 
 

@@ -76,14 +76,15 @@ def flipped_weights(w):
     return w[::-1, ::-1].transpose(0, 1, 3, 2).reshape(k * k * F, C)
 
 
-def forward(x, w, b) -> tuple:
-    """'same' convolution, x (N, H, W, C) -> (out (N, H, W, F), cache for `backward`)."""
+def forward(x, w, b, relu: bool = False) -> tuple:
+    """'same' convolution, x (N, H, W, C) -> (out (N, H, W, F), cache for `backward`); with
+    `relu`, max(conv, 0) on each piece of the output while it is in cache."""
     xp = array_module(x)
     N, H, W, C = x.shape
     k, F = w.shape[0], w.shape[-1]
     cache = ("gemm", x)
     if 4 * F <= C and k > 1:
-        return multiply_then_shift(x, w, b), cache
+        return multiply_then_shift(x, w, b, relu), cache
     w2d = w.reshape(k * k * C, F)
     out = xp.empty((N, H, W, F), dtype=x.dtype)
 
@@ -91,6 +92,8 @@ def forward(x, w, b) -> tuple:
         o = pixel_rows(out[n, y])
         xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
         o += b
+        if relu:
+            xp.maximum(o, 0, out=o)
 
     parallel.run_pieces(piece, parallel.pieces(N, H, W, x), x)
     return out, cache
@@ -133,11 +136,11 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     return dx, xp.ascontiguousarray(dw_flipped[:, ::-1, ::-1].transpose(1, 2, 0, 3)), db.sum(axis=0)
 
 
-def multiply_then_shift(x, w, b):
+def multiply_then_shift(x, w, b, relu: bool = False):
     """'same' conv for few output channels: Y = x @ [W_ij] (k*k*F columns), then out = sum of the
     k*k shifted slices of Y. Reads x once instead of copying it k*k times into a patch matrix.
 
-    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F)
+    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F); with `relu`, max(that, 0)
     """
     xp = array_module(x)
     N, H, W, C = x.shape
@@ -159,7 +162,10 @@ def multiply_then_shift(x, w, b):
                 dy, dx = i - p, j - p  # out[y, x] += x[y + dy, x + dx] @ W[i, j]
                 acc[:, :, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)] += \
                     y[i, j, :, :, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
-        xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
+        if relu:
+            xp.maximum(acc.transpose(1, 2, 3, 0), 0, out=out[n])
+        else:
+            xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
 
     parallel.run_pieces(piece, parallel.pieces(N, H, W, x, bands=False), x)
     return out

@@ -151,10 +151,10 @@ def input_transform(x_split, out=None, work=None):
     return out
 
 
-def output_transform(M, tiles: tuple, out=None, work=None):
+def output_transform(M, tiles: tuple, out=None, work=None, relu: bool = False):
     """(16, P, F) Winograd-domain products -> y = A^T M A assembled into (N, 2 th, 2 tw, F).
 
-    tiles = (N, th, tw). `work` (2, 4, P, F) is an optional buffer.
+    tiles = (N, th, tw). `work` (2, 4, P, F) is an optional buffer. With `relu`, max(y, 0).
     """
     xp = array_module(M)
     N, th, tw = tiles
@@ -174,8 +174,12 @@ def output_transform(M, tiles: tuple, out=None, work=None):
         sr[0] += sr[2]
         xp.subtract(sr[1], sr[3], out=sr[3])
         sr[3] -= sr[2]
-        xp.copyto(y[:, :, r, :, 0], sr[0])
-        xp.copyto(y[:, :, r, :, 1], sr[3])
+        if relu:  # in the copy that assembles the image anyway
+            xp.maximum(sr[0], 0, out=y[:, :, r, :, 0])
+            xp.maximum(sr[3], 0, out=y[:, :, r, :, 1])
+        else:
+            xp.copyto(y[:, :, r, :, 0], sr[0])
+            xp.copyto(y[:, :, r, :, 1], sr[3])
     return out
 
 
@@ -274,8 +278,8 @@ def _transformed_input(x, n: slice, t: slice):
                            work=scratch("wino_work", (4, N_, 2 * T_ + 2, tw, C), x.dtype, x))
 
 
-def forward(x, w, b) -> tuple:
-    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`)."""
+def forward(x, w, b, relu: bool = False) -> tuple:
+    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0)."""
     xp = array_module(x)
     N, H, W, C = x.shape
     F, tw = w.shape[-1], W // 2
@@ -290,7 +294,7 @@ def forward(x, w, b) -> tuple:
         M[5] += b  # position (1, 1) reaches all four pixels of a tile with weight 1
         tiles = (n.stop - n.start, t.stop - t.start, tw)
         output_transform(M, tiles, out=out[n, 2 * t.start:2 * t.stop],
-                         work=scratch("wino_work", (2, 4) + M.shape[1:], x.dtype, x))
+                         work=scratch("wino_work", (2, 4) + M.shape[1:], x.dtype, x), relu=relu)
 
     parallel.run_pieces(piece, parallel.pieces(N, H // 2, tw, x), x)
     return out, ("winograd", x, U)

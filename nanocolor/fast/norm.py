@@ -1,0 +1,189 @@
+"""BatchNorm2d and Concat split over the CPU workers, and the U-Net's Conv + BatchNorm + ReLU block
+in inference as one convolution.
+
+The same numbers as the textbook layers in nanocolor/layers.py, up to float rounding (partial
+sums per piece, added in a fixed order). BatchNorm in training takes two passes over x, each
+split in pieces sized to stay in cache: one read of x for the statistics (each piece's sums and
+its squares about its own mean, combined exactly), then out = x * gamma / std + (beta - mean *
+gamma / std). x_hat is not stored: backward keeps x and recomputes x - mean piece by piece, for
+the sums of dout and dout * x_hat, then for dx, one read of dout and x each time.
+
+Inference (`fused_block_forward`): with the running statistics, BatchNorm is a per-channel
+affine map, gamma / std * (conv(x) - mean) + beta, which folds into the conv itself (weights
+scaled per output channel, the shift as its bias); the ReLU runs in the GEMM's epilogue on each
+piece of the conv's output. One pass over the output instead of four.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+from . import parallel
+from .workspace import scratch
+
+
+def _pieces(x):
+    """(batch, rows) pieces of an (N, H, W, C) array of about 256 KiB each, so that the passes
+    made over one piece after its first read find it in cache."""
+    N, H, W, C = x.shape
+    return parallel.pieces(N, H, W, x, target=max(1, (1 << 18) // (C * x.itemsize)))
+
+
+def _column_sums(rows, xp):
+    """(P, C) -> (C,) sums over the rows, as a matrix-vector product: several times faster than
+    rows.sum(axis=0), which walks the rows one by one."""
+    return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
+
+
+def batchnorm2d_forward(bn, x):
+    """BatchNorm2d.forward of the fast engine: x (N, H, W, C) -> (N, H, W, C); sets bn.cache and,
+    in training, bn's running statistics, as the textbook layer does.
+
+    The batch statistics come from one read of x: each piece's sum s_i and its squares about its
+    own mean q_i (n_i pixels), combined exactly as sum((x - mean)^2) = sum_i q_i + n_i (s_i / n_i - mean)^2.
+    """
+    xp = array_module(x)
+    C = x.shape[-1]
+    gamma, beta = bn.params["gamma"], bn.params["beta"]
+    out = xp.empty_like(x)
+    work = _pieces(x)
+    if not bn.training:
+        scale = gamma / (bn.buffers["running_var"] + bn.eps) ** 0.5
+        shift = beta - bn.buffers["running_mean"] * scale
+
+        def affine(n: slice, y: slice) -> None:
+            o = out[n, y]
+            xp.multiply(x[n, y], scale, out=o)
+            o += shift
+
+        parallel.run_pieces(affine, work, x)
+        bn.cache = ("eval",)
+        return out
+    sums = xp.empty((len(work), C), dtype=x.dtype)     # per piece: s_i
+    squares = xp.empty((len(work), C), dtype=x.dtype)  # per piece: q_i
+    counts = xp.asarray([(n.stop - n.start) * (y.stop - y.start) * x.shape[2] for n, y in work], dtype=x.dtype)
+
+    def statistics(i: int) -> None:
+        n, y = work[i]
+        rows = x[n, y].reshape(-1, C)
+        sums[i] = _column_sums(rows, xp)
+        d = xp.subtract(rows, sums[i] / counts[i], out=scratch("bn", rows.shape, x.dtype, x))
+        squares[i] = xp.einsum("pc,pc->c", d, d)
+
+    if isinstance(x, np.ndarray):
+        parallel.run(statistics, len(work))
+    else:
+        for i in range(len(work)):
+            statistics(i)
+    P = x.size // C * bn.shards  # pixels in the whole batch
+    mean = bn._batch_sums(sums.sum(axis=0))[0] / P
+    piece_means = sums / counts[:, None]
+    spread = squares.sum(axis=0) + (counts[:, None] * (piece_means - mean) ** 2).sum(axis=0)
+    var = bn._batch_sums(spread)[0] / P
+    inv_std = 1 / (var + bn.eps) ** 0.5
+    scale = gamma * inv_std
+    shift = beta - mean * scale
+
+    def normalize(n: slice, y: slice) -> None:  # gamma * (x - mean) / std + beta
+        o = out[n, y]
+        xp.multiply(x[n, y], scale, out=o)
+        o += shift
+
+    parallel.run_pieces(normalize, work, x)
+    m = bn.momentum  # the running variance is the unbiased estimate, as PyTorch keeps it
+    bn.buffers["running_mean"] = (1 - m) * bn.buffers["running_mean"] + m * mean
+    bn.buffers["running_var"] = (1 - m) * bn.buffers["running_var"] + m * var * (P / max(P - 1, 1))
+    bn.cache = ("fast", x, mean, inv_std, P)  # x, not x_hat: backward recomputes x_hat piece by piece
+    return out
+
+
+def batchnorm2d_backward(bn, dout):
+    """BatchNorm2d.backward of the fast engine: dout (N, H, W, C) -> dx; fills bn.grads."""
+    xp = array_module(dout)
+    _, x, mean, inv_std, P = bn.cache
+    C = dout.shape[-1]
+    dx = xp.empty_like(dout)
+    work = _pieces(dout)
+    partial = xp.zeros((2, parallel.slots(dout), C), dtype=dout.dtype)  # per worker: sum d, sum d * x_hat
+
+    def centred(n: slice, y: slice):
+        """x - mean of one piece, (pixels, C), in scratch."""
+        rows = x[n, y].reshape(-1, C)
+        return xp.subtract(rows, mean, out=scratch("bn", rows.shape, x.dtype, x))
+
+    def sums(n: slice, y: slice) -> None:
+        d = dout[n, y].reshape(-1, C)
+        i = parallel.slot()
+        partial[0, i] += _column_sums(d, xp)
+        partial[1, i] += xp.einsum("pc,pc->c", d, centred(n, y))
+
+    parallel.run_pieces(sums, work, dout)
+    dbeta, d_centred = partial.sum(axis=1)
+    bn.grads["beta"], bn.grads["gamma"] = dbeta, d_centred * inv_std  # sum d * x_hat
+    dbeta, dgamma = bn._batch_sums(bn.grads["beta"], bn.grads["gamma"])
+    # dx = gamma / std * (d - mean(d) - x_hat * mean(d * x_hat)), in one pass
+    scale = bn.params["gamma"] * inv_std
+    a, c = dgamma / P * inv_std, dbeta / P  # x_hat * mean(d * x_hat) = (x - mean) * a
+
+    def grad(n: slice, y: slice) -> None:
+        g = dx[n, y]
+        t = centred(n, y)
+        t *= a
+        xp.subtract(dout[n, y], t.reshape(g.shape), out=g)
+        g -= c
+        g *= scale
+
+    parallel.run_pieces(grad, work, dout)
+    return dx
+
+
+def concat_forward(a, b):
+    """(N, H, W, Ca), (N, H, W, Cb) -> (N, H, W, Ca + Cb), both halves copied by the workers."""
+    xp = array_module(a)
+    Ca = a.shape[-1]
+    out = xp.empty(a.shape[:-1] + (Ca + b.shape[-1],), dtype=xp.result_type(a, b))
+
+    def piece(n: slice, y: slice) -> None:
+        xp.copyto(out[n, y, :, :Ca], a[n, y])
+        xp.copyto(out[n, y, :, Ca:], b[n, y])
+
+    parallel.run_pieces(piece, _pieces(out), out)
+    return out
+
+
+def concat_backward(dout, split: int) -> tuple:
+    """dout (N, H, W, Ca + Cb) -> (da (N, H, W, Ca), db (N, H, W, Cb)), contiguous."""
+    xp = array_module(dout)
+    da = xp.empty(dout.shape[:-1] + (split,), dtype=dout.dtype)
+    db = xp.empty(dout.shape[:-1] + (dout.shape[-1] - split,), dtype=dout.dtype)
+
+    def piece(n: slice, y: slice) -> None:
+        xp.copyto(da[n, y], dout[n, y, :, :split])
+        xp.copyto(db[n, y], dout[n, y, :, split:])
+
+    parallel.run_pieces(piece, _pieces(dout), dout)
+    return da, db
+
+
+def fused_block_forward(layers: list, x):
+    """Conv2d -> BatchNorm2d (inference) -> ReLU as one conv with folded weights and the ReLU in
+    its epilogue, when `layers` is such a block and the engine is not the textbook "im2col";
+    else None (the caller runs the layers one by one).
+
+    The layers keep no caches from this pass (inference has no backward).
+    """
+    from .. import fast  # the package: engine state and conv seam
+    from ..layers import BatchNorm2d, Conv2d, ReLU
+
+    if len(layers) != 3 or not fast.enabled():
+        return None
+    conv, bn, relu = layers
+    if not (type(conv) is Conv2d and type(bn) is BatchNorm2d and type(relu) is ReLU) or bn.training:
+        return None
+    w = conv.params["W"]
+    scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
+    w_folded = w * scale.astype(w.dtype)                  # per output channel (the last axis)
+    b_folded = (bn.params["beta"] + (conv.bias - bn.buffers["running_mean"]) * scale).astype(w.dtype)
+    path = fast.conv2d_path(x, w_folded)
+    out, _ = fast.conv2d_forward(x, w_folded, b_folded, path, relu=True)
+    return out

@@ -1,0 +1,153 @@
+"""The fast engine's BatchNorm2d, Concat and the U-Net's fused inference block (nanocolor/fast/norm.py)
+against the textbook layers: training forward and backward in float64 with one worker and
+several, float32 with a large mean (the statistics must not cancel), the conv's ReLU epilogue on
+every path, and whole U-Nets in inference with BatchNorm folded into the convs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_conv
+from nanocolor import fast
+from nanocolor.fast import norm
+from nanocolor.layers import BatchNorm2d, Concat
+from nanocolor.model import ColorNet
+
+SHAPES = [(2, 3, 5, 4), (1, 9, 4, 3), (5, 6, 4, 2), (1, 1, 1, 3), (3, 40, 24, 7)]
+
+
+def batchnorm(channels: int, rng, dtype) -> BatchNorm2d:
+    bn = BatchNorm2d(channels, dtype=dtype)
+    bn.params["gamma"] = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    bn.params["beta"] = rng.standard_normal(channels).astype(dtype)
+    bn.buffers["running_mean"] = rng.standard_normal(channels).astype(dtype)
+    bn.buffers["running_var"] = rng.uniform(0.5, 2, channels).astype(dtype)
+    return bn
+
+
+def both_engines(layer_factory, run) -> dict:
+    """{engine: run(fresh layer)} for the textbook code and the fast engine, from equal layers."""
+    results = {}
+    for engine in ("im2col", "auto"):
+        with fast.use_engine(engine):
+            results[engine] = run(layer_factory())
+    return results
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_batchnorm_training_matches_textbook(shape, workers, rng):
+    x = rng.standard_normal(shape) * 3 + 1
+    dout = rng.standard_normal(shape)
+    seed = int(rng.integers(1 << 30))
+
+    def run(bn):
+        out = bn.forward(x)
+        dx = bn.backward(dout)
+        return out, dx, bn.grads["gamma"], bn.grads["beta"], bn.buffers["running_mean"], bn.buffers["running_var"]
+
+    results = both_engines(lambda: batchnorm(shape[-1], np.random.default_rng(seed), np.float64), run)
+    for textbook, fast_ in zip(results["im2col"], results["auto"]):
+        np.testing.assert_allclose(fast_, textbook, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_batchnorm_inference_matches_textbook(shape, workers, rng):
+    x = rng.standard_normal(shape)
+    seed = int(rng.integers(1 << 30))
+
+    def run(bn):
+        bn.training = False
+        return bn.forward(x)
+
+    results = both_engines(lambda: batchnorm(shape[-1], np.random.default_rng(seed), np.float64), run)
+    np.testing.assert_allclose(results["auto"], results["im2col"], rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_float32_statistics_survive_a_large_mean(use_workers, rng):
+    """Variance from per-piece sums about each piece's own mean: no cancellation when the mean is
+    a thousand standard deviations away from zero."""
+    use_workers(2)
+    shape = (4, 32, 32, 8)
+    x64 = rng.standard_normal(shape) * 0.1 + 100
+    dout64 = rng.standard_normal(shape)
+    exact = batchnorm(8, np.random.default_rng(5), np.float64)
+    with fast.use_engine("im2col"):
+        out_exact, dx_exact = exact.forward(x64), exact.backward(dout64)
+    bn = batchnorm(8, np.random.default_rng(5), np.float32)
+    with fast.use_engine("auto"):
+        out = bn.forward(x64.astype(np.float32))
+        dx = bn.backward(dout64.astype(np.float32))
+    assert bn.cache[0] == "fast"
+    assert np.abs(out - out_exact).max() < 2e-3  # out is O(1): float32 x carries ~1e-5 of 100 / 0.1
+    np.testing.assert_allclose(bn.buffers["running_var"], exact.buffers["running_var"], rtol=1e-3)
+    assert np.linalg.norm(dx - dx_exact) / np.linalg.norm(dx_exact) < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 9, 4, 3)])
+def test_concat_matches_textbook(shape, workers, rng):
+    a, b = rng.standard_normal(shape), rng.standard_normal(shape[:-1] + (5,))
+    dout = rng.standard_normal(shape[:-1] + (shape[-1] + 5,))
+    results = both_engines(Concat, lambda cat: (cat.forward(a, b), *cat.backward(dout)))
+    for textbook, fast_ in zip(results["im2col"], results["auto"]):
+        assert fast_.flags.c_contiguous
+        np.testing.assert_array_equal(fast_, textbook)
+
+
+@pytest.mark.parametrize("path,shape,c_out", [("gemm", (2, 6, 5, 3), 4), ("gemm", (2, 5, 4, 8), 2),
+                                              ("winograd", (3, 6, 4, 3), 5)])
+def test_relu_epilogue_equals_relu_of_the_conv(path, shape, c_out, workers, rng):
+    conv = make_conv(shape[-1], c_out, 3, dtype=np.float64)
+    conv.params["b"] = rng.standard_normal(c_out)
+    x = rng.standard_normal(shape)
+    plain, _ = fast.conv2d_forward(x, conv.params["W"], conv.params["b"], path)
+    fused, _ = fast.conv2d_forward(x, conv.params["W"], conv.params["b"], path, relu=True)
+    assert (plain < 0).any() and (plain > 0).any()
+    np.testing.assert_array_equal(fused, np.maximum(plain, 0))
+
+
+def unet_with_statistics(dtype, seed: int = 3) -> ColorNet:
+    """A U-Net in inference mode whose BatchNorms are not the identity."""
+    model = ColorNet((8, 16, 16), arch="unet", seed=seed, dtype=dtype)
+    r = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm2d):
+            fresh = batchnorm(layer.params["gamma"].size, r, dtype)
+            layer.params, layer.buffers = fresh.params, fresh.buffers
+    return model.eval()
+
+
+@pytest.mark.parametrize("engine", ["auto", "gemm", "winograd"])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_unet_inference_with_folded_batchnorm_matches_textbook(engine, dtype, tol, workers, monkeypatch):
+    lightness = np.random.default_rng(0).uniform(-1, 1, (3, 16, 12, 1)).astype(dtype)
+    model = unet_with_statistics(dtype)
+    with fast.use_engine("im2col"):
+        expected = model.forward(lightness)
+    fused_blocks = []
+    original = norm.fused_block_forward
+
+    def counting(layers, x):
+        out = original(layers, x)
+        fused_blocks.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fast, "fused_block_forward", counting)
+    with fast.use_engine(engine):
+        got = model.forward(lightness)
+    assert fused_blocks.count(True) == 5  # 2 down, the bottleneck, 2 up; the head is no such block
+    assert got.dtype == dtype
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < tol
+    assert np.abs(got - expected).max() * 127.5 < 0.5  # the same 8-bit colors
+
+
+def test_textbook_engine_and_training_mode_run_no_fused_block(rng):
+    model = unet_with_statistics(np.float64)
+    block = model.bottleneck
+    x = rng.standard_normal((1, 4, 4, 16))
+    with fast.use_engine("im2col"):
+        assert fast.fused_block_forward(block, x) is None
+    model.train()
+    assert fast.fused_block_forward(block, x) is None
+    model.eval()
+    assert fast.fused_block_forward(block, x) is not None
+    assert fast.fused_block_forward(block[:2], x) is None
