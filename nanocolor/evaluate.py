@@ -160,7 +160,7 @@ def gallery_picture(rows: list) -> Image.Image:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanocolor.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder of color photos, searched recursively")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="model weights or checkpoint (default: the shipped model)")

@@ -51,8 +51,7 @@ def test_each_command_shows_its_own_help(command):
     result = run_nanocolor(command, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ") and "--device" in result.stdout
-    if command != "evaluate":  # nanocolor.evaluate names itself python -m nanocolor.evaluate
-        assert result.stdout.startswith(f"usage: nanocolor {command} ")
+    assert result.stdout.startswith(f"usage: nanocolor {command} ")
 
 
 def test_nanocolor_colorize_writes_the_same_png_as_colorize_py(tmp_path):
