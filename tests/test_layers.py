@@ -283,7 +283,7 @@ def test_backward_does_not_modify_dout(make_layer, shape, engine, rng):
     out = layer.forward(x)
     dout = rng.standard_normal(out.shape)
     dout_before = dout.copy()
-    dx = layer.backward(dout)
+    layer.backward(dout)
     np.testing.assert_array_equal(dout, dout_before)
     np.testing.assert_array_equal(x, x_before)  # forward does not touch its input either
 
