@@ -150,6 +150,7 @@ def test_engine_choice_and_fallback(monkeypatch):
     assert path("auto", 32, 32) == "winograd"
     assert path("auto", 1, 32) == "gemm"                # too thin to pay off
     assert path("auto", 16, 16) == "winograd" and path("auto", 15, 32) == "gemm"
+    assert path("auto", 128, 32) == "gemm" and path("auto", 128, 33) == "winograd"  # few outputs: multiply first
     assert path("auto", 32, 32, x=OffHost((1, 8, 8, 32))) == "gemm"  # not on the CPU
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: False)
     assert path("auto", 32, 32) == "gemm"               # 16 multi-threaded BLAS calls: no

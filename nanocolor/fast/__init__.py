@@ -10,10 +10,12 @@ One knob picks the engine for the whole process (the layers ask at every forward
     nanocolor.fast.set_engine("winograd")  winograd.py: Winograd F(2x2, 3x3) for every 3x3 conv
                                            on even sizes, "gemm" for the other convs
 
-Every engine but "im2col" also runs max-pool, upsample and ReLU split over the CPU workers
-(resample.py). "auto" takes Winograd for 3x3 convs on even sizes whose channels in and out both
-reach WINOGRAD_MIN_CHANNELS, on the CPU when BLAS runs one thread per call (the worker pool of
-parallel.py hands out its 16 GEMMs): with OpenBLAS threading each call itself, 16 calls per pass
+Every engine but "im2col" also runs max-pool, upsample, ReLU (resample.py), BatchNorm and Concat
+(norm.py) split over the CPU workers, and the U-Net's Conv + BatchNorm + ReLU blocks in inference
+as one conv (norm.fused_block_forward). "auto" takes Winograd for 3x3 convs on even sizes whose
+channels in and out both reach WINOGRAD_MIN_CHANNELS and with more than a quarter as many
+outputs as inputs (else gemm.py's multiply-then-shift is faster), on the CPU when BLAS runs one
+thread per call (the worker pool of parallel.py hands out its 16 GEMMs): with OpenBLAS threading each call itself, 16 calls per pass
 wait 16 times for a descheduled thread when other processes share the cores.
 
 The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F); b (F,)):
@@ -83,7 +85,10 @@ def conv2d_path(x, w) -> str:
         return "gemm"
     if engine == "winograd":
         return "winograd"
-    worth_it = min(C, F) >= WINOGRAD_MIN_CHANNELS
+    # gemm.py multiplies first for few outputs (4F <= C) and builds its backward's patch matrix
+    # from the thin dout: measured faster both ways than Winograd there (128 -> 32 channels:
+    # forward 24 vs 31 ms, backward 34 vs 50 ms at 64x64 batch 32).
+    worth_it = min(C, F) >= WINOGRAD_MIN_CHANNELS and not gemm.multiplies_first(C, F, k)
     return "winograd" if worth_it and isinstance(x, np.ndarray) and parallel.blas_single_threaded() else "gemm"
 
 

@@ -83,7 +83,7 @@ def forward(x, w, b, relu: bool = False) -> tuple:
     N, H, W, C = x.shape
     k, F = w.shape[0], w.shape[-1]
     cache = ("gemm", x)
-    if 4 * F <= C and k > 1:
+    if multiplies_first(C, F, k):
         return multiply_then_shift(x, w, b, relu), cache
     w2d = w.reshape(k * k * C, F)
     out = xp.empty((N, H, W, F), dtype=x.dtype)
@@ -134,6 +134,11 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     parallel.run_pieces(products, work, dout)
     dw_flipped = dw.sum(axis=0).reshape(C, k, k, F)
     return dx, xp.ascontiguousarray(dw_flipped[:, ::-1, ::-1].transpose(1, 2, 0, 3)), db.sum(axis=0)
+
+
+def multiplies_first(C: int, F: int, k: int) -> bool:
+    """Whether `forward` takes multiply_then_shift for C inputs, F outputs and a k x k kernel."""
+    return 4 * F <= C and k > 1
 
 
 def multiply_then_shift(x, w, b, relu: bool = False):
