@@ -16,7 +16,8 @@ from nanocolor.model import ColorNet
 from nanocolor.serialize import load_npz
 
 TOL = 1e-6
-SHIPPED = REPO / "nanocolor" / "weights" / "colornet.npz"
+# A weights file written by the format before architectures had a name (config without "arch").
+FORMAT1 = REPO / "tests" / "data" / "seed_model_format1.npz"
 
 
 def batchnorm64(channels: int, rng: np.random.Generator) -> BatchNorm2d:
@@ -150,19 +151,21 @@ def test_unet_saves_and_restores_running_statistics(tmp_path, rng):
 
 
 def test_a_weights_file_from_before_arch_existed_loads_as_the_seed_autoencoder():
-    """The shipped file's config predates 'arch': it loads, and --init can start from it."""
-    _, meta = load_npz(SHIPPED)
+    """A file whose config predates 'arch' loads as the seed autoencoder it was."""
+    _, meta = load_npz(FORMAT1)
     assert "arch" not in meta["config"]  # written by the previous format
-    assert ColorNet.load(SHIPPED).config["arch"] == "seed"
+    model = ColorNet.load(FORMAT1)
+    assert model.config["arch"] == "seed" and model.config["widths"] == [4, 8]
+    assert [type(layer).__name__ for layer in model.layers][:3] == ["Conv2d", "ReLU", "MaxPool2d"]
 
 
 def test_init_from_a_file_of_the_previous_format(tmp_path):
     photos = REPO / "data" / "sample"
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--init", str(SHIPPED), "--data", str(photos),
-                             "--limit", "24", "--epochs", "1", "--batch-size", "4", "--quiet",
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--init", str(FORMAT1), "--data", str(photos),
+                             "--limit", "24", "--size", "16", "--epochs", "1", "--batch-size", "4", "--quiet",
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert ColorNet.load(tmp_path / "run" / "model.npz").config == ColorNet.load(SHIPPED).config
+    assert ColorNet.load(tmp_path / "run" / "model.npz").config == ColorNet.load(FORMAT1).config
 
 
 def test_chroma_gain_is_saved_and_scales_the_colors(tmp_path):
@@ -175,4 +178,4 @@ def test_chroma_gain_is_saved_and_scales_the_colors(tmp_path):
     loaded = ColorNet.load(tmp_path / "gain.npz")
     assert loaded.chroma_gain == 1.5
     np.testing.assert_allclose(predict_ab(loaded, lightness, work_size=24), 1.5 * plain, rtol=1e-5, atol=1e-5)
-    assert ColorNet.load(SHIPPED).chroma_gain == 1.0  # files without one leave the prediction as it is
+    assert ColorNet.load(FORMAT1).chroma_gain == 1.0  # files without one leave the prediction as it is
