@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_conv
 from nanocolor import fast
-from nanocolor.fast import norm
+from nanocolor.fast import norm, parallel
 from nanocolor.layers import BatchNorm2d, Concat
 from nanocolor.model import ColorNet
 
@@ -107,7 +107,7 @@ def test_relu_epilogue_equals_relu_of_the_conv(path, shape, c_out, workers, rng)
 
 def unet_with_statistics(dtype, seed: int = 3) -> ColorNet:
     """A U-Net in inference mode whose BatchNorms are not the identity."""
-    model = ColorNet((8, 16, 16), arch="unet", seed=seed, dtype=dtype)
+    model = ColorNet((8, 16, 32), arch="unet", seed=seed, dtype=dtype)
     r = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, BatchNorm2d):
@@ -119,22 +119,29 @@ def unet_with_statistics(dtype, seed: int = 3) -> ColorNet:
 @pytest.mark.parametrize("engine", ["auto", "gemm", "winograd"])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_unet_inference_with_folded_batchnorm_matches_textbook(engine, dtype, tol, workers, monkeypatch):
-    lightness = np.random.default_rng(0).uniform(-1, 1, (3, 16, 12, 1)).astype(dtype)
+    lightness = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 1)).astype(dtype)
     model = unet_with_statistics(dtype)
     with fast.use_engine("im2col"):
         expected = model.forward(lightness)
-    fused_blocks = []
-    original = norm.fused_block_forward
+    fused_blocks, paths = [], []
+    original, original_path = norm.fused_block_forward, fast.inference_conv_path
 
     def counting(layers, x):
         out = original(layers, x)
         fused_blocks.append(out is not None)
         return out
 
+    def path(x, w):
+        paths.append(original_path(x, w))
+        return paths[-1]
+
     monkeypatch.setattr(fast, "fused_block_forward", counting)
+    monkeypatch.setattr(fast, "inference_conv_path", path)
     with fast.use_engine(engine):
         got = model.forward(lightness)
     assert fused_blocks.count(True) == 5  # 2 down, the bottleneck, 2 up; the head is no such block
+    if engine == "auto" and parallel.blas_single_threaded():
+        assert paths.count("winograd4") == 2  # 16 -> 32 at 4x4 and 32 -> 16 at 4x4
     assert got.dtype == dtype
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < tol
     assert np.abs(got - expected).max() * 127.5 < 0.5  # the same 8-bit colors

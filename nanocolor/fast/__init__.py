@@ -21,6 +21,7 @@ wait 16 times for a descheduled thread when other processes share the cores.
 The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F); b (F,)):
     conv2d_path(x, w)                             -> "im2col" | "gemm" | "winograd"
     conv2d_forward(x, w, b, path)                 -> (out, cache)
+    inference_conv_path(x, w)                     -> conv2d_path's answer, or "winograd4" (no backward)
     conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
     maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
     likewise upsample2d_* and relu_*
@@ -37,7 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import gemm, parallel, winograd
+from . import gemm, parallel, winograd, winograd4
 from .norm import (batchnorm2d_backward, batchnorm2d_forward, concat_backward, concat_forward,  # noqa: F401
                    fused_block_forward)
 from .resample import (maxpool2d_backward, maxpool2d_forward, relu_backward, relu_forward,  # noqa: F401
@@ -92,11 +93,25 @@ def conv2d_path(x, w) -> str:
     return "winograd" if worth_it and isinstance(x, np.ndarray) and parallel.blas_single_threaded() else "gemm"
 
 
+def inference_conv_path(x, w) -> str:
+    """conv2d_path for a forward pass that no backward follows: "auto" then also takes Winograd
+    F(4x4, 3x3) (winograd4.py, forward only) for 3x3 convs on sizes that divide by 4 with at
+    least WINOGRAD_MIN_CHANNELS in and out, thin outputs included (measured faster there than
+    both F(2x2, 3x3) and multiply-then-shift)."""
+    k, _, C, F = w.shape
+    if _state["engine"] == "auto" and winograd4.applies(k, x.shape[1], x.shape[2]) and \
+            min(C, F) >= WINOGRAD_MIN_CHANNELS and isinstance(x, np.ndarray) and parallel.blas_single_threaded():
+        return "winograd4"
+    return conv2d_path(x, w)
+
+
 def conv2d_forward(x, w, b, path: str, relu: bool = False) -> tuple:
     """'same' convolution by `path` ("gemm" or "winograd"): (out (N, H, W, F), cache); with
     `relu`, max(out, 0) computed in the GEMMs' epilogue (for inference: no cache for a ReLU)."""
     if path == "winograd":
         return winograd.forward(x, w, b, relu)
+    if path == "winograd4":  # forward only: no cache for a backward
+        return winograd4.forward(x, w, b, relu), ("winograd4",)
     if path == "gemm":
         return gemm.forward(x, w, b, relu)
     raise ValueError(f"the fast engine has no conv path {path!r}")

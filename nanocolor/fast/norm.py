@@ -11,7 +11,8 @@ the sums of dout and dout * x_hat, then for dx, one read of dout and x each time
 Inference (`fused_block_forward`): with the running statistics, BatchNorm is a per-channel
 affine map, gamma / std * (conv(x) - mean) + beta, which folds into the conv itself (weights
 scaled per output channel, the shift as its bias); the ReLU runs in the GEMM's epilogue on each
-piece of the conv's output. One pass over the output instead of four.
+piece of the conv's output. One pass over the output instead of four. With no backward to
+follow, "auto" convolves by Winograd F(4x4, 3x3) there (winograd4.py).
 """
 from __future__ import annotations
 
@@ -184,6 +185,6 @@ def fused_block_forward(layers: list, x):
     scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
     w_folded = w * scale.astype(w.dtype)                  # per output channel (the last axis)
     b_folded = (bn.params["beta"] + (conv.bias - bn.buffers["running_mean"]) * scale).astype(w.dtype)
-    path = fast.conv2d_path(x, w_folded)
+    path = fast.inference_conv_path(x, w_folded)
     out, _ = fast.conv2d_forward(x, w_folded, b_folded, path, relu=True)
     return out

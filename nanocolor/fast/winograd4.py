@@ -1,0 +1,108 @@
+"""Winograd F(4x4, 3x3) for inference: 4x fewer multiplies than direct convolution (F(2x2, 3x3)
+in winograd.py: 2.25x), at a larger float32 rounding error, forward only.
+
+Each 4x4 block ("tile") of output pixels comes from the 6x6 block of padded input around it
+(Lavin & Gray, 2016):
+    y_tile = A^T [ sum_c (G w_cf G^T) * (B^T x_tile,c B) ] A
+with the points 0, +-1, +-2 and infinity. Per piece of the batch: the 6x6 input blocks are
+gathered once, (6, 6, tiles, C); the two 1-D transforms of B^T are each one matrix multiply by
+the 6x6 matrix over the flattened rest (memory-bound passes that BLAS streams); 36 GEMMs
+(tiles x C) @ (C x F), one per position of the Winograd domain; then A^T the same way, and one
+copy into the image that adds nothing but the optional ReLU (the bias enters at position (1, 1),
+which reaches every output pixel of its tile with weight 1).
+
+Rounding: the transforms scale values by up to ~100 and add them up again, so the float32
+error is some 1e-5 of the output's size (F(2x2, 3x3): ~1e-6), far below what an 8-bit color
+shows; tests/test_winograd4.py measures it against the float64 im2col reference. Training keeps
+F(2x2, 3x3), whose gradients are checked to 1e-6.
+
+Shapes (channels-last): x (N, H, W, C) with H and W multiples of 4; w (3, 3, C, F);
+th, tw = H // 4, W // 4 tiles; P tiles of a piece.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+from . import parallel
+from .gemm import pad_rows
+from .workspace import scratch
+
+B_T = np.array([[4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+G = np.array([[1 / 4, 0, 0],
+              [-1 / 6, -1 / 6, -1 / 6],
+              [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6],
+              [0, 0, 1]], dtype=np.float64)
+A_T = np.array([[1, 1, 1, 1, 1, 0],
+                [0, 1, -1, 2, -2, 0],
+                [0, 1, 1, 4, 4, 0],
+                [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+BIAS_POSITION = 1 * 6 + 1  # A^T's column 1 is all ones: (1, 1) reaches the whole tile
+PIECE_BYTES = 4 << 20      # transformed input of a piece: about this much (cache, not memory)
+
+
+def applies(kernel: int, H: int, W: int) -> bool:
+    """F(4x4, 3x3) covers 3x3 kernels on images whose height and width are multiples of 4."""
+    return kernel == 3 and H % 4 == 0 and W % 4 == 0 and H > 0 and W > 0
+
+
+def filter_transform(w):
+    """(3, 3, C, F) -> U = G w G^T at every (c, f): (36, C, F), computed in float64."""
+    xp = array_module(w)
+    _, _, C, F = w.shape
+    g = xp.asarray(G)
+    rows = xp.matmul(g, w.astype(np.float64).reshape(3, 3 * C * F))   # (6, 3 C F): G along the rows
+    u = xp.matmul(g, rows.reshape(6, 3, C * F))                         # (6, 6, C F): then the columns
+    return u.reshape(36, C, F).astype(w.dtype)
+
+
+def forward(x, w, b, relu: bool = False):
+    """'same' 3x3 convolution, x (N, H, W, C) -> out (N, H, W, F), max(out, 0) with `relu`."""
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    F = w.shape[-1]
+    th, tw = H // 4, W // 4
+    U = filter_transform(w)
+    b_t, a_t = xp.asarray(B_T.astype(x.dtype)), xp.asarray(A_T.astype(x.dtype))
+    out = xp.empty((N, H, W, F), dtype=x.dtype)
+    tiles_per_piece = max(16, PIECE_BYTES // (36 * max(C, F) * x.itemsize))
+
+    def piece(n: slice, t: slice) -> None:
+        N_, T_ = n.stop - n.start, t.stop - t.start
+        P = N_ * T_ * tw
+        x_pad = pad_rows(x[n], slice(4 * t.start, 4 * t.stop), 1, "pad")  # (N_, 4T_ + 2, W + 2, C)
+        sN, sH, sW, sC = x_pad.strides
+        blocks = xp.lib.stride_tricks.as_strided(x_pad, shape=(6, 6, N_, T_, tw, C),
+                                                 strides=(sH, sW, sN, 4 * sH, 4 * sW, sC))
+        d = scratch("w4_d", (6, 6, N_, T_, tw, C), x.dtype, x)
+        xp.copyto(d, blocks)                                   # d[i, j, tile, c] = x_tile[i, j, c]
+        e = scratch("w4_e", (6, 6 * P * C), x.dtype, x)
+        xp.matmul(b_t, d.reshape(6, -1), out=e)                # B^T along the block's rows
+        v = d.reshape(6, 6, P * C)                             # d is spent: V goes there
+        xp.matmul(b_t, e.reshape(6, 6, P * C), out=v)          # then along its columns
+        v = v.reshape(36, P, C)
+        m = scratch("w4_m", (36, P, F), x.dtype, x)
+        for q in range(36):
+            xp.matmul(v[q], U[q], out=m[q])
+        m[BIAS_POSITION] += b
+        s = scratch("w4_s", (4, 6 * P * F), x.dtype, x)
+        xp.matmul(a_t, m.reshape(6, -1), out=s)                # A^T along the rows
+        y = scratch("w4_y", (4, 4, P * F), x.dtype, x)
+        xp.matmul(a_t, s.reshape(4, 6, P * F), out=y)          # then along the columns
+        tiles = y.reshape(4, 4, N_, T_, tw, F).transpose(2, 3, 0, 4, 1, 5)
+        image = out[n, 4 * t.start:4 * t.stop].reshape(N_, T_, 4, tw, 4, F)
+        if relu:
+            xp.maximum(tiles, 0, out=image)
+        else:
+            xp.copyto(image, tiles)
+
+    work = parallel.pieces(N, th, tw, x, target=tiles_per_piece)
+    parallel.run_pieces(piece, work, x)
+    return out

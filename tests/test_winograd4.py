@@ -1,0 +1,68 @@
+"""Winograd F(4x4, 3x3) (nanocolor/fast/winograd4.py, inference only) against the float64 im2col
+reference: exact up to rounding in float64, and its larger float32 rounding error measured."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_conv
+from nanocolor import fast
+from nanocolor.fast import parallel, winograd4
+
+CASES = [((2, 8, 12, 3), 5), ((1, 4, 4, 2), 2), ((3, 16, 8, 16), 24), ((1, 12, 20, 7), 3), ((5, 4, 8, 1), 4)]
+
+
+def reference(x, conv):
+    with fast.use_engine("im2col"):
+        return conv.forward(x)
+
+
+@pytest.mark.parametrize("shape,c_out", CASES)
+def test_float64_equals_im2col(shape, c_out, workers, rng):
+    conv = make_conv(shape[-1], c_out, 3)
+    x = rng.standard_normal(shape)
+    expected = reference(x, conv)
+    got = winograd4.forward(x, conv.params["W"], conv.params["b"])
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11)
+    np.testing.assert_array_equal(winograd4.forward(x, conv.params["W"], conv.params["b"], relu=True),
+                                  np.maximum(got, 0))
+
+
+@pytest.mark.parametrize("shape,c_out", [((2, 32, 32, 64), 32), ((4, 8, 8, 128), 256)])
+def test_float32_error_against_the_float64_reference(shape, c_out, use_workers, rng):
+    """The transforms scale by up to ~100: F(4x4, 3x3) rounds some 5x more than F(2x2, 3x3), still
+    ~1e-6 of the output's size, far below a level of 8-bit color."""
+    use_workers(2)
+    conv = make_conv(shape[-1], c_out, 3)
+    conv.params["W"] /= np.sqrt(9 * shape[-1])  # He-like scale: outputs of order 1
+    x = rng.standard_normal(shape)
+    expected = reference(x, conv)
+    got = winograd4.forward(x.astype(np.float32), conv.params["W"].astype(np.float32),
+                            conv.params["b"].astype(np.float32))
+    assert got.dtype == np.float32
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
+    assert np.abs(got - expected).max() < 2e-4
+
+
+def test_same_result_with_one_worker_or_several(use_workers, rng):
+    conv = make_conv(8, 16, 3)
+    x = rng.standard_normal((3, 16, 12, 8))
+    results = []
+    for threads in (1, 3):
+        use_workers(threads)
+        results.append(winograd4.forward(x, conv.params["W"], conv.params["b"]))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-13, atol=1e-13)
+
+
+def test_inference_path_choice(monkeypatch):
+    def path(engine, c_in, c_out, H=8, W=8):
+        with fast.use_engine(engine):
+            return fast.inference_conv_path(np.zeros((1, H, W, c_in)), np.zeros((3, 3, c_in, c_out)))
+
+    monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
+    assert path("auto", 32, 64) == "winograd4"
+    assert path("auto", 128, 32) == "winograd4"         # few outputs: still the fastest here
+    assert path("auto", 1, 32) == "gemm"                # too thin
+    assert path("auto", 32, 64, H=6) == "winograd"      # 6 rows: F(2x2, 3x3) tiles, not F(4x4, 3x3)
+    assert path("winograd", 32, 64) == "winograd"       # the engine asked for
+    assert path("gemm", 32, 64) == "gemm" and path("im2col", 32, 64) == "im2col"
