@@ -7,7 +7,7 @@ Each 4x4 block ("tile") of output pixels comes from the 6x6 block of padded inpu
 with the points 0, +-1, +-2 and infinity. Per piece of the batch: the 6x6 input blocks are
 gathered once, (6, 6, tiles, C); the two 1-D transforms of B^T are each one matrix multiply by
 the 6x6 matrix over the flattened rest (memory-bound passes that BLAS streams); 36 GEMMs
-(tiles x C) @ (C x F), one per position of the Winograd domain; then A^T the same way, and one
+(tiles x C) @ (C x F), one per position of the Winograd domain (one batched matmul); then A^T the same way, and one
 copy into the image that adds nothing but the optional ReLU (the bias enters at position (1, 1),
 which reaches every output pixel of its tile with weight 1).
 
@@ -88,9 +88,7 @@ def forward(x, w, b, relu: bool = False):
         v = d.reshape(6, 6, P * C)                             # d is spent: V goes there
         xp.matmul(b_t, e.reshape(6, 6, P * C), out=v)          # then along its columns
         v = v.reshape(36, P, C)
-        m = scratch("w4_m", (36, P, F), x.dtype, x)
-        for q in range(36):
-            xp.matmul(v[q], U[q], out=m[q])
+        m = xp.matmul(v, U, out=scratch("w4_m", (36, P, F), x.dtype, x))  # 36 GEMMs, one call
         m[BIAS_POSITION] += b
         s = scratch("w4_s", (4, 6 * P * F), x.dtype, x)
         xp.matmul(a_t, m.reshape(6, -1), out=s)                # A^T along the rows
