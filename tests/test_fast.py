@@ -27,6 +27,7 @@ MATCH_CASES = [
     ((3, 3, 5, 2), 3, 1),    # 1x1 kernel: the patch matrix is x itself
     ((1, 7, 5, 2), 3, 5),    # 5x5 kernel
     ((2, 5, 4, 8), 2, 3),    # 4F <= C: multiply first, then add shifted slices
+    ((2, 5, 6, 32), 8, 3),   # ... with F >= 8: the products channels-last
     ((1, 2, 3, 9), 2, 5),    # ... with a kernel larger than the image
     ((5, 6, 4, 3), 5, 3),    # more images than pieces
     ((1, 9, 4, 2), 3, 3),    # one image in bands of rows

