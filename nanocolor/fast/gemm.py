@@ -55,6 +55,24 @@ def patch_matrix(x, k: int, tag: str, rows: slice | None = None):
     return cols
 
 
+FEW_CHANNELS = 4  # inputs this thin build their patch matrix transposed (see patch_matrix_t)
+
+
+def patch_matrix_t(x, k: int, tag: str, rows: slice | None = None):
+    """The transpose of patch_matrix, (k*k*C, N*R*W), in a scratch buffer: for inputs with few
+    channels, where patch_matrix's copy moves C values at a time (one, for a lightness image)
+    and this one copies whole shifted images row by row; measured 1.5x faster for C = 1."""
+    N, H, W, C = x.shape
+    rows = rows if rows is not None else slice(0, H)
+    R, p = rows.stop - rows.start, k // 2
+    x_pad = pad_rows(x, rows, p, "pad")
+    cols_t = scratch(tag, (k, k, C, N, R, W), x.dtype, x)
+    for i in range(k):
+        for j in range(k):
+            array_module(x).copyto(cols_t[i, j], x_pad[:, i:i + R, j:j + W].transpose(3, 0, 1, 2))
+    return cols_t.reshape(k * k * C, N * R * W)
+
+
 def pixel_rows(a):
     """(n, h, w, c) slice of a fresh contiguous array -> its (n*h*w, c) view, written through."""
     rows = a.reshape(-1, a.shape[-1])
@@ -90,7 +108,10 @@ def forward(x, w, b, relu: bool = False) -> tuple:
 
     def piece(n: slice, y: slice) -> None:
         o = pixel_rows(out[n, y])
-        xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
+        if C <= FEW_CHANNELS and k > 1:
+            xp.matmul(patch_matrix_t(x[n], k, "cols", y).T, w2d, out=o)
+        else:
+            xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
         o += b
         if relu:
             xp.maximum(o, 0, out=o)
@@ -112,7 +133,10 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
 
         def weight_grad_piece(n: slice, y: slice) -> None:
             d = dout[n, y].reshape(-1, F)
-            dw[parallel.slot()] += weight_grad(patch_matrix(x[n], k, "cols", y), d)
+            if C <= FEW_CHANNELS and k > 1:
+                dw[parallel.slot()] += patch_matrix_t(x[n], k, "cols", y) @ d
+            else:
+                dw[parallel.slot()] += weight_grad(patch_matrix(x[n], k, "cols", y), d)
             db[parallel.slot()] += d.sum(axis=0)
 
         parallel.run_pieces(weight_grad_piece, work, dout)
