@@ -225,7 +225,7 @@ def _stores(layer) -> list:
 
 
 def _forward(layers: list, x):
-    fused = fast.fused_block_forward(layers, x)  # Conv + BatchNorm + ReLU in inference as one conv
+    fused = fast.fused_block_forward(layers, x)  # a Conv (+ BatchNorm) + ReLU block as one conv
     if fused is not None:
         return fused
     for layer in layers:

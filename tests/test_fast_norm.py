@@ -158,3 +158,23 @@ def test_textbook_engine_and_training_mode_run_no_fused_block(rng):
     model.eval()
     assert fast.fused_block_forward(block, x) is not None
     assert fast.fused_block_forward(block[:2], x) is None
+
+
+@pytest.mark.parametrize("engine", ["auto", "gemm", "winograd"])
+def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(engine, workers, rng):
+    """Conv + ReLU blocks run as one conv in training too; backward reads the caches it left."""
+    lightness = rng.uniform(-1, 1, (2, 8, 8, 1))
+    d_ab = rng.standard_normal((2, 8, 8, 2))
+    results = []
+    for name in ("im2col", engine):
+        model = ColorNet((4, 16, 16), seed=2, dtype=np.float64)
+        with fast.use_engine(name):
+            ab = model.forward(lightness)
+            model.backward(d_ab)
+        results.append((ab, [layer.grads[k].copy() for layer in model.param_layers for k in ("W", "b")]))
+        fused = name != "im2col"
+        assert all((block[1].cache[0] == "fast") == fused for block, _ in model.down)
+    (ab_ref, grads_ref), (ab, grads) = results
+    np.testing.assert_allclose(ab, ab_ref, rtol=1e-12, atol=1e-13)
+    for got, expected in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)

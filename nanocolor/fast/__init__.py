@@ -11,8 +11,8 @@ One knob picks the engine for the whole process (the layers ask at every forward
                                            on even sizes, "gemm" for the other convs
 
 Every engine but "im2col" also runs max-pool, upsample, ReLU (resample.py), BatchNorm and Concat
-(norm.py) split over the CPU workers, and the U-Net's Conv + BatchNorm + ReLU blocks in inference
-as one conv (norm.fused_block_forward). "auto" takes Winograd for 3x3 convs on even sizes whose
+(norm.py) split over the CPU workers, the U-Net's Conv + BatchNorm + ReLU blocks in inference as
+one conv, and Conv + ReLU blocks with the ReLU in the conv's epilogue (norm.fused_block_forward). "auto" takes Winograd for 3x3 convs on even sizes whose
 channels in and out both reach WINOGRAD_MIN_CHANNELS and with more than a quarter as many
 outputs as inputs (else gemm.py's multiply-then-shift is faster), on the CPU when BLAS runs one
 thread per call (the worker pool of parallel.py hands out its 16 GEMMs): with OpenBLAS threading each call itself, 16 calls per pass
@@ -28,7 +28,8 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     batchnorm2d_forward(bn, x) -> out, batchnorm2d_backward(bn, dout) -> dx (caches and grads in bn);
     concat_forward(a, b) -> out, concat_backward(dout, split) -> (da, db)
     fused_block_forward(layers, x) -> out or None: Conv2d + BatchNorm2d + ReLU in inference as one
-        conv with BatchNorm folded into its weights and the ReLU in its epilogue (norm.py)
+        conv with BatchNorm folded into its weights and the ReLU in its epilogue; Conv2d + ReLU
+        with the ReLU in the epilogue, caches kept for backward (norm.py)
 A cache is a tuple whose first item names the path that made it.
 """
 from __future__ import annotations

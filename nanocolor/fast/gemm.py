@@ -55,7 +55,7 @@ def patch_matrix(x, k: int, tag: str, rows: slice | None = None):
     return cols
 
 
-FEW_CHANNELS = 4  # inputs this thin build their patch matrix transposed (see patch_matrix_t)
+FEW_CHANNELS = 1  # inputs this thin (a lightness image) build their patch matrix transposed (patch_matrix_t)
 
 
 def patch_matrix_t(x, k: int, tag: str, rows: slice | None = None):

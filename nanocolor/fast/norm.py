@@ -8,11 +8,12 @@ its squares about its own mean, combined exactly), then out = x * gamma / std + 
 gamma / std). x_hat is not stored: backward keeps x and recomputes x - mean piece by piece, for
 the sums of dout and dout * x_hat, then for dx, one read of dout and x each time.
 
-Inference (`fused_block_forward`): with the running statistics, BatchNorm is a per-channel
+Blocks (`fused_block_forward`): in inference, with the running statistics, BatchNorm is a per-channel
 affine map, gamma / std * (conv(x) - mean) + beta, which folds into the conv itself (weights
 scaled per output channel, the shift as its bias); the ReLU runs in the GEMM's epilogue on each
 piece of the conv's output. One pass over the output instead of four. With no backward to
-follow, "auto" convolves by Winograd F(4x4, 3x3) there (winograd4.py).
+follow, "auto" convolves by Winograd F(4x4, 3x3) there (winograd4.py). A Conv -> ReLU block
+(the seed autoencoder) gets the ReLU in the epilogue too, in training as well.
 """
 from __future__ import annotations
 
@@ -161,21 +162,29 @@ def concat_backward(dout, split: int) -> tuple:
 
 
 def fused_block_forward(layers: list, x):
-    """Conv2d -> BatchNorm2d (inference) -> ReLU as one conv with folded weights and the ReLU in
-    its epilogue, when `layers` is such a block and the engine is not the textbook "im2col";
-    else None (the caller runs the layers one by one).
+    """A conv block of the network as one conv with the ReLU in its GEMMs' epilogue, when the
+    engine is not the textbook "im2col"; else None (the caller runs the layers one by one):
 
-    The layers keep no caches from this pass (inference has no backward).
+    - Conv2d -> BatchNorm2d in inference -> ReLU (the U-Net): BatchNorm folded into the conv's
+      weights and bias. The layers keep no caches (inference has no backward).
+    - Conv2d -> ReLU (the seed autoencoder), training or not: the conv and the ReLU keep the
+      caches their backward passes read, as if each had run alone.
     """
     from .. import fast  # the package: engine state and conv seam
     from ..layers import BatchNorm2d, Conv2d, ReLU
 
-    if len(layers) != 3 or not fast.enabled():
+    if not fast.enabled() or len(layers) not in (2, 3) or type(layers[0]) is not Conv2d or \
+            type(layers[-1]) is not ReLU:
         return None
-    conv, bn, relu = layers
-    if not (type(conv) is Conv2d and type(bn) is BatchNorm2d and type(relu) is ReLU) or bn.training:
-        return None
+    conv, relu = layers[0], layers[-1]
     w = conv.params["W"]
+    if len(layers) == 2:
+        out, conv.cache = fast.conv2d_forward(x, w, conv.bias, fast.conv2d_path(x, w), relu=True)
+        relu.cache = ("fast", out)
+        return out
+    bn = layers[1]
+    if type(bn) is not BatchNorm2d or bn.training:
+        return None
     scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
     w_folded = w * scale.astype(w.dtype)                  # per output channel (the last axis)
     b_folded = (bn.params["beta"] + (conv.bias - bn.buffers["running_mean"]) * scale).astype(w.dtype)
