@@ -8,8 +8,6 @@ import re
 import signal
 import struct
 import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -542,69 +540,40 @@ def test_sigint_and_sigterm_at_chosen_moments_then_resume_is_bit_identical(tmp_p
     assert_same_arrays(checkpoint_arrays(split), checkpoint_arrays(straight))
 
 
-# Runs the script named by argv[1] with every fsync 20 ms slower (a slow disk).
-SLOW_FSYNC = ("import os, runpy, sys, time; fsync = os.fsync; "
-              "os.fsync = lambda fd: (time.sleep(0.02), fsync(fd))[1]; sys.argv = sys.argv[1:]; "
-              "runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
-def _poll_and_kill(proc: subprocess.Popen, run: Path, rnd: random.Random, during_save: bool) -> None:
-    """SIGKILL `proc` at a random moment of training, or as soon as a checkpoint temp file shows up.
-
-    Random moments count from this process's first checkpoint save, so a slow, loaded machine
-    still sees kills spread over the epochs rather than all during start-up.
-    """
-    if not during_save:
-        checkpoint = run / "checkpoint.npz"
-        stamp = lambda: checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
-        before, deadline = stamp(), time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None and stamp() == before:
-            time.sleep(0.01)
-        time.sleep(rnd.uniform(0.0, 1.2))
-    else:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and proc.poll() is None:
-            if run.is_dir() and any(run.glob(".checkpoint.npz.*.tmp")):
-                break
-    proc.kill()
-    proc.wait()
-
-
-@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path, photo_folder):
-    """The randomized stress variant of test_sigkill_at_chosen_moments...: its moments are
-    wall-clock times, so what it covers depends on the machine's speed."""
+    """The randomized variant of test_sigkill_at_chosen_moments...: 16 kills at moments drawn from
+    a seeded generator, each delivered by the trainer's hook (or just before a checkpoint rename),
+    so the moments are the same on any machine, however fast."""
     run = tmp_path / "run"
-    common = ["--data", photo_folder, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet"]
+    common = ["--data", photo_folder, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet",
+              "--epochs", "1000"]  # 5 steps an epoch
     rnd = random.Random(1)
-    kills, mid_save, epochs_seen = 0, 0, []
+    positions = []
     for attempt in range(16):
-        during_save = attempt % 2 == 1
-        where = ["--resume", run] if (run / "checkpoint.npz").exists() else ["--out", run]
-        cmd = train_cmd(*common, *where, "--epochs", "1000")
-        if during_save:  # widen the window between writing a temp file and renaming it, whatever the disk
-            cmd[1:2] = ["-c", SLOW_FSYNC, cmd[1]]
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=script_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        _poll_and_kill(proc, run, rnd, during_save)
-        kills += proc.returncode == -signal.SIGKILL
-        leftovers = list(run.glob(".checkpoint.npz.*.tmp")) if run.is_dir() else []
-        mid_save += bool(leftovers)  # the kill landed between writing the temp file and renaming it
-        for leftover in leftovers:
-            leftover.unlink()  # so that the next kill's leftover is counted afresh
-        if (run / "checkpoint.npz").exists():
-            arrays, meta = load_npz(run / "checkpoint.npz", kinds=("checkpoint",))  # checksum verified
-            ColorNet((4, 8)).load_state_arrays(arrays, source="checkpoint")
-            epochs_seen.append(meta["epoch"])
-        if (run / "model.npz").exists():
+        before = checkpoint_position(run)
+        epoch = before[0] if before else 0
+        where = ["--resume", run] if before else ["--out", run]
+        during_save = rnd.random() < 0.5
+        if during_save:  # inside the first checkpoint save, before its rename: the old one remains
+            result = train_with_signal(*common, *where, cwd=tmp_path, at_rename="1,SIGKILL")
+            expected = before
+        else:  # in epoch epoch + ahead, before its step `step`: the epochs before it are saved
+            ahead, step = rnd.randint(1, 3), rnd.randint(0, 4)
+            result = train_with_signal(*common, *where, cwd=tmp_path, at=f"{epoch + ahead},{step},SIGKILL")
+            expected = (epoch + ahead - 1, 0) if before or ahead > 1 else None
+        assert result.returncode == -signal.SIGKILL, result.stderr
+        leftovers = list(run.glob(".checkpoint.npz.*.tmp"))
+        assert len(leftovers) == during_save, leftovers  # exactly the kills inside a save left one
+        position = checkpoint_position(run)  # checksum verified
+        assert position == expected, (attempt, before, position)
+        if position:
             ColorNet.load(run / "model.npz")
-    print(f"SIGKILL: {kills} kills, {mid_save} during a checkpoint write, epochs {epochs_seen}")
-    assert kills == 16 and mid_save >= 3, (kills, mid_save)
-    assert epochs_seen == sorted(epochs_seen) and epochs_seen[-1] > 0  # never went backwards
-    result = run_train(*common, "--resume", run, "--epochs", epochs_seen[-1] + 2, cwd=tmp_path)
+            positions.append(position)
+    assert positions == sorted(positions) and positions[-1][0] > 0  # never went backwards
+    last = positions[-1][0]
+    result = run_train(*common[:-2], "--resume", run, "--epochs", last + 2, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    _, meta = load_npz(run / "checkpoint.npz")
-    assert meta["epoch"] == epochs_seen[-1] + 2 and meta["step"] == 0
+    assert checkpoint_position(run) == (last + 2, 0) and not list(run.glob(".checkpoint.npz.*.tmp"))
 
 
 def test_resume_is_bit_identical_to_training_in_one_go(tmp_path, photo_folder):
@@ -641,54 +610,36 @@ def test_resume_after_a_mid_epoch_interrupt_is_bit_identical(tmp_path, photo_fol
     assert_same_arrays(checkpoint_arrays(split), checkpoint_arrays(straight))
 
 
-def _wait_for_mid_epoch(log: Path, proc: subprocess.Popen) -> None:
-    """Until train.py's progress bar (in its stderr file `log`) shows an epoch well under way."""
-    while proc.poll() is None:
-        bars = re.findall(r"epoch \d+/\d+: .*?\| *(\d+)/(\d+) \[", log.read_text(errors="replace"))
-        if bars and 1 <= int(bars[-1][0]) <= int(bars[-1][1]) - 12:
-            return
-        time.sleep(0.005)
-
-
-@pytest.mark.slow
-def test_sigint_and_sigterm_at_random_moments_then_resume_is_bit_identical(tmp_path):
-    """Real signals at random times, each answered by a saved checkpoint, a one-line message and
-    exit 130; the resumed run ends with exactly the weights of an uninterrupted one. The stress
-    variant of test_sigint_and_sigterm_at_chosen_moments...: it needs a machine slow enough for
-    its sleeps to land inside the run."""
-    photos = make_photos(tmp_path / "photos", 80, size=16)
-    common = ["--data", photos, "--size", "32", "--batch-size", "2", "--widths", "8,16",
-              "--epochs", "5"]  # 36 steps an epoch
+def test_sigint_and_sigterm_at_random_moments_then_resume_is_bit_identical(tmp_path, photo_folder):
+    """The randomized variant of test_sigint_and_sigterm_at_chosen_moments...: eight stops at
+    moments drawn from a seeded generator (a step of an epoch ahead, or a checkpoint save), each
+    one line and exit 130 with the checkpoint at exactly that moment; the resumed run ends with
+    the weights of an uninterrupted one. The moments are the same on any machine."""
+    common = ["--data", photo_folder, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--quiet",
+              "--seed", "4", "--epochs", "12"]  # 5 steps an epoch
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_train(*common, "--out", straight, "--quiet", cwd=tmp_path).returncode == 0
+    assert run_train(*common, "--out", straight, cwd=tmp_path).returncode == 0
     rnd = random.Random(2)
-    stops, mid_epoch, log = 0, 0, tmp_path / "stderr.txt"
-    for attempt in range(6):
+    for _ in range(8):
+        before = checkpoint_position(split) or (0, 0)
         where = ["--resume", split] if (split / "checkpoint.npz").exists() else ["--out", split]
-        with open(log, "w") as stderr_file:
-            proc = subprocess.Popen(train_cmd(*common, *where), cwd=tmp_path, env=script_env(),
-                                    stdout=subprocess.DEVNULL, stderr=stderr_file)
-            while log.stat().st_size == 0 and proc.poll() is None:
-                time.sleep(0.01)  # until the first progress bar: train.py's main is running
-            if attempt % 2:
-                _wait_for_mid_epoch(log, proc)
-            else:
-                time.sleep(rnd.uniform(0.0, 0.3))  # anywhere from loading the photos to saving
-            proc.send_signal(signal.SIGINT if attempt % 2 else signal.SIGTERM)
-            proc.wait(timeout=60)
-        stderr = log.read_text()
-        finished = (split / "checkpoint.npz").exists() and load_npz(split / "checkpoint.npz")[1]["epoch"] == 5
-        if proc.returncode == 0 or finished:
-            break  # finished (a signal after the last save finds nothing left to do)
-        assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-        messages = [line for line in stderr.splitlines()
-                    if line.startswith("train.py:") and not line.startswith("train.py: warning:")]
-        assert len(messages) == 1 and "interrupted" in messages[0], stderr
-        stops += 1
-        if (split / "checkpoint.npz").exists():
-            mid_epoch += load_npz(split / "checkpoint.npz")[1]["step"] > 0
-    else:
-        assert run_train(*common, "--resume", split, "--quiet", cwd=tmp_path).returncode == 0
-    print(f"signals: {stops} stops, {mid_epoch} mid-epoch checkpoints")
-    assert stops >= 2 and mid_epoch >= 1, (stops, mid_epoch)
+        name = rnd.choice(["SIGINT", "SIGTERM"])
+        if rnd.random() < 0.25:  # during the next checkpoint save
+            moment, position = {"at_rename": f"1,{name}"}, (before[0] + 1, 0)
+            message = f"interrupted after epoch {before[0] + 1};"
+        else:  # before step `step` of epoch `epoch` (1-based), at or after where the run stands
+            epoch = before[0] + rnd.randint(1, 2)
+            low = before[1] + 1 if epoch == before[0] + 1 else 0
+            if low > 4:  # the run stands at its epoch's last step: the next epoch it is
+                epoch, low = epoch + 1, 0
+            step = rnd.randint(low, 4)
+            moment, position = {"at": f"{epoch},{step},{name}"}, (epoch - 1, step)
+            message = f"interrupted at epoch {epoch}, step {step};"
+        result = train_with_signal(*common, *where, cwd=tmp_path, **moment)
+        assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and message in lines[0], (moment, result.stderr)
+        assert checkpoint_position(split) == position, moment
+    assert run_train(*common, "--resume", split, cwd=tmp_path).returncode == 0
+    assert checkpoint_position(split) == (12, 0)
     assert_same_arrays(checkpoint_arrays(split), checkpoint_arrays(straight))
