@@ -84,14 +84,18 @@ class ColorNet:
         self.to_device()
 
     def train(self) -> "ColorNet":
-        """Training mode: BatchNorm normalizes with each batch's statistics and updates its running ones."""
+        """Training mode: forward keeps what backward needs; BatchNorm normalizes with each
+        batch's statistics and updates its running ones."""
+        self.training = True
         for layer in self.layers:
             if isinstance(layer, BatchNorm2d):
                 layer.training = True
         return self
 
     def eval(self) -> "ColorNet":
-        """Inference mode (the default): BatchNorm uses its running statistics."""
+        """Inference mode (the default): BatchNorm uses its running statistics, and forward keeps
+        nothing for a backward, so the fast engine may take forward-only paths (Winograd F(4x4, 3x3))."""
+        self.training = False
         for layer in self.layers:
             if isinstance(layer, BatchNorm2d):
                 layer.training = False
@@ -122,22 +126,27 @@ class ColorNet:
         f = self.downsample_factor
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
+        inference = not self.training
         x, skips = lightness, []
         for block, pool in self.down:
-            x = _forward(block, x)
+            x = _forward(block, x, inference)
             skips.append(x)  # the U-Net's decoder reads it again at this size
             x = pool.forward(x)
-        x = _forward(self.bottleneck, x)
+        x = _forward(self.bottleneck, x, inference)
         for (block, up, cat), skip in zip(self.up, reversed(skips)):
-            x = up.forward(_forward(block, x))
+            x = up.forward(_forward(block, x, inference))
             if cat:
                 x = cat.forward(x, skip)
-        return _forward(self.head, x)
+        return _forward(self.head, x, inference)
 
     __call__ = forward
 
     def backward(self, d_ab) -> None:
-        """Backpropagate dloss/d(ab) (N, H, W, 2); fills every layer's grads."""
+        """Backpropagate dloss/d(ab) (N, H, W, 2) through the last forward pass, which ran in
+        training mode (`train()`); fills every layer's grads."""
+        if not self.training:
+            raise RuntimeError("backward needs a forward pass in training mode: call model.train() first "
+                               "(in eval mode forward keeps nothing for a backward)")
         d, d_skips = _backward(self.head, d_ab), []
         for block, up, cat in reversed(self.up):
             if cat:
@@ -224,8 +233,8 @@ def _stores(layer) -> list:
     return [layer.params] + ([layer.buffers] if hasattr(layer, "buffers") else [])
 
 
-def _forward(layers: list, x):
-    fused = fast.fused_block_forward(layers, x)  # a Conv (+ BatchNorm) + ReLU block as one conv
+def _forward(layers: list, x, inference: bool):
+    fused = fast.fused_block_forward(layers, x, inference)  # a Conv (+ BatchNorm) + ReLU block as one conv
     if fused is not None:
         return fused
     for layer in layers:

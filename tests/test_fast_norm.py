@@ -126,8 +126,8 @@ def test_unet_inference_with_folded_batchnorm_matches_textbook(engine, dtype, to
     fused_blocks, paths = [], []
     original, original_path = norm.fused_block_forward, fast.inference_conv_path
 
-    def counting(layers, x):
-        out = original(layers, x)
+    def counting(layers, x, inference):
+        out = original(layers, x, inference)
         fused_blocks.append(out is not None)
         return out
 
@@ -167,7 +167,7 @@ def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(e
     d_ab = rng.standard_normal((2, 8, 8, 2))
     results = []
     for name in ("im2col", engine):
-        model = ColorNet((4, 16, 16), seed=2, dtype=np.float64)
+        model = ColorNet((4, 16, 16), seed=2, dtype=np.float64).train()
         with fast.use_engine(name):
             ab = model.forward(lightness)
             model.backward(d_ab)
@@ -178,3 +178,28 @@ def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(e
     np.testing.assert_allclose(ab, ab_ref, rtol=1e-12, atol=1e-13)
     for got, expected in zip(grads, grads_ref):
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_seed_autoencoder_inference_takes_forward_only_paths_and_matches_textbook(dtype, tol, workers, rng,
+                                                                                   monkeypatch):
+    """In eval mode a Conv + ReLU block keeps no caches and may convolve by Winograd F(4x4, 3x3)."""
+    lightness = rng.uniform(-1, 1, (3, 16, 16, 1)).astype(dtype)
+    model = ColorNet((4, 16, 16), seed=2, dtype=dtype)  # eval mode, as a model starts
+    with fast.use_engine("im2col"):
+        expected = model.forward(lightness)
+    paths, original_path = [], fast.inference_conv_path
+
+    def path(x, w):
+        paths.append(original_path(x, w))
+        return paths[-1]
+
+    monkeypatch.setattr(fast, "inference_conv_path", path)
+    got = model.forward(lightness)
+    assert len(paths) == 5  # every Conv + ReLU block (2 down, bottleneck, 2 up); the head is none
+    if parallel.blas_single_threaded():
+        assert "winograd4" in paths  # 16 -> 16 at 4x4 and 8x8
+    assert all(block[0].cache is None and block[1].cache is None for block, _ in model.down)
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < tol
+    with pytest.raises(RuntimeError, match="model.train"):
+        model.backward(np.ones_like(got))

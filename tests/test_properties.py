@@ -130,7 +130,7 @@ def test_resampling_and_activation_shapes(shape, kind):
 @FEW
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.integers(1, 2), st.integers(1, 3), st.integers(1, 3))
 def test_colornet_shapes_for_odd_multiples_of_its_factor(widths, batch, h_odd, w_odd):
-    model = ColorNet(tuple(widths), seed=0)
+    model = ColorNet(tuple(widths), seed=0).train()
     f = model.downsample_factor
     H, W = f * (2 * h_odd - 1), f * (2 * w_odd - 1)
     lightness = np.random.default_rng(3).uniform(-1, 1, (batch, H, W, 1)).astype(np.float32)

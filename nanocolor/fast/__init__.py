@@ -27,9 +27,10 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     likewise upsample2d_* and relu_*
     batchnorm2d_forward(bn, x) -> out, batchnorm2d_backward(bn, dout) -> dx (caches and grads in bn);
     concat_forward(a, b) -> out, concat_backward(dout, split) -> (da, db)
-    fused_block_forward(layers, x) -> out or None: Conv2d + BatchNorm2d + ReLU in inference as one
-        conv with BatchNorm folded into its weights and the ReLU in its epilogue; Conv2d + ReLU
-        with the ReLU in the epilogue, caches kept for backward (norm.py)
+    fused_block_forward(layers, x, inference) -> out or None: Conv2d + BatchNorm2d + ReLU in
+        inference as one conv with BatchNorm folded into its weights and the ReLU in its epilogue;
+        Conv2d + ReLU with the ReLU in the epilogue, caches kept for backward unless `inference`
+        (norm.py)
 A cache is a tuple whose first item names the path that made it.
 """
 from __future__ import annotations

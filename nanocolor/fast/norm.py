@@ -13,7 +13,8 @@ affine map, gamma / std * (conv(x) - mean) + beta, which folds into the conv its
 scaled per output channel, the shift as its bias); the ReLU runs in the GEMM's epilogue on each
 piece of the conv's output. One pass over the output instead of four. With no backward to
 follow, "auto" convolves by Winograd F(4x4, 3x3) there (winograd4.py). A Conv -> ReLU block
-(the seed autoencoder) gets the ReLU in the epilogue too, in training as well.
+(the seed autoencoder) gets the ReLU in the epilogue too: in training with the caches its
+backward reads, in inference with Winograd F(4x4, 3x3) as well.
 """
 from __future__ import annotations
 
@@ -161,14 +162,15 @@ def concat_backward(dout, split: int) -> tuple:
     return dout[..., :split], dout[..., split:]
 
 
-def fused_block_forward(layers: list, x):
+def fused_block_forward(layers: list, x, inference: bool = False):
     """A conv block of the network as one conv with the ReLU in its GEMMs' epilogue, when the
     engine is not the textbook "im2col"; else None (the caller runs the layers one by one):
 
     - Conv2d -> BatchNorm2d in inference -> ReLU (the U-Net): BatchNorm folded into the conv's
-      weights and bias. The layers keep no caches (inference has no backward).
-    - Conv2d -> ReLU (the seed autoencoder), training or not: the conv and the ReLU keep the
-      caches their backward passes read, as if each had run alone.
+      weights and bias.
+    - Conv2d -> ReLU (the seed autoencoder): the conv and the ReLU keep the caches their backward
+      passes read, as if each had run alone; with `inference` (no backward follows), none.
+    With no backward to follow, the conv may take a forward-only path (inference_conv_path).
     """
     from .. import fast  # the package: engine state and conv seam
     from ..layers import BatchNorm2d, Conv2d, ReLU
@@ -177,17 +179,19 @@ def fused_block_forward(layers: list, x):
             type(layers[-1]) is not ReLU:
         return None
     conv, relu = layers[0], layers[-1]
-    w = conv.params["W"]
-    if len(layers) == 2:
-        out, conv.cache = fast.conv2d_forward(x, w, conv.bias, fast.conv2d_path(x, w), relu=True)
-        relu.cache = ("fast", out)
+    w, b = conv.params["W"], conv.bias
+    if len(layers) == 3:
+        bn = layers[1]
+        if type(bn) is not BatchNorm2d or bn.training:
+            return None
+        scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
+        w = w * scale.astype(w.dtype)                    # per output channel (the last axis)
+        b = (bn.params["beta"] + (b - bn.buffers["running_mean"]) * scale).astype(w.dtype)
+        inference = True
+    if inference:
+        out, _ = fast.conv2d_forward(x, w, b, fast.inference_conv_path(x, w), relu=True)
+        conv.cache = relu.cache = None  # nothing for a backward
         return out
-    bn = layers[1]
-    if type(bn) is not BatchNorm2d or bn.training:
-        return None
-    scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
-    w_folded = w * scale.astype(w.dtype)                  # per output channel (the last axis)
-    b_folded = (bn.params["beta"] + (conv.bias - bn.buffers["running_mean"]) * scale).astype(w.dtype)
-    path = fast.inference_conv_path(x, w_folded)
-    out, _ = fast.conv2d_forward(x, w_folded, b_folded, path, relu=True)
+    out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)
+    relu.cache = ("fast", out)
     return out
