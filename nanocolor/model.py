@@ -243,6 +243,8 @@ def _forward(layers: list, x, inference: bool):
 
 
 def _backward(layers: list, d):
+    if fast.fused_in_training(layers):  # Conv + BatchNorm + ReLU ran as one: so does its backward
+        return fast.fused_block_backward(layers, d)
     for layer in reversed(layers):
         d = layer.backward(d)
     return d

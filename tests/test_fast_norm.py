@@ -147,17 +147,39 @@ def test_unet_inference_with_folded_batchnorm_matches_textbook(engine, dtype, to
     assert np.abs(got - expected).max() * 127.5 < 0.5  # the same 8-bit colors
 
 
-def test_textbook_engine_and_training_mode_run_no_fused_block(rng):
+def test_textbook_engine_runs_no_fused_block(rng):
     model = unet_with_statistics(np.float64)
     block = model.bottleneck
     x = rng.standard_normal((1, 4, 4, 16))
-    with fast.use_engine("im2col"):
-        assert fast.fused_block_forward(block, x) is None
-    model.train()
-    assert fast.fused_block_forward(block, x) is None
-    model.eval()
-    assert fast.fused_block_forward(block, x) is not None
-    assert fast.fused_block_forward(block[:2], x) is None
+    for mode in (model.train, model.eval):
+        mode()
+        with fast.use_engine("im2col"):
+            assert fast.fused_block_forward(block, x, False) is None
+        assert fast.fused_block_forward(block, x, False) is not None
+    assert fast.fused_block_forward(block[:2], x, False) is None
+
+
+@pytest.mark.parametrize("engine", ["auto", "gemm", "winograd"])
+def test_unet_step_with_relu_in_the_batchnorm_pass_matches_textbook(engine, workers, rng):
+    """In training a Conv + BatchNorm + ReLU block runs the ReLU inside BatchNorm's normalizing
+    pass, and its backward passes the gradient through the ReLU inside BatchNorm's backward."""
+    lightness = rng.uniform(-1, 1, (2, 8, 8, 1))
+    d_ab = rng.standard_normal((2, 8, 8, 2))
+    results = []
+    for name in ("im2col", engine):
+        model = unet_with_statistics(np.float64).train()
+        with fast.use_engine(name):
+            ab = model.forward(lightness)
+            assert all(fast.fused_in_training(block) == (name != "im2col") for block, _ in model.down)
+            model.backward(d_ab)
+        results.append((ab, [layer.grads[k].copy() for layer in model.param_layers for k in layer.params],
+                        [layer.buffers["running_var"].copy() for layer in model.layers if isinstance(layer, BatchNorm2d)]))
+    (ab_ref, grads_ref, stats_ref), (ab, grads, stats) = results
+    relu_outputs = [block[1].cache[5] for block, _ in model.down]  # the fused run's ReLU outputs
+    assert all((r == 0).any() and (r > 0).any() for r in relu_outputs)  # the mask matters
+    np.testing.assert_allclose(ab, ab_ref, rtol=1e-12, atol=1e-13)
+    for got, expected in zip(grads + stats, grads_ref + stats_ref):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("engine", ["auto", "gemm", "winograd"])

@@ -11,12 +11,13 @@ One knob picks the engine for the whole process (the layers ask at every forward
                                            on even sizes, "gemm" for the other convs
 
 Every engine but "im2col" also runs max-pool, upsample, ReLU (resample.py), BatchNorm and Concat
-(norm.py) split over the CPU workers, the U-Net's Conv + BatchNorm + ReLU blocks in inference as
-one conv, and Conv + ReLU blocks with the ReLU in the conv's epilogue (norm.fused_block_forward). "auto" takes Winograd for 3x3 convs on even sizes whose
+(norm.py) split over the CPU workers, and a network's Conv (+ BatchNorm) + ReLU blocks in fewer
+passes (norm.fused_block_forward). "auto" takes Winograd for 3x3 convs on even sizes whose
 channels in and out both reach WINOGRAD_MIN_CHANNELS and with more than a quarter as many
 outputs as inputs (else gemm.py's multiply-then-shift is faster), on the CPU when BLAS runs one
-thread per call (the worker pool of parallel.py hands out its 16 GEMMs): with OpenBLAS threading each call itself, 16 calls per pass
-wait 16 times for a descheduled thread when other processes share the cores.
+thread per call (the worker pool of parallel.py hands out its 16 GEMMs): with OpenBLAS threading
+each call itself, 16 calls per pass wait 16 times for a descheduled thread when other processes
+share the cores.
 
 The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F); b (F,)):
     conv2d_path(x, w)                             -> "im2col" | "gemm" | "winograd"
@@ -25,12 +26,16 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
     maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
     likewise upsample2d_* and relu_*
-    batchnorm2d_forward(bn, x) -> out, batchnorm2d_backward(bn, dout) -> dx (caches and grads in bn);
+    batchnorm2d_forward(bn, x, relu) -> out, batchnorm2d_backward(bn, dout) -> dx (caches and grads
+        in bn; with relu, max(out, 0) in the same pass and dout is the ReLU's output gradient);
     concat_forward(a, b) -> out, concat_backward(dout, split) -> (da, db)
-    fused_block_forward(layers, x, inference) -> out or None: Conv2d + BatchNorm2d + ReLU in
-        inference as one conv with BatchNorm folded into its weights and the ReLU in its epilogue;
-        Conv2d + ReLU with the ReLU in the epilogue, caches kept for backward unless `inference`
-        (norm.py)
+    fused_block_forward(layers, x, inference) -> out or None (norm.py): a network block as fewer
+        passes. Conv2d + BatchNorm2d + ReLU: in inference one conv with BatchNorm folded into its
+        weights and the ReLU in its epilogue; in training the conv, then BatchNorm with the ReLU
+        in its pass. Conv2d + ReLU: the ReLU in the conv's epilogue, caches kept for backward
+        unless `inference`.
+    fused_in_training(layers) -> bool, fused_block_backward(layers, dout) -> the conv's dx: the
+        backward of a Conv2d + BatchNorm2d + ReLU block that fused_block_forward ran in training
 A cache is a tuple whose first item names the path that made it.
 """
 from __future__ import annotations
@@ -42,7 +47,7 @@ import numpy as np
 
 from . import gemm, parallel, winograd, winograd4
 from .norm import (batchnorm2d_backward, batchnorm2d_forward, concat_backward, concat_forward,  # noqa: F401
-                   fused_block_forward)
+                   fused_block_backward, fused_block_forward, fused_in_training)
 from .resample import (maxpool2d_backward, maxpool2d_forward, relu_backward, relu_forward,  # noqa: F401
                        upsample2d_backward, upsample2d_forward)
 

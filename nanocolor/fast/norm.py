@@ -38,9 +38,11 @@ def _column_sums(rows, xp):
     return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
 
 
-def batchnorm2d_forward(bn, x):
+def batchnorm2d_forward(bn, x, relu: bool = False):
     """BatchNorm2d.forward of the fast engine: x (N, H, W, C) -> (N, H, W, C); sets bn.cache and,
-    in training, bn's running statistics, as the textbook layer does.
+    in training, bn's running statistics, as the textbook layer does. With `relu`, max(out, 0)
+    in the same pass (the ReLU that follows in a block), and backward takes the gradient of
+    that ReLU's output.
 
     The batch statistics come from one read of x: each piece's sum s_i and its squares about its
     own mean q_i (n_i pixels), combined exactly as sum((x - mean)^2) = sum_i q_i + n_i (s_i / n_i - mean)^2.
@@ -58,6 +60,8 @@ def batchnorm2d_forward(bn, x):
             o = out[n, y]
             xp.multiply(x[n, y], scale, out=o)
             o += shift
+            if relu:
+                xp.maximum(o, 0, out=o)
 
         parallel.run_pieces(affine, work, x)
         bn.cache = ("eval",)
@@ -91,19 +95,23 @@ def batchnorm2d_forward(bn, x):
         o = out[n, y]
         xp.multiply(x[n, y], scale, out=o)
         o += shift
+        if relu:
+            xp.maximum(o, 0, out=o)
 
     parallel.run_pieces(normalize, work, x)
     m = bn.momentum  # the running variance is the unbiased estimate, as PyTorch keeps it
     bn.buffers["running_mean"] = (1 - m) * bn.buffers["running_mean"] + m * mean
     bn.buffers["running_var"] = (1 - m) * bn.buffers["running_var"] + m * var * (P / max(P - 1, 1))
-    bn.cache = ("fast", x, mean, inv_std, P)  # x, not x_hat: backward recomputes x_hat piece by piece
+    # x, not x_hat: backward recomputes x_hat piece by piece; with the ReLU, its output for the mask
+    bn.cache = ("fast", x, mean, inv_std, P, out if relu else None)
     return out
 
 
 def batchnorm2d_backward(bn, dout):
-    """BatchNorm2d.backward of the fast engine: dout (N, H, W, C) -> dx; fills bn.grads."""
+    """BatchNorm2d.backward of the fast engine: dout (N, H, W, C) -> dx; fills bn.grads. After a
+    forward with `relu`, dout is the gradient of the ReLU's output: it passes where that was positive."""
     xp = array_module(dout)
-    _, x, mean, inv_std, P = bn.cache
+    _, x, mean, inv_std, P, relu_out = bn.cache
     C = dout.shape[-1]
     dx = xp.empty_like(dout)
     work = _pieces(dout)
@@ -114,8 +122,15 @@ def batchnorm2d_backward(bn, dout):
         rows = x[n, y].reshape(-1, C)
         return xp.subtract(rows, mean, out=scratch("bn", rows.shape, x.dtype, x))
 
+    def d_piece(n: slice, y: slice):
+        """dout of one piece, (pixels, C), through the ReLU when there is one (then in scratch)."""
+        if relu_out is None:
+            return dout[n, y].reshape(-1, C)
+        d = scratch("bn_d", (dout[n, y].size // C, C), dout.dtype, dout)
+        return xp.multiply(dout[n, y].reshape(-1, C), relu_out[n, y].reshape(-1, C) > 0, out=d)
+
     def sums(n: slice, y: slice) -> None:
-        d = dout[n, y].reshape(-1, C)
+        d = d_piece(n, y)
         i = parallel.slot()
         partial[0, i] += _column_sums(d, xp)
         t = centred(n, y)
@@ -133,7 +148,7 @@ def batchnorm2d_backward(bn, dout):
         g = dx[n, y]
         t = centred(n, y)
         t *= a
-        xp.subtract(dout[n, y], t.reshape(g.shape), out=g)
+        xp.subtract(d_piece(n, y).reshape(g.shape), t.reshape(g.shape), out=g)
         g -= c
         g *= scale
 
@@ -182,8 +197,12 @@ def fused_block_forward(layers: list, x, inference: bool = False):
     w, b = conv.params["W"], conv.bias
     if len(layers) == 3:
         bn = layers[1]
-        if type(bn) is not BatchNorm2d or bn.training:
+        if type(bn) is not BatchNorm2d:
             return None
+        if bn.training:  # the ReLU in BatchNorm's normalizing pass; fused_block_backward undoes both
+            out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w))
+            relu.cache = None
+            return batchnorm2d_forward(bn, out, relu=True)
         scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
         w = w * scale.astype(w.dtype)                    # per output channel (the last axis)
         b = (bn.params["beta"] + (b - bn.buffers["running_mean"]) * scale).astype(w.dtype)
@@ -195,3 +214,18 @@ def fused_block_forward(layers: list, x, inference: bool = False):
     out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)
     relu.cache = ("fast", out)
     return out
+
+
+
+def fused_in_training(layers: list) -> bool:
+    """Whether the last forward of this block was fused_block_forward's Conv2d + BatchNorm2d + ReLU
+    in training (the ReLU inside BatchNorm's pass): then fused_block_backward must run its backward."""
+    bn_cache = getattr(layers[1], "cache", None) if len(layers) == 3 else None
+    return isinstance(bn_cache, tuple) and bn_cache[0] == "fast" and bn_cache[5] is not None
+
+
+def fused_block_backward(layers: list, dout):
+    """Backward of a block for which fused_in_training holds: dout (N, H, W, F) of the ReLU's output
+    -> the conv's dx (None without input_grad); fills the conv's and BatchNorm's grads."""
+    conv, bn, _ = layers
+    return conv.backward(batchnorm2d_backward(bn, dout))
