@@ -22,6 +22,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
+from .gemm import column_sums
 from .workspace import scratch
 
 
@@ -30,12 +31,6 @@ def _pieces(x):
     made over one piece after its first read find it in cache."""
     N, H, W, C = x.shape
     return parallel.pieces(N, H, W, x, target=max(1, (1 << 18) // (C * x.itemsize)))
-
-
-def _column_sums(rows, xp):
-    """(P, C) -> (C,) sums over the rows, as a matrix-vector product: several times faster than
-    rows.sum(axis=0), which walks the rows one by one (and than einsum for products summed)."""
-    return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
 
 
 def batchnorm2d_forward(bn, x, relu: bool = False):
@@ -73,9 +68,9 @@ def batchnorm2d_forward(bn, x, relu: bool = False):
     def statistics(i: int) -> None:
         n, y = work[i]
         rows = x[n, y].reshape(-1, C)
-        sums[i] = _column_sums(rows, xp)
+        sums[i] = column_sums(rows)
         d = xp.subtract(rows, sums[i] / counts[i], out=scratch("bn", rows.shape, x.dtype, x))
-        squares[i] = _column_sums(xp.multiply(d, d, out=d), xp)
+        squares[i] = column_sums(xp.multiply(d, d, out=d))
 
     if isinstance(x, np.ndarray):
         parallel.run(statistics, len(work))
@@ -132,9 +127,9 @@ def batchnorm2d_backward(bn, dout):
     def sums(n: slice, y: slice) -> None:
         d = d_piece(n, y)
         i = parallel.slot()
-        partial[0, i] += _column_sums(d, xp)
+        partial[0, i] += column_sums(d)
         t = centred(n, y)
-        partial[1, i] += _column_sums(xp.multiply(t, d, out=t), xp)
+        partial[1, i] += column_sums(xp.multiply(t, d, out=t))
 
     parallel.run_pieces(sums, work, dout)
     dbeta, d_centred = partial.sum(axis=1)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
+from .gemm import column_sums
 from .workspace import scratch
 
 # F(2x2, 3x3) matrices: input transform B^T (4x4), filter transform G (4x3), output transform A^T (2x4).
@@ -316,7 +317,7 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
         dM = output_transform_adjoint(dout[n], out=scratch("wino_M", (16, V.shape[1], F), dout.dtype, dout),
                                       work=scratch("wino_work", (4, 2, N_, th, tw, F), dout.dtype, dout))
         i = parallel.slot()
-        db[i] += dM[5].sum(axis=0)  # dM at (1, 1) is each tile's sum of its 4 pixels
+        db[i] += column_sums(dM[5])  # dM at (1, 1) is each tile's sum of its 4 pixels
         dU_q = scratch("wino_dU", (C, F), dout.dtype, dout)
         for q in range(16):
             dU[i, q] += xp.matmul(V[q].T, dM[q], out=dU_q)
