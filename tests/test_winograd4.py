@@ -44,6 +44,14 @@ def test_float32_error_against_the_float64_reference(shape, c_out, use_workers, 
     assert np.abs(got - expected).max() < 2e-4
 
 
+@pytest.mark.parametrize("c_in,c_out", [(3, 5), (64, 512)])  # one piece, and one per worker
+def test_filter_transform_is_g_w_g_transposed(c_in, c_out, use_workers, rng):
+    use_workers(2)
+    w = rng.standard_normal((3, 3, c_in, c_out))
+    expected = np.einsum("ai,ijcf,bj->abcf", winograd4.G, w, winograd4.G).reshape(36, c_in, c_out)
+    np.testing.assert_allclose(winograd4.filter_transform(w), expected, rtol=1e-13, atol=1e-13)
+
+
 def test_same_result_with_one_worker_or_several(use_workers, rng):
     conv = make_conv(8, 16, 3)
     x = rng.standard_normal((3, 16, 12, 8))
