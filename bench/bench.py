@@ -571,10 +571,25 @@ def machine_description(device: str) -> str:
     return text
 
 
+def _median(values) -> float | None:
+    """The median of numbers; None when a measurement was unavailable (RSS off Linux without psutil)."""
+    values = list(values)
+    return None if None in values else statistics.median(values)
+
+
 def benchmark_config(config: str, args, gemm: dict, net: str = "reference") -> dict:
     height, width, batch = parse_config(config)
     worst, adam_diff, eval_diff = parity_or_abort(height, width, batch, args.device, args.threads, net)
-    ours, theirs = spawn("nanocolor", config, args, net), spawn("torch", config, args, net)
+    # Rounds alternate which side runs first, and each round's ratio compares two runs minutes
+    # apart at most: a machine whose speed drifts (a shared host) moves both sides of a ratio.
+    rounds = []
+    for r in range(args.rounds):
+        sides = ("nanocolor", "torch") if r % 2 == 0 else ("torch", "nanocolor")
+        runs = {side: spawn(side, config, args, net) for side in sides}
+        rounds.append((runs["nanocolor"], runs["torch"]))
+    train_ratios = [theirs["train_s"] / ours["train_s"] for ours, theirs in rounds]
+    infer_ratios = [theirs["infer_s"] / ours["infer_s"] for ours, theirs in rounds]
+    ours, theirs = ({key: _median(run[side][key] for run in rounds) for key in rounds[0][side]} for side in (0, 1))
     model = nanocolor_net(net)
     flops = conv_flops_per_image(model, height, width)
     train_gflops = 3 * flops * batch / ours["train_s"] / 1e9
@@ -586,10 +601,13 @@ def benchmark_config(config: str, args, gemm: dict, net: str = "reference") -> d
         "threads": args.threads,
         "nanocolor_train_img_s": batch / ours["train_s"],
         "torch_train_img_s": batch / theirs["train_s"],
-        "train_ratio": theirs["train_s"] / ours["train_s"],
+        "train_ratio": statistics.median(train_ratios),
+        "train_ratio_range": [min(train_ratios), max(train_ratios)],
         "nanocolor_infer_img_s": batch / ours["infer_s"],
         "torch_infer_img_s": batch / theirs["infer_s"],
-        "infer_ratio": theirs["infer_s"] / ours["infer_s"],
+        "infer_ratio": statistics.median(infer_ratios),
+        "infer_ratio_range": [min(infer_ratios), max(infer_ratios)],
+        "rounds": args.rounds,
         "gemm_gflops": gemm["gemm_gflops"],
         "nanocolor_train_gflops": train_gflops,
         "train_gflops_fraction_of_gemm": train_gflops / gemm["gemm_gflops"],
@@ -618,7 +636,8 @@ def print_table(rows: list, header: str) -> None:
         eval_note = "" if row.get("parity_eval_output_rel_diff") is None else \
             f", eval-mode output {row['parity_eval_output_rel_diff']:.1e}"
         print(f"\n{row.get('net', 'reference')} net ({row.get('params', REFERENCE_PARAMS):,} parameters), "
-              f"{row['config']}  (median of {row['steps']} steps after {row['warmup']} warm-up; "
+              f"{row['config']}  ({row['rounds']} rounds, each the median of {row['steps']} steps after "
+              f"{row['warmup']} warm-up; "
               f"parity: loss/gradients max rel. diff {row['parity_max_rel_diff']:.1e}, "
               f"Adam update {row['parity_adam_update_rel_diff']:.1e}{eval_note})")
         print(f"  {'':28s}{'nanocolor':>12s}{'PyTorch':>12s}{'ratio':>8s}")
@@ -626,6 +645,9 @@ def print_table(rows: list, header: str) -> None:
               f"{row['torch_train_img_s']:12.2f}{row['train_ratio']:8.2f}")
         print(f"  {'inference, images/s':28s}{row['nanocolor_infer_img_s']:12.2f}"
               f"{row['torch_infer_img_s']:12.2f}{row['infer_ratio']:8.2f}")
+        if row["rounds"] > 1:
+            (t0, t1), (i0, i1) = row["train_ratio_range"], row["infer_ratio_range"]
+            print(f"  {'ratio range over rounds':28s}{'':24s} training {t0:.2f}-{t1:.2f}, inference {i0:.2f}-{i1:.2f}")
         print(f"  {'peak RSS in training, MiB':28s}{row['nanocolor_peak_rss_mb']:12.0f}"
               f"{row['torch_peak_rss_mb']:12.0f}{row['peak_rss_ratio']:8.2f}")
         if row["nanocolor_rss_before_train_mb"] is not None:
@@ -638,8 +660,8 @@ def print_table(rows: list, header: str) -> None:
         if "nanocolor_gpu_pool_mb" in row:
             print(f"  GPU memory pool, MiB: nanocolor {row['nanocolor_gpu_pool_mb']:.0f}, "
                   f"PyTorch {row['torch_gpu_pool_mb']:.0f}")
-    print("\nratio = nanocolor / PyTorch throughput (above 1: nanocolor faster); for memory, "
-          "nanocolor / PyTorch peak.")
+    print("\nratio = nanocolor / PyTorch throughput (above 1: nanocolor faster), the median of the "
+          "rounds' ratios; throughputs and memory are medians over rounds; for memory, nanocolor / PyTorch peak.")
 
 
 def main(argv: list | None = None) -> int:
@@ -649,6 +671,9 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for BLAS and PyTorch (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements of each side, alternating which runs first; throughputs and "
+                             "ratios are the medians over rounds (default 3)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="gpu: nanocolor on CuPy against PyTorch CUDA")
     parser.add_argument("--torch-channels-last", action="store_true",
@@ -664,8 +689,8 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     for config in args.configs:
         parse_config(config)
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--steps and --threads must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1:
+        parser.error("--steps, --rounds and --threads must be at least 1, --warmup at least 0")
     fast.set_engine(args.conv)  # for the parity check here and in each nanocolor worker
 
     if args.worker:
