@@ -134,9 +134,8 @@ class ColorNet:
             x = pool.forward(x)
         x = _forward(self.bottleneck, x, inference)
         for (block, up, cat), skip in zip(self.up, reversed(skips)):
-            x = up.forward(_forward(block, x, inference))
-            if cat:
-                x = cat.forward(x, skip)
+            x = _forward(block, x, inference)
+            x = _upsample_concat(up, cat, x, skip) if cat else up.forward(x)
         return _forward(self.head, x, inference)
 
     __call__ = forward
@@ -240,6 +239,11 @@ def _forward(layers: list, x, inference: bool):
     for layer in layers:
         x = layer.forward(x)
     return x
+
+
+def _upsample_concat(up, cat, x, skip):
+    joined = fast.upsample_concat_forward(up, cat, x, skip)  # both layers in one pass over the joined map
+    return joined if joined is not None else cat.forward(up.forward(x), skip)
 
 
 def _backward(layers: list, d):

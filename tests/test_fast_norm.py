@@ -10,7 +10,7 @@ import pytest
 from conftest import make_conv
 from nanocolor import fast
 from nanocolor.fast import norm, parallel
-from nanocolor.layers import BatchNorm2d, Concat
+from nanocolor.layers import BatchNorm2d, Concat, Upsample2d
 from nanocolor.model import ColorNet
 
 SHAPES = [(2, 3, 5, 4), (1, 9, 4, 3), (5, 6, 4, 2), (1, 1, 1, 3), (3, 40, 24, 7)]
@@ -225,3 +225,24 @@ def test_seed_autoencoder_inference_takes_forward_only_paths_and_matches_textboo
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < tol
     with pytest.raises(RuntimeError, match="model.train"):
         model.backward(np.ones_like(got))
+
+
+@pytest.mark.parametrize("shape,skip_channels", [((2, 3, 5, 4), 3), ((1, 1, 1, 2), 5), ((3, 4, 2, 1), 1)])
+def test_upsample_concat_in_one_pass_matches_the_layers(shape, skip_channels, workers, rng):
+    x = rng.standard_normal(shape)
+    N, H, W, _ = shape
+    skip = rng.standard_normal((N, 2 * H, 2 * W, skip_channels))
+    up, cat = Upsample2d(), Concat()
+    with fast.use_engine("im2col"):
+        expected = cat.forward(up.forward(x), skip)
+        dout = rng.standard_normal(expected.shape)
+        d_up, d_skip = cat.backward(dout)
+        dx_expected = up.backward(d_up)
+    up, cat = Upsample2d(), Concat()
+    got = fast.upsample_concat_forward(up, cat, x, skip)
+    np.testing.assert_array_equal(got, expected)
+    d_up, d_skip_got = cat.backward(dout)  # the caches it left serve the layers' backward passes
+    np.testing.assert_array_equal(d_skip_got, d_skip)
+    np.testing.assert_allclose(up.backward(d_up), dx_expected, rtol=1e-13, atol=1e-14)  # sums in another order
+    with fast.use_engine("im2col"):
+        assert fast.upsample_concat_forward(up, cat, x, skip) is None

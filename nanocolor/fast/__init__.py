@@ -36,6 +36,7 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
         unless `inference`.
     fused_in_training(layers) -> bool, fused_block_backward(layers, dout) -> the conv's dx: the
         backward of a Conv2d + BatchNorm2d + ReLU block that fused_block_forward ran in training
+    upsample_concat_forward(up, cat, x, skip) -> out or None: Upsample2d + Concat as one pass
 A cache is a tuple whose first item names the path that made it.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ import numpy as np
 
 from . import gemm, parallel, winograd, winograd4
 from .norm import (batchnorm2d_backward, batchnorm2d_forward, concat_backward, concat_forward,  # noqa: F401
-                   fused_block_backward, fused_block_forward, fused_in_training)
+                   fused_block_backward, fused_block_forward, fused_in_training, upsample_concat_forward)
 from .resample import (maxpool2d_backward, maxpool2d_forward, relu_backward, relu_forward,  # noqa: F401
                        upsample2d_backward, upsample2d_forward)
 

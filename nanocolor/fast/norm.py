@@ -174,6 +174,31 @@ def concat_backward(dout, split: int) -> tuple:
     return dout[..., :split], dout[..., split:]
 
 
+def upsample_concat_forward(up, cat, x, skip):
+    """Upsample2d then Concat with `skip` in one pass: x (N, H, W, C), skip (N, 2H, 2W, Cs) ->
+    (N, 2H, 2W, C + Cs), each pixel of x written straight into its 2x2 block of the joined map
+    (no upsampled map is made and read again). Leaves up.cache and cat.split as the two layers
+    would, for their backward passes; None under the textbook engine (the caller runs the layers)."""
+    from .. import fast  # the package: engine state
+
+    if not fast.enabled() or x.ndim != 4:
+        return None
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    Cs = skip.shape[-1]
+    out = xp.empty((N, 2 * H, 2 * W, C + Cs), dtype=xp.result_type(x, skip))
+    blocks = out.reshape(N, H, 2, W, 2, C + Cs)    # [n, y, r, x, q] is pixel (2y + r, 2x + q)
+    skip_blocks = skip.reshape(N, H, 2, W, 2, Cs)
+
+    def piece(n: slice, y: slice) -> None:  # y: rows of x
+        xp.copyto(blocks[n, y, :, :, :, :C], x[n, y, None, :, None, :])
+        xp.copyto(blocks[n, y, :, :, :, C:], skip_blocks[n, y])
+
+    parallel.map_rows(piece, N, H, 4 * W, x)
+    up.cache, cat.split = ("fast",), C
+    return out
+
+
 def fused_block_forward(layers: list, x, inference: bool = False):
     """A conv block of the network as one conv with the ReLU in its GEMMs' epilogue, when the
     engine is not the textbook "im2col"; else None (the caller runs the layers one by one):
