@@ -1,5 +1,5 @@
-"""BatchNorm2d and Concat split over the CPU workers, and the U-Net's Conv + BatchNorm + ReLU block
-in inference as one convolution.
+"""BatchNorm2d and Concat split over the CPU workers, and a network's Conv (+ BatchNorm) + ReLU
+blocks and the U-Net's Upsample + Concat in fewer passes over memory.
 
 The same numbers as the textbook layers in nanocolor/layers.py, up to float rounding (partial
 sums per piece, added in a fixed order). BatchNorm in training takes two passes over x, each
@@ -14,7 +14,10 @@ scaled per output channel, the shift as its bias); the ReLU runs in the GEMM's e
 piece of the conv's output. One pass over the output instead of four. With no backward to
 follow, "auto" convolves by Winograd F(4x4, 3x3) there (winograd4.py). A Conv -> ReLU block
 (the seed autoencoder) gets the ReLU in the epilogue too: in training with the caches its
-backward reads, in inference with Winograd F(4x4, 3x3) as well.
+backward reads, in inference with Winograd F(4x4, 3x3) as well. In training, a Conv ->
+BatchNorm -> ReLU block runs the ReLU inside BatchNorm's normalizing pass, and the ReLU's mask
+inside BatchNorm's backward (fused_block_backward). The U-Net decoder's Upsample -> Concat is
+one pass too (upsample_concat_forward).
 """
 from __future__ import annotations
 
@@ -221,7 +224,7 @@ def fused_block_forward(layers: list, x, inference: bool = False):
         bn = layers[1]
         if type(bn) is not BatchNorm2d:
             return None
-        if bn.training:  # the ReLU in BatchNorm's normalizing pass; fused_block_backward undoes both
+        if bn.training:  # the ReLU in BatchNorm's normalizing pass; fused_block_backward runs back through both
             out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w))
             relu.cache = None
             return batchnorm2d_forward(bn, out, relu=True)
@@ -236,7 +239,6 @@ def fused_block_forward(layers: list, x, inference: bool = False):
     out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)
     relu.cache = ("fast", out)
     return out
-
 
 
 def fused_in_training(layers: list) -> bool:
