@@ -38,6 +38,22 @@ def _pieces(x):
     return parallel.pieces(N, H, W, x, target=max(1, (1 << 20) // (C * x.itemsize)))
 
 
+def _affine(x, scale, shift, relu: bool, work: list):
+    """x * scale + shift per channel, then max(., 0) with `relu`: one pass over x (N, H, W, C)."""
+    xp = array_module(x)
+    out = xp.empty_like(x)
+
+    def piece(n: slice, y: slice) -> None:
+        o = out[n, y]
+        xp.multiply(x[n, y], scale, out=o)
+        o += shift
+        if relu:
+            xp.maximum(o, 0, out=o)
+
+    parallel.run_pieces(piece, work, x)
+    return out
+
+
 def batchnorm2d_forward(bn, x, relu: bool = False):
     """BatchNorm2d.forward of the fast engine: x (N, H, W, C) -> (N, H, W, C); sets bn.cache and,
     in training, bn's running statistics, as the textbook layer does. With `relu`, max(out, 0)
@@ -50,22 +66,12 @@ def batchnorm2d_forward(bn, x, relu: bool = False):
     xp = array_module(x)
     C = x.shape[-1]
     gamma, beta = bn.params["gamma"], bn.params["beta"]
-    out = xp.empty_like(x)
     work = _pieces(x)
     if not bn.training:
         scale = gamma / (bn.buffers["running_var"] + bn.eps) ** 0.5
         shift = beta - bn.buffers["running_mean"] * scale
-
-        def affine(n: slice, y: slice) -> None:
-            o = out[n, y]
-            xp.multiply(x[n, y], scale, out=o)
-            o += shift
-            if relu:
-                xp.maximum(o, 0, out=o)
-
-        parallel.run_pieces(affine, work, x)
         bn.cache = ("eval",)
-        return out
+        return _affine(x, scale, shift, relu, work)
     sums = xp.empty((len(work), C), dtype=x.dtype)     # per piece: s_i
     squares = xp.empty((len(work), C), dtype=x.dtype)  # per piece: q_i
     counts = xp.asarray([(n.stop - n.start) * (y.stop - y.start) * x.shape[2] for n, y in work], dtype=x.dtype)
@@ -90,15 +96,7 @@ def batchnorm2d_forward(bn, x, relu: bool = False):
     inv_std = 1 / (var + bn.eps) ** 0.5
     scale = gamma * inv_std
     shift = beta - mean * scale
-
-    def normalize(n: slice, y: slice) -> None:  # gamma * (x - mean) / std + beta
-        o = out[n, y]
-        xp.multiply(x[n, y], scale, out=o)
-        o += shift
-        if relu:
-            xp.maximum(o, 0, out=o)
-
-    parallel.run_pieces(normalize, work, x)
+    out = _affine(x, scale, shift, relu, work)  # gamma * (x - mean) / std + beta
     m = bn.momentum  # the running variance is the unbiased estimate, as PyTorch keeps it
     bn.buffers["running_mean"] = (1 - m) * bn.buffers["running_mean"] + m * mean
     bn.buffers["running_var"] = (1 - m) * bn.buffers["running_var"] + m * var * (P / max(P - 1, 1))
