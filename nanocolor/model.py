@@ -93,8 +93,8 @@ class ColorNet:
         return self
 
     def eval(self) -> "ColorNet":
-        """Inference mode (the default): BatchNorm uses its running statistics, and forward keeps
-        nothing for a backward, so the fast engine may take forward-only paths (Winograd F(4x4, 3x3))."""
+        """Inference mode (the default): BatchNorm uses its running statistics (the fast engine folds
+        it into the conv before it), and forward keeps nothing for a backward."""
         self.training = False
         for layer in self.layers:
             if isinstance(layer, BatchNorm2d):

@@ -124,7 +124,7 @@ def test_unet_inference_with_folded_batchnorm_matches_textbook(engine, dtype, to
     with fast.use_engine("im2col"):
         expected = model.forward(lightness)
     fused_blocks, paths = [], []
-    original, original_path = norm.fused_block_forward, fast.inference_conv_path
+    original, original_path = norm.fused_block_forward, fast.conv2d_path
 
     def counting(layers, x, inference):
         out = original(layers, x, inference)
@@ -136,7 +136,7 @@ def test_unet_inference_with_folded_batchnorm_matches_textbook(engine, dtype, to
         return paths[-1]
 
     monkeypatch.setattr(fast, "fused_block_forward", counting)
-    monkeypatch.setattr(fast, "inference_conv_path", path)
+    monkeypatch.setattr(fast, "conv2d_path", path)
     with fast.use_engine(engine):
         got = model.forward(lightness)
     assert fused_blocks.count(True) == 5  # 2 down, the bottleneck, 2 up; the head is no such block
@@ -203,22 +203,22 @@ def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(e
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_seed_autoencoder_inference_takes_forward_only_paths_and_matches_textbook(dtype, tol, workers, rng,
+def test_seed_autoencoder_inference_keeps_no_caches_and_matches_textbook(dtype, tol, workers, rng,
                                                                                    monkeypatch):
-    """In eval mode a Conv + ReLU block keeps no caches and may convolve by Winograd F(4x4, 3x3)."""
+    """In eval mode a Conv + ReLU block keeps no caches; its conv takes the engine's path."""
     lightness = rng.uniform(-1, 1, (3, 16, 16, 1)).astype(dtype)
     model = ColorNet((4, 16, 16), seed=2, dtype=dtype)  # eval mode, as a model starts
     with fast.use_engine("im2col"):
         expected = model.forward(lightness)
-    paths, original_path = [], fast.inference_conv_path
+    paths, original_path = [], fast.conv2d_path
 
     def path(x, w):
         paths.append(original_path(x, w))
         return paths[-1]
 
-    monkeypatch.setattr(fast, "inference_conv_path", path)
+    monkeypatch.setattr(fast, "conv2d_path", path)
     got = model.forward(lightness)
-    assert len(paths) == 5  # every Conv + ReLU block (2 down, bottleneck, 2 up); the head is none
+    assert len(paths) == 6  # every conv: 2 down, bottleneck, 2 up, the head
     if parallel.blas_single_threaded():
         assert "winograd4" in paths  # 16 -> 16 at 4x4 and 8x8
     assert all(block[0].cache is None and block[1].cache is None for block, _ in model.down)

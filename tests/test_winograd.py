@@ -147,13 +147,14 @@ def test_engine_choice_and_fallback(monkeypatch):
     assert path("im2col", 32, 32) == "im2col"
     assert path("gemm", 32, 32) == "gemm"
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
-    assert path("auto", 32, 32) == "winograd"
+    assert path("auto", 32, 32) == "winograd4"          # sizes that divide by 4: F(4x4, 3x3)
+    assert path("auto", 32, 32, H=6) == "winograd"      # even sizes: F(2x2, 3x3)
     assert path("auto", 1, 32) == "gemm"                # too thin to pay off
-    assert path("auto", 16, 16) == "winograd" and path("auto", 15, 32) == "gemm"
-    assert path("auto", 128, 32) == "gemm" and path("auto", 128, 33) == "winograd"  # few outputs: multiply first
+    assert path("auto", 16, 16, H=6) == "winograd" and path("auto", 15, 32) == "gemm"
+    assert path("auto", 128, 32, H=6) == "gemm" and path("auto", 128, 33, H=6) == "winograd"  # few outputs: multiply first
     assert path("auto", 32, 32, x=OffHost((1, 8, 8, 32))) == "gemm"  # not on the CPU
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: False)
-    assert path("auto", 32, 32) == "gemm"               # 16 multi-threaded BLAS calls: no
+    assert path("auto", 32, 32) == "gemm"               # 16 or 36 multi-threaded BLAS calls: no
 
 
 class OffHost:

@@ -1,5 +1,6 @@
-"""Winograd F(4x4, 3x3) (nanocolor/fast/winograd4.py, inference only) against the float64 im2col
-reference: exact up to rounding in float64, and its larger float32 rounding error measured."""
+"""Winograd F(4x4, 3x3) (nanocolor/fast/winograd4.py) against the float64 im2col reference:
+forward and backward exact up to rounding in float64, and its larger float32 rounding error
+measured."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,15 +63,61 @@ def test_same_result_with_one_worker_or_several(use_workers, rng):
     np.testing.assert_allclose(results[0], results[1], rtol=1e-13, atol=1e-13)
 
 
-def test_inference_path_choice(monkeypatch):
+def test_path_choice(monkeypatch):
     def path(engine, c_in, c_out, H=8, W=8):
         with fast.use_engine(engine):
-            return fast.inference_conv_path(np.zeros((1, H, W, c_in)), np.zeros((3, 3, c_in, c_out)))
+            return fast.conv2d_path(np.zeros((1, H, W, c_in)), np.zeros((3, 3, c_in, c_out)))
 
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
     assert path("auto", 32, 64) == "winograd4"
     assert path("auto", 128, 32) == "winograd4"         # few outputs: still the fastest here
     assert path("auto", 1, 32) == "gemm"                # too thin
     assert path("auto", 32, 64, H=6) == "winograd"      # 6 rows: F(2x2, 3x3) tiles, not F(4x4, 3x3)
+    assert path("auto", 128, 32, H=6) == "gemm"         # and there few outputs multiply first
     assert path("winograd", 32, 64) == "winograd"       # the engine asked for
     assert path("gemm", 32, 64) == "gemm" and path("im2col", 32, 64) == "im2col"
+
+
+@pytest.mark.parametrize("shape,c_out", CASES)
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_backward_float64_equals_im2col(shape, c_out, input_grad, workers, rng):
+    conv = make_conv(shape[-1], c_out, 3)
+    x, dout = rng.standard_normal(shape), rng.standard_normal(shape[:3] + (c_out,))
+    with fast.use_engine("im2col"):
+        conv.forward(x)
+        dx_expected = conv.backward(dout)
+        dw_expected, db_expected = conv.grads["W"], conv.grads["b"]
+    U = winograd4.filter_transform(conv.params["W"])
+    out = winograd4.convolve(x, U, conv.params["b"])
+    np.testing.assert_allclose(out, winograd4.forward(x, conv.params["W"], conv.params["b"]), rtol=0, atol=0)
+    dx, dw, db = winograd4.backward(dout, ("winograd4", x, U), input_grad)
+    np.testing.assert_allclose(dw, dw_expected, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(db, db_expected, rtol=1e-11, atol=1e-11)
+    if input_grad:
+        np.testing.assert_allclose(dx, dx_expected, rtol=1e-11, atol=1e-11)
+    else:
+        assert dx is None
+
+
+def test_filter_transform_adjoint_is_the_adjoint(rng):
+    """<filter_transform(w), dU> = <w, filter_transform_adjoint(dU)> for any w and dU."""
+    w, dU = rng.standard_normal((3, 3, 4, 5)), rng.standard_normal((36, 4, 5))
+    assert np.isclose(np.sum(winograd4.filter_transform(w) * dU), np.sum(w * winograd4.filter_transform_adjoint(dU)),
+                      rtol=1e-12)
+
+
+def test_float32_gradient_error_against_the_float64_reference(use_workers, rng):
+    use_workers(2)
+    shape, c_out = (4, 16, 16, 64), 32
+    conv = make_conv(shape[-1], c_out, 3)
+    conv.params["W"] /= np.sqrt(9 * shape[-1])
+    x, dout = rng.standard_normal(shape), rng.standard_normal(shape[:3] + (c_out,))
+    with fast.use_engine("im2col"):
+        conv.forward(x)
+        dx_expected = conv.backward(dout)
+        dw_expected = conv.grads["W"]
+    U = winograd4.filter_transform(conv.params["W"].astype(np.float32))
+    dx, dw, _ = winograd4.backward(dout.astype(np.float32), ("winograd4", x.astype(np.float32), U))
+    assert dx.dtype == dw.dtype == np.float32
+    for got, expected in ((dx, dx_expected), (dw, dw_expected)):
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5

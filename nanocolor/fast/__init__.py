@@ -2,8 +2,9 @@
 
 One knob picks the engine for the whole process (the layers ask at every forward pass):
 
-    nanocolor.fast.set_engine("auto")      the default: "winograd" where it applies and pays off,
-                                           "gemm" elsewhere
+    nanocolor.fast.set_engine("auto")      the default: Winograd F(4x4, 3x3) (winograd4.py) or
+                                           F(2x2, 3x3) where it applies and pays off, "gemm"
+                                           elsewhere
     nanocolor.fast.set_engine("im2col")    the textbook code of nanocolor/layers.py for every
                                            layer: im2col + one GEMM, col2im; no threads, no scratch
     nanocolor.fast.set_engine("gemm")      gemm.py: one GEMM per pass and piece of the batch
@@ -12,17 +13,16 @@ One knob picks the engine for the whole process (the layers ask at every forward
 
 Every engine but "im2col" also runs max-pool, upsample, ReLU (resample.py), BatchNorm and Concat
 (norm.py) split over the CPU workers, and a network's Conv (+ BatchNorm) + ReLU blocks in fewer
-passes (norm.fused_block_forward). "auto" takes Winograd for 3x3 convs on even sizes whose
-channels in and out both reach WINOGRAD_MIN_CHANNELS and with more than a quarter as many
-outputs as inputs (else gemm.py's multiply-then-shift is faster), on the CPU when BLAS runs one
-thread per call (the worker pool of parallel.py hands out its 16 GEMMs): with OpenBLAS threading
-each call itself, 16 calls per pass wait 16 times for a descheduled thread when other processes
-share the cores.
+passes (norm.fused_block_forward). "auto" takes Winograd for 3x3 convs whose channels in and
+out both reach WINOGRAD_MIN_CHANNELS: F(4x4, 3x3) on sizes that divide by 4, else F(2x2, 3x3)
+on even sizes with more than a quarter as many outputs as inputs (else gemm.py's
+multiply-then-shift is faster), on the CPU when BLAS runs one thread per call (the worker pool
+of parallel.py hands out the GEMMs): with OpenBLAS threading each call itself, 16 or 36 calls
+per pass wait as often for a descheduled thread when other processes share the cores.
 
 The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F); b (F,)):
-    conv2d_path(x, w)                             -> "im2col" | "gemm" | "winograd"
+    conv2d_path(x, w)                             -> "im2col" | "gemm" | "winograd" | "winograd4"
     conv2d_forward(x, w, b, path)                 -> (out, cache)
-    inference_conv_path(x, w)                     -> conv2d_path's answer, or "winograd4" (no backward)
     conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
     maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
     likewise upsample2d_* and relu_*
@@ -88,38 +88,32 @@ def conv2d_path(x, w) -> str:
     """The code that convolves x (N, H, W, C) with w (k, k, C, F) under the current engine."""
     engine = _state["engine"]
     k, _, C, F = w.shape
+    H, W = x.shape[1], x.shape[2]
     if engine == "im2col":
         return "im2col"
-    if engine == "gemm" or not winograd.applies(k, x.shape[1], x.shape[2]):
+    if engine == "gemm" or not winograd.applies(k, H, W):
         return "gemm"
     if engine == "winograd":
         return "winograd"
-    # gemm.py multiplies first for few outputs (4F <= C) and builds its backward's patch matrix
-    # from the thin dout: measured faster both ways than Winograd there (128 -> 32 channels:
-    # forward 24 vs 31 ms, backward 34 vs 50 ms at 64x64 batch 32).
-    worth_it = min(C, F) >= WINOGRAD_MIN_CHANNELS and not gemm.multiplies_first(C, F, k)
-    return "winograd" if worth_it and isinstance(x, np.ndarray) and parallel.blas_single_threaded() else "gemm"
-
-
-def inference_conv_path(x, w) -> str:
-    """conv2d_path for a forward pass that no backward follows: "auto" then also takes Winograd
-    F(4x4, 3x3) (winograd4.py, forward only) for 3x3 convs on sizes that divide by 4 with at
-    least WINOGRAD_MIN_CHANNELS in and out, thin outputs included (measured faster there than
-    both F(2x2, 3x3) and multiply-then-shift)."""
-    k, _, C, F = w.shape
-    if _state["engine"] == "auto" and winograd4.applies(k, x.shape[1], x.shape[2]) and \
-            min(C, F) >= WINOGRAD_MIN_CHANNELS and isinstance(x, np.ndarray) and parallel.blas_single_threaded():
+    if min(C, F) < WINOGRAD_MIN_CHANNELS or not isinstance(x, np.ndarray) or not parallel.blas_single_threaded():
+        return "gemm"
+    # F(4x4, 3x3) measured fastest forward + backward on every 3x3 conv of both networks, 1.0-1.6x
+    # F(2x2, 3x3) (64 -> 128 at 64x64 batch 16: 134 vs 211 ms), thin outputs included (128 -> 32:
+    # 54 ms, as multiply-then-shift). On sizes that do not divide by 4, gemm.py multiplies first
+    # for few outputs (4F <= C): faster there both ways than F(2x2, 3x3).
+    if winograd4.applies(k, H, W):
         return "winograd4"
-    return conv2d_path(x, w)
+    return "gemm" if gemm.multiplies_first(C, F, k) else "winograd"
 
 
 def conv2d_forward(x, w, b, path: str, relu: bool = False) -> tuple:
-    """'same' convolution by `path` ("gemm" or "winograd"): (out (N, H, W, F), cache); with
-    `relu`, max(out, 0) computed in the GEMMs' epilogue (for inference: no cache for a ReLU)."""
+    """'same' convolution by `path` ("gemm", "winograd" or "winograd4"): (out (N, H, W, F), cache);
+    with `relu`, max(out, 0) computed in the GEMMs' epilogue."""
     if path == "winograd":
         return winograd.forward(x, w, b, relu)
-    if path == "winograd4":  # forward only: no cache for a backward
-        return winograd4.forward(x, w, b, relu), ("winograd4",)
+    if path == "winograd4":
+        U = winograd4.filter_transform(w)
+        return winograd4.convolve(x, U, b, relu), ("winograd4", x, U)
     if path == "gemm":
         return gemm.forward(x, w, b, relu)
     raise ValueError(f"the fast engine has no conv path {path!r}")
@@ -129,4 +123,6 @@ def conv2d_backward(dout, w, cache: tuple, input_grad: bool = True) -> tuple:
     """(dx (N, H, W, C), or None without input_grad; dW (k, k, C, F); db (F,)) by the forward's path."""
     if cache[0] == "winograd":
         return winograd.backward(dout, cache, input_grad)
+    if cache[0] == "winograd4":
+        return winograd4.backward(dout, cache, input_grad)
     return gemm.backward(dout, cache, w, input_grad)

@@ -11,10 +11,9 @@ the sums of dout and dout * x_hat, then for dx, one read of dout and x each time
 Blocks (`fused_block_forward`): in inference, with the running statistics, BatchNorm is a per-channel
 affine map, gamma / std * (conv(x) - mean) + beta, which folds into the conv itself (weights
 scaled per output channel, the shift as its bias); the ReLU runs in the GEMM's epilogue on each
-piece of the conv's output. One pass over the output instead of four. With no backward to
-follow, "auto" convolves by Winograd F(4x4, 3x3) there (winograd4.py). A Conv -> ReLU block
+piece of the conv's output. One pass over the output instead of four. A Conv -> ReLU block
 (the seed autoencoder) gets the ReLU in the epilogue too: in training with the caches its
-backward reads, in inference with Winograd F(4x4, 3x3) as well. In training, a Conv ->
+backward reads, in inference with none. In training, a Conv ->
 BatchNorm -> ReLU block runs the ReLU inside BatchNorm's normalizing pass, and the ReLU's mask
 inside BatchNorm's backward (fused_block_backward). The U-Net decoder's Upsample -> Concat is
 one pass too (upsample_concat_forward).
@@ -208,7 +207,6 @@ def fused_block_forward(layers: list, x, inference: bool = False):
       weights and bias.
     - Conv2d -> ReLU (the seed autoencoder): the conv and the ReLU keep the caches their backward
       passes read, as if each had run alone; with `inference` (no backward follows), none.
-    With no backward to follow, the conv may take a forward-only path (inference_conv_path).
     """
     from .. import fast  # the package: engine state and conv seam
     from ..layers import BatchNorm2d, Conv2d, ReLU
@@ -231,7 +229,7 @@ def fused_block_forward(layers: list, x, inference: bool = False):
         b = (bn.params["beta"] + (b - bn.buffers["running_mean"]) * scale).astype(w.dtype)
         inference = True
     if inference:
-        out, _ = fast.conv2d_forward(x, w, b, fast.inference_conv_path(x, w), relu=True)
+        out, _ = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)
         conv.cache = relu.cache = None  # nothing for a backward
         return out
     out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)

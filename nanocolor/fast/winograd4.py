@@ -1,5 +1,5 @@
-"""Winograd F(4x4, 3x3) for inference: 4x fewer multiplies than direct convolution (F(2x2, 3x3)
-in winograd.py: 2.25x), at a larger float32 rounding error, forward only.
+"""Winograd F(4x4, 3x3): 4x fewer multiplies than direct convolution (F(2x2, 3x3) in
+winograd.py: 2.25x), at a larger float32 rounding error; forward (`convolve`) and backward.
 
 Each 4x4 block ("tile") of output pixels comes from the 6x6 block of padded input around it
 (Lavin & Gray, 2016):
@@ -7,14 +7,15 @@ Each 4x4 block ("tile") of output pixels comes from the 6x6 block of padded inpu
 with the points 0, +-1, +-2 and infinity. Per piece of the batch: the 6x6 input blocks are
 gathered once, (6, 6, tiles, C); the two 1-D transforms of B^T are each one matrix multiply by
 the 6x6 matrix over the flattened rest (memory-bound passes that BLAS streams); 36 GEMMs
-(tiles x C) @ (C x F), one per position of the Winograd domain (one batched matmul); then A^T the same way, and one
-copy into the image that adds nothing but the optional ReLU (the bias enters at position (1, 1),
-which reaches every output pixel of its tile with weight 1).
+(tiles x C) @ (C x F), one per position of the Winograd domain (one batched matmul); then A^T
+the same way, and one copy into the image that adds nothing but the optional ReLU (the bias
+enters at position (1, 1), which reaches every output pixel of its tile with weight 1).
+`backward` runs each of these steps back through its adjoint.
 
 Rounding: the transforms scale values by up to ~100 and add them up again, so the float32
 error is some 1e-5 of the output's size (F(2x2, 3x3): ~1e-6), far below what an 8-bit color
-shows; tests/test_winograd4.py measures it against the float64 im2col reference. Training keeps
-F(2x2, 3x3), whose gradients are checked to 1e-6.
+shows or what a gradient step notices; tests/test_winograd4.py measures it against the float64
+im2col reference, and checks the gradients to 1e-11 in float64.
 
 Shapes (channels-last): x (N, H, W, C) with H and W multiples of 4; w (3, 3, C, F);
 th, tw = H // 4, W // 4 tiles; P tiles of a piece.
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import pad_rows
+from .gemm import column_sums, pad_rows
 from .workspace import scratch
 
 B_T = np.array([[4, 0, -5, 0, 1, 0],
@@ -89,31 +90,52 @@ def filter_transform(w):
     return U.reshape(36, C, F)
 
 
+def _input_transform(x, n: slice, t: slice, b_t):
+    """V = B^T x_tile B for tile rows t of images n of x (N, H, W, C): (36, P, C) in scratch."""
+    xp = array_module(x)
+    C, tw = x.shape[3], x.shape[2] // 4
+    N_, T_ = n.stop - n.start, t.stop - t.start
+    P = N_ * T_ * tw
+    x_pad = pad_rows(x[n], slice(4 * t.start, 4 * t.stop), 1, "pad")  # (N_, 4T_ + 2, W + 2, C)
+    sN, sH, sW, sC = x_pad.strides
+    blocks = xp.lib.stride_tricks.as_strided(x_pad, shape=(6, 6, N_, T_, tw, C),
+                                             strides=(sH, sW, sN, 4 * sH, 4 * sW, sC))
+    d = scratch("w4_d", (6, 6, N_, T_, tw, C), x.dtype, x)
+    xp.copyto(d, blocks)                                   # d[i, j, tile, c] = x_tile[i, j, c]
+    e = scratch("w4_e", (6, 6 * P * C), x.dtype, x)
+    xp.matmul(b_t, d.reshape(6, -1), out=e)                # B^T along the block's rows
+    v = d.reshape(6, 6, P * C)                             # d is spent: V goes there
+    xp.matmul(b_t, e.reshape(6, 6, P * C), out=v)          # then along its columns
+    return v.reshape(36, P, C)
+
+
+def _matrices(dtype, like) -> tuple:
+    xp = array_module(like)
+    return xp.asarray(B_T.astype(dtype)), xp.asarray(A_T.astype(dtype))
+
+
+def _tiles_per_piece(C: int, F: int, itemsize: int) -> int:
+    return max(16, PIECE_BYTES // (36 * max(C, F) * itemsize))
+
+
 def forward(x, w, b, relu: bool = False):
     """'same' 3x3 convolution, x (N, H, W, C) -> out (N, H, W, F), max(out, 0) with `relu`."""
+    return convolve(x, filter_transform(w), b, relu)
+
+
+def convolve(x, U, b, relu: bool = False):
+    """forward with the filter already transformed: U (36, C, F) from filter_transform."""
     xp = array_module(x)
     N, H, W, C = x.shape
-    F = w.shape[-1]
+    F = U.shape[-1]
     th, tw = H // 4, W // 4
-    U = filter_transform(w)
-    b_t, a_t = xp.asarray(B_T.astype(x.dtype)), xp.asarray(A_T.astype(x.dtype))
+    b_t, a_t = _matrices(x.dtype, x)
     out = xp.empty((N, H, W, F), dtype=x.dtype)
-    tiles_per_piece = max(16, PIECE_BYTES // (36 * max(C, F) * x.itemsize))
 
     def piece(n: slice, t: slice) -> None:
         N_, T_ = n.stop - n.start, t.stop - t.start
         P = N_ * T_ * tw
-        x_pad = pad_rows(x[n], slice(4 * t.start, 4 * t.stop), 1, "pad")  # (N_, 4T_ + 2, W + 2, C)
-        sN, sH, sW, sC = x_pad.strides
-        blocks = xp.lib.stride_tricks.as_strided(x_pad, shape=(6, 6, N_, T_, tw, C),
-                                                 strides=(sH, sW, sN, 4 * sH, 4 * sW, sC))
-        d = scratch("w4_d", (6, 6, N_, T_, tw, C), x.dtype, x)
-        xp.copyto(d, blocks)                                   # d[i, j, tile, c] = x_tile[i, j, c]
-        e = scratch("w4_e", (6, 6 * P * C), x.dtype, x)
-        xp.matmul(b_t, d.reshape(6, -1), out=e)                # B^T along the block's rows
-        v = d.reshape(6, 6, P * C)                             # d is spent: V goes there
-        xp.matmul(b_t, e.reshape(6, 6, P * C), out=v)          # then along its columns
-        v = v.reshape(36, P, C)
+        v = _input_transform(x, n, t, b_t)
         m = xp.matmul(v, U, out=scratch("w4_m", (36, P, F), x.dtype, x))  # 36 GEMMs, one call
         m[BIAS_POSITION] += b
         s = scratch("w4_s", (4, 6 * P * F), x.dtype, x)
@@ -127,6 +149,68 @@ def forward(x, w, b, relu: bool = False):
         else:
             xp.copyto(image, tiles)
 
-    work = parallel.pieces(N, th, tw, x, target=tiles_per_piece)
+    work = parallel.pieces(N, th, tw, x, target=_tiles_per_piece(C, F, x.itemsize))
     parallel.run_pieces(piece, work, x)
     return out
+
+
+def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
+    """Backward of `convolve`, cache ("winograd4", x, U): dout (N, H, W, F) -> (dx (N, H, W, C) or
+    None without input_grad, dW (3, 3, C, F), db (F,)).
+
+    Every step of forward run back through its adjoint, per piece of whole images: the output
+    transform's (dM = A dy A^T, two multiplies by A), the 36 GEMMs' (dU = V^T dM with V
+    recomputed from x, dV = dM U^T), the input transform's (B dV B^T per 6x6 block), and the
+    gathering of overlapping blocks (each block added back where it came from: neighbouring
+    blocks share two rows or columns), cropped to the image.
+    """
+    xp = array_module(dout)
+    _, x, U = cache
+    N, H, W, C = x.shape
+    F, th, tw = U.shape[-1], H // 4, W // 4
+    b_t, a_t = _matrices(dout.dtype, dout)
+    dU = xp.zeros((parallel.slots(dout), 36, C, F), dtype=dout.dtype)  # partial sums, one per worker
+    db = xp.zeros((parallel.slots(dout), F), dtype=dout.dtype)
+    dx = xp.empty((N, H, W, C), dtype=dout.dtype) if input_grad else None
+
+    def piece(n: slice, _: slice) -> None:
+        N_ = n.stop - n.start
+        P = N_ * th * tw
+        v = _input_transform(x, n, slice(0, th), b_t)
+        dy = scratch("w4_y", (4, 4, N_, th, tw, F), dout.dtype, dout)
+        xp.copyto(dy, dout[n].reshape(N_, th, 4, tw, 4, F).transpose(2, 4, 0, 1, 3, 5))
+        ds = scratch("w4_s", (4, 6, P * F), dout.dtype, dout)
+        xp.matmul(a_t.T, dy.reshape(4, 4, P * F), out=ds)     # adjoint of A^T along the columns
+        dm = scratch("w4_m", (6, 6 * P * F), dout.dtype, dout)
+        xp.matmul(a_t.T, ds.reshape(4, 6 * P * F), out=dm)    # then along the rows
+        dm = dm.reshape(36, P, F)
+        i = parallel.slot()
+        db[i] += column_sums(dm[BIAS_POSITION])
+        dU[i] += xp.matmul(v.transpose(0, 2, 1), dm, out=scratch("w4_dU", (36, C, F), dout.dtype, dout))
+        if dx is None:
+            return
+        dv = xp.matmul(dm, U.transpose(0, 2, 1), out=v)      # V is spent: dV = dM U^T goes there
+        de = scratch("w4_e", (6, 6, P * C), dout.dtype, dout)
+        xp.matmul(b_t.T, dv.reshape(6, 6, P * C), out=de)     # adjoint of B^T along the columns
+        dd = dv.reshape(6, 6 * P * C)
+        xp.matmul(b_t.T, de.reshape(6, 6 * P * C), out=dd)    # then along the rows
+        blocks = dd.reshape(6, 6, N_, th, tw, C)
+        dx_pad = scratch("pad", (N_, H + 2, W + 2, C), dout.dtype, dout)
+        dx_pad[...] = 0
+        for a in range(6):  # block (a, b) back onto padded pixel (4t + a, 4u + b): 36 strided adds
+            for b_ in range(6):
+                dx_pad[:, a:a + 4 * th:4, b_:b_ + 4 * tw:4] += blocks[a, b_]
+        xp.copyto(dx[n], dx_pad[:, 1:H + 1, 1:W + 1])
+
+    tiles = _tiles_per_piece(C, F, dout.itemsize)
+    parallel.run_pieces(piece, parallel.pieces(N, th, tw, dout, bands=False, target=tiles), dout)
+    return dx, filter_transform_adjoint(dU.sum(axis=0)), db.sum(axis=0)
+
+
+def filter_transform_adjoint(dU):
+    """Adjoint of filter_transform: (36, C, F) -> dw = G^T dU G, (3, 3, C, F)."""
+    xp = array_module(dU)
+    _, C, F = dU.shape
+    g_t = xp.asarray(G.T.astype(dU.dtype))                              # (3, 6)
+    rows = xp.matmul(g_t, dU.reshape(6, 6 * C * F))                     # (3, 6 C F): G^T along the rows
+    return xp.matmul(g_t, rows.reshape(3, 6, C * F)).reshape(3, 3, C, F)  # then the columns
