@@ -162,7 +162,7 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
     transform's (dM = A dy A^T, two multiplies by A), the 36 GEMMs' (dU = V^T dM with V
     recomputed from x, dV = dM U^T), the input transform's (B dV B^T per 6x6 block), and the
     gathering of overlapping blocks (each block added back where it came from: neighbouring
-    blocks share two rows or columns), cropped to the image.
+    blocks share two rows or columns; rows first, then columns), cropped to the image.
     """
     xp = array_module(dout)
     _, x, U = cache
@@ -194,13 +194,23 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
         xp.matmul(b_t.T, dv.reshape(6, 6, P * C), out=de)     # adjoint of B^T along the columns
         dd = dv.reshape(6, 6 * P * C)
         xp.matmul(b_t.T, de.reshape(6, 6 * P * C), out=dd)    # then along the rows
-        blocks = dd.reshape(6, 6, N_, th, tw, C)
-        dx_pad = scratch("pad", (N_, H + 2, W + 2, C), dout.dtype, dout)
-        dx_pad[...] = 0
-        for a in range(6):  # block (a, b) back onto padded pixel (4t + a, 4u + b): 36 strided adds
-            for b_ in range(6):
-                dx_pad[:, a:a + 4 * th:4, b_:b_ + 4 * tw:4] += blocks[a, b_]
-        xp.copyto(dx[n], dx_pad[:, 1:H + 1, 1:W + 1])
+        blocks = dd.reshape(6, 6, N_, th, tw, C)  # block row a, column b of tile (t, u) is padded pixel (4t + a, 4u + b)
+        # Rows first: rows[n, t, r, b, u] is padded row 4t + r; block rows 4 and 5 of tile t are
+        # rows 0 and 1 of tile t + 1 (the overlap of neighbouring blocks).
+        rows = scratch("w4_rows", (N_, th + 1, 4, 6, tw, C), dout.dtype, dout)
+        rows[:, th] = 0
+        for a in range(4):
+            xp.copyto(rows[:, :th, a], blocks[a].transpose(1, 2, 0, 3, 4))
+        for a in (4, 5):
+            rows[:, 1:, a - 4] += blocks[a].transpose(1, 2, 0, 3, 4)
+        # then columns the same way, into the padded image (N_, 4 th + 4, 4 tw + 4, C)
+        padded = scratch("pad", (N_, th + 1, 4, tw + 1, 4, C), dout.dtype, dout)
+        padded[:, :, :, tw] = 0
+        for b_ in range(4):
+            xp.copyto(padded[:, :, :, :tw, b_], rows[:, :, :, b_])
+        for b_ in (4, 5):
+            padded[:, :, :, 1:, b_ - 4] += rows[:, :, :, b_]
+        xp.copyto(dx[n], padded.reshape(N_, 4 * th + 4, 4 * tw + 4, C)[:, 1:H + 1, 1:W + 1])
 
     tiles = _tiles_per_piece(C, F, dout.itemsize)
     parallel.run_pieces(piece, parallel.pieces(N, th, tw, dout, bands=False, target=tiles), dout)
