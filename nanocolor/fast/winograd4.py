@@ -110,11 +110,13 @@ def _input_transform(x, n: slice, t: slice, b_t):
 
 
 def _matrices(dtype, like) -> tuple:
+    """(B^T, A^T) in `dtype`, on the array module of `like`."""
     xp = array_module(like)
     return xp.asarray(B_T.astype(dtype)), xp.asarray(A_T.astype(dtype))
 
 
 def _tiles_per_piece(C: int, F: int, itemsize: int) -> int:
+    """Tiles per piece of work: transformed arrays of about PIECE_BYTES."""
     return max(16, PIECE_BYTES // (36 * max(C, F) * itemsize))
 
 
