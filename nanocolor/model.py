@@ -94,7 +94,8 @@ class ColorNet:
 
     def eval(self) -> "ColorNet":
         """Inference mode (the default): BatchNorm uses its running statistics (the fast engine folds
-        it into the conv before it), and forward keeps nothing for a backward."""
+        it into the conv before it); forward need not keep anything for a backward (the fast
+        engine's fused blocks keep nothing), and `backward` refuses to run."""
         self.training = False
         for layer in self.layers:
             if isinstance(layer, BatchNorm2d):
