@@ -148,6 +148,7 @@ def test_engine_choice_and_fallback(monkeypatch):
     assert path("gemm", 32, 32) == "gemm"
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
     assert path("auto", 32, 32) == "winograd4"          # sizes that divide by 4: F(4x4, 3x3)
+    assert path("auto", 128, 32) == "winograd4"         # few outputs too: as fast as multiplying first
     assert path("auto", 32, 32, H=6) == "winograd"      # even sizes: F(2x2, 3x3)
     assert path("auto", 1, 32) == "gemm"                # too thin to pay off
     assert path("auto", 16, 16, H=6) == "winograd" and path("auto", 15, 32) == "gemm"

@@ -23,10 +23,12 @@ def test_float64_equals_im2col(shape, c_out, workers, rng):
     conv = make_conv(shape[-1], c_out, 3)
     x = rng.standard_normal(shape)
     expected = reference(x, conv)
-    got = winograd4.forward(x, conv.params["W"], conv.params["b"])
+    got, cache = winograd4.forward(x, conv.params["W"], conv.params["b"])
     np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11)
-    np.testing.assert_array_equal(winograd4.forward(x, conv.params["W"], conv.params["b"], relu=True),
+    np.testing.assert_array_equal(winograd4.forward(x, conv.params["W"], conv.params["b"], relu=True)[0],
                                   np.maximum(got, 0))
+    assert cache[0] == "winograd4" and cache[1] is x
+    np.testing.assert_array_equal(cache[2], winograd4.filter_transform(conv.params["W"]))
 
 
 @pytest.mark.parametrize("shape,c_out", [((2, 32, 32, 64), 32), ((4, 8, 8, 128), 256)])
@@ -38,8 +40,8 @@ def test_float32_error_against_the_float64_reference(shape, c_out, use_workers, 
     conv.params["W"] /= np.sqrt(9 * shape[-1])  # He-like scale: outputs of order 1
     x = rng.standard_normal(shape)
     expected = reference(x, conv)
-    got = winograd4.forward(x.astype(np.float32), conv.params["W"].astype(np.float32),
-                            conv.params["b"].astype(np.float32))
+    got, _ = winograd4.forward(x.astype(np.float32), conv.params["W"].astype(np.float32),
+                               conv.params["b"].astype(np.float32))
     assert got.dtype == np.float32
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
     assert np.abs(got - expected).max() < 2e-4
@@ -59,23 +61,8 @@ def test_same_result_with_one_worker_or_several(use_workers, rng):
     results = []
     for threads in (1, 3):
         use_workers(threads)
-        results.append(winograd4.forward(x, conv.params["W"], conv.params["b"]))
+        results.append(winograd4.forward(x, conv.params["W"], conv.params["b"])[0])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-13, atol=1e-13)
-
-
-def test_path_choice(monkeypatch):
-    def path(engine, c_in, c_out, H=8, W=8):
-        with fast.use_engine(engine):
-            return fast.conv2d_path(np.zeros((1, H, W, c_in)), np.zeros((3, 3, c_in, c_out)))
-
-    monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
-    assert path("auto", 32, 64) == "winograd4"
-    assert path("auto", 128, 32) == "winograd4"         # few outputs: still the fastest here
-    assert path("auto", 1, 32) == "gemm"                # too thin
-    assert path("auto", 32, 64, H=6) == "winograd"      # 6 rows: F(2x2, 3x3) tiles, not F(4x4, 3x3)
-    assert path("auto", 128, 32, H=6) == "gemm"         # and there few outputs multiply first
-    assert path("winograd", 32, 64) == "winograd"       # the engine asked for
-    assert path("gemm", 32, 64) == "gemm" and path("im2col", 32, 64) == "im2col"
 
 
 @pytest.mark.parametrize("shape,c_out", CASES)
@@ -87,10 +74,8 @@ def test_backward_float64_equals_im2col(shape, c_out, input_grad, workers, rng):
         conv.forward(x)
         dx_expected = conv.backward(dout)
         dw_expected, db_expected = conv.grads["W"], conv.grads["b"]
-    U = winograd4.filter_transform(conv.params["W"])
-    out = winograd4.convolve(x, U, conv.params["b"])
-    np.testing.assert_allclose(out, winograd4.forward(x, conv.params["W"], conv.params["b"]), rtol=0, atol=0)
-    dx, dw, db = winograd4.backward(dout, ("winograd4", x, U), input_grad)
+    _, cache = winograd4.forward(x, conv.params["W"], conv.params["b"])
+    dx, dw, db = winograd4.backward(dout, cache, input_grad)
     np.testing.assert_allclose(dw, dw_expected, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(db, db_expected, rtol=1e-11, atol=1e-11)
     if input_grad:

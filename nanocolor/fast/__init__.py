@@ -112,8 +112,7 @@ def conv2d_forward(x, w, b, path: str, relu: bool = False) -> tuple:
     if path == "winograd":
         return winograd.forward(x, w, b, relu)
     if path == "winograd4":
-        U = winograd4.filter_transform(w)
-        return winograd4.convolve(x, U, b, relu), ("winograd4", x, U)
+        return winograd4.forward(x, w, b, relu)
     if path == "gemm":
         return gemm.forward(x, w, b, relu)
     raise ValueError(f"the fast engine has no conv path {path!r}")

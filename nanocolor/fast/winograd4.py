@@ -1,5 +1,5 @@
 """Winograd F(4x4, 3x3): 4x fewer multiplies than direct convolution (F(2x2, 3x3) in
-winograd.py: 2.25x), at a larger float32 rounding error; forward (`convolve`) and backward.
+winograd.py: 2.25x), at a larger float32 rounding error; forward and backward.
 
 Each 4x4 block ("tile") of output pixels comes from the 6x6 block of padded input around it
 (Lavin & Gray, 2016):
@@ -120,15 +120,11 @@ def _tiles_per_piece(C: int, F: int, itemsize: int) -> int:
     return max(16, PIECE_BYTES // (36 * max(C, F) * itemsize))
 
 
-def forward(x, w, b, relu: bool = False):
-    """'same' 3x3 convolution, x (N, H, W, C) -> out (N, H, W, F), max(out, 0) with `relu`."""
-    return convolve(x, filter_transform(w), b, relu)
-
-
-def convolve(x, U, b, relu: bool = False):
-    """forward with the filter already transformed: U (36, C, F) from filter_transform."""
+def forward(x, w, b, relu: bool = False) -> tuple:
+    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0)."""
     xp = array_module(x)
     N, H, W, C = x.shape
+    U = filter_transform(w)
     F = U.shape[-1]
     th, tw = H // 4, W // 4
     b_t, a_t = _matrices(x.dtype, x)
@@ -153,11 +149,11 @@ def convolve(x, U, b, relu: bool = False):
 
     work = parallel.pieces(N, th, tw, x, target=_tiles_per_piece(C, F, x.itemsize))
     parallel.run_pieces(piece, work, x)
-    return out
+    return out, ("winograd4", x, U)
 
 
 def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
-    """Backward of `convolve`, cache ("winograd4", x, U): dout (N, H, W, F) -> (dx (N, H, W, C) or
+    """Backward of `forward`, cache ("winograd4", x, U): dout (N, H, W, F) -> (dx (N, H, W, C) or
     None without input_grad, dW (3, 3, C, F), db (F,)).
 
     Every step of forward run back through its adjoint, per piece of whole images: the output
