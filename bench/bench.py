@@ -264,7 +264,7 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
                                               to_nchw(ab_true, torch_device))
     torch_loss.backward()
 
-    diffs = {"loss": rel_diff(loss, torch_loss.item())}
+    diffs = {"loss": rel_diff(float(loss), torch_loss.item())}  # float(): a 0-d device array, read back
     torch_grads = [from_torch_layout(getattr(module, attr).grad.detach().cpu().numpy())
                    for _, _, _, module, attr in pairs]
     for (name, layer, key, _, _), grad in zip(pairs, torch_grads):

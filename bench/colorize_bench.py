@@ -3,6 +3,7 @@
     python bench/colorize_bench.py                   # 1024x768, 5 MP and 20 MP, 3 runs each, a table
     python bench/colorize_bench.py --sizes 1024x768 --runs 5
     python bench/colorize_bench.py --json
+    python bench/colorize_bench.py --device gpu      # colorize.py --device gpu (CuPy)
 
 For each size a synthetic photo (smooth color gradients, shapes and noise, JPEG quality 90, so
 decoding and PNG compression cost what they cost on a photo) is written once to a temporary
@@ -98,6 +99,8 @@ def main(argv: list | None = None) -> int:
                         help="photo sizes WIDTHxHEIGHT (default: 1024x768 2592x1944 5472x3648)")
     parser.add_argument("--runs", type=int, default=3, help="colorize.py runs per size (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="passed to colorize.py (gpu: the network on CuPy; default cpu)")
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes]
     if args.runs < 1:
@@ -111,7 +114,8 @@ def main(argv: list | None = None) -> int:
             walls, peaks = [], []
             for run in range(args.runs):
                 out = Path(tmp) / f"out_{width}x{height}_{run}"
-                wall, peak = run_measured([sys.executable, "colorize.py", str(photo), "--output", str(out)])
+                wall, peak = run_measured([sys.executable, "colorize.py", str(photo), "--output", str(out),
+                                           "--device", args.device])
                 walls.append(wall)
                 peaks.append(peak)
             rows.append({"size": f"{width}x{height}", "megapixels": width * height / 1e6,
@@ -133,7 +137,7 @@ def main(argv: list | None = None) -> int:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"colorize.py, shipped weights, default work size; {cpu}, {os.cpu_count()} logical CPUs; "
+    print(f"colorize.py --device {args.device}, shipped weights, default work size; {cpu}, {os.cpu_count()} logical CPUs; "
           f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"{'photo':>12s}{'MP':>7s}{'wall s (median)':>17s}{'range':>16s}{'peak RSS MiB':>14s}")
     for row in rows:

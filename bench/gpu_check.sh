@@ -11,7 +11,8 @@
 #    'stand-in' cases run everywhere).
 # 3. bench/bench.py --device gpu: both configurations of the reference network, the U-Net default,
 #    and 128x128 batch 64, against PyTorch CUDA with TF32 off.
-# 4. A summary: device, CuPy and CUDA versions, test result, the bench table.
+# 4. bench/colorize_bench.py: colorize.py --device gpu and --device cpu on a 0.8 and a 20 MP photo.
+# 5. A summary: device, CuPy and CUDA versions, test result, the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,13 +41,19 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 } | tee "$OUT_DIR/summary.txt"
 
 echo "== tests/test_gpu.py" | tee -a "$OUT_DIR/summary.txt"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cupy 2>&1 | tee "$OUT_DIR/test_gpu.log" | tail -n 15
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cupy 2>&1 | tee "$OUT_DIR/test_gpu.log" | tail -n 15
 tail -n 1 "$OUT_DIR/test_gpu.log" >> "$OUT_DIR/summary.txt"
 
 echo "== bench/bench.py --device gpu" | tee -a "$OUT_DIR/summary.txt"
-timeout 240 "$PY" bench/bench.py --device gpu --steps 10 --configs 128x128x16 64x64x32 128x128x64 \
+timeout 280 "$PY" bench/bench.py --device gpu --steps 10 --rounds 1 --configs 128x128x16 64x64x32 128x128x64 \
     --nets reference unet 2>&1 | tee "$OUT_DIR/bench_gpu.log" | tail -n 30
 tail -n 20 "$OUT_DIR/bench_gpu.log" >> "$OUT_DIR/summary.txt"
+
+echo "== bench/colorize_bench.py --device gpu, then cpu (this machine's CPUs)" | tee -a "$OUT_DIR/summary.txt"
+for device in gpu cpu; do
+    timeout 50 "$PY" bench/colorize_bench.py --device $device --sizes 1024x768 5472x3648 --runs 2 2>&1 \
+        | tee -a "$OUT_DIR/summary.txt"
+done
 
 echo "== summary ($OUT_DIR/summary.txt)"
 cat "$OUT_DIR/summary.txt"

@@ -37,9 +37,12 @@ def _unwrap(value, allow_host: bool = False):
 
 
 def _wrap(value):
-    """NumPy results -> device arrays (also inside tuples); scalars stay scalars, as 0-d stay arrays."""
+    """NumPy results -> device arrays (also inside tuples). A NumPy scalar (a reduction's result, an
+    element) becomes a 0-d device array, as CuPy's do; Python numbers and dtypes stay as they are."""
     if isinstance(value, np.ndarray):
         return DeviceArray(value)
+    if isinstance(value, np.generic):
+        return DeviceArray(np.asarray(value))
     if isinstance(value, tuple):
         return tuple(_wrap(v) for v in value)
     if isinstance(value, list):
@@ -160,8 +163,16 @@ def make_module() -> types.ModuleType:
         def use(self) -> None:
             pass
 
+        def synchronize(self) -> None:
+            pass
+
+    class MemoryPool:
+        def total_bytes(self) -> int:
+            return 0
+
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=CUDARuntimeError)
     fake.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)
+    fake.get_default_memory_pool = MemoryPool
     return fake
 
 

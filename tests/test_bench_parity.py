@@ -121,3 +121,20 @@ def test_blas_line_names_the_kernel_and_warns_when_the_environment_forces_one(mo
     monkeypatch.setattr(bench, "native_blas_kernel", lambda: "Zen")
     _, warning = bench.blas_line()
     assert "OPENBLAS_CORETYPE=Prescott" in warning and "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in warning
+
+
+def test_bench_gpu_side_keeps_device_arrays_off_numpy(monkeypatch):
+    # --device gpu under the CuPy stand-in (tests/fake_gpu.py), PyTorch on the CPU: the parity check
+    # and the timed loop must read device arrays back explicitly, as CuPy demands
+    import fake_gpu
+    from nanocolor import backend
+    fake_gpu.install(monkeypatch)
+    torch.set_num_threads(1)
+    backend.use_device("gpu")
+    try:
+        diffs = bench.check_parity(bench.nanocolor_net("unet"), bench.torch_net("unet"), *bench.make_batch(16, 16, 2))
+        timings = bench.run_nanocolor(16, 16, 2, warmup=1, steps=1, device="gpu", net="unet")
+    finally:
+        backend.use_device("cpu")
+    assert max(diffs.values()) < bench.PARITY_TOL_FLOAT32, diffs
+    assert timings["train_s"] > 0 and timings["infer_s"] > 0 and "gpu_pool_mb" in timings
