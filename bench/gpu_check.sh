@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, in one go (under 8 minutes on one H100): CuPy against NumPy, and the race
+# The GPU check, in one go (3 minutes on one H100): CuPy against NumPy, and the race
 # against PyTorch CUDA.
 #
 #   bash bench/gpu_check.sh            # from the repository root, on a machine with an NVIDIA GPU
