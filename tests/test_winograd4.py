@@ -67,14 +67,16 @@ def test_same_result_with_one_worker_or_several(use_workers, rng):
 
 @pytest.mark.parametrize("shape,c_out", CASES)
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_backward_float64_equals_im2col(shape, c_out, input_grad, workers, rng):
+@pytest.mark.parametrize("keep_v", [True, False])  # V kept by the forward, or computed again from x
+def test_backward_float64_equals_im2col(shape, c_out, input_grad, keep_v, workers, rng):
     conv = make_conv(shape[-1], c_out, 3)
     x, dout = rng.standard_normal(shape), rng.standard_normal(shape[:3] + (c_out,))
     with fast.use_engine("im2col"):
         conv.forward(x)
         dx_expected = conv.backward(dout)
         dw_expected, db_expected = conv.grads["W"], conv.grads["b"]
-    _, cache = winograd4.forward(x, conv.params["W"], conv.params["b"])
+    _, cache = winograd4.forward(x, conv.params["W"], conv.params["b"], keep_v=keep_v)
+    assert (cache[3] is not None) == keep_v
     dx, dw, db = winograd4.backward(dout, cache, input_grad)
     np.testing.assert_allclose(dw, dw_expected, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(db, db_expected, rtol=1e-11, atol=1e-11)
@@ -102,7 +104,7 @@ def test_float32_gradient_error_against_the_float64_reference(use_workers, rng):
         dx_expected = conv.backward(dout)
         dw_expected = conv.grads["W"]
     U = winograd4.filter_transform(conv.params["W"].astype(np.float32))
-    dx, dw, _ = winograd4.backward(dout.astype(np.float32), ("winograd4", x.astype(np.float32), U))
+    dx, dw, _ = winograd4.backward(dout.astype(np.float32), ("winograd4", x.astype(np.float32), U, None))
     assert dx.dtype == dw.dtype == np.float32
     for got, expected in ((dx, dx_expected), (dw, dw_expected)):
         assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5

@@ -221,7 +221,7 @@ def fused_block_forward(layers: list, x, inference: bool = False):
         if type(bn) is not BatchNorm2d:
             return None
         if bn.training:  # the ReLU in BatchNorm's normalizing pass; fused_block_backward runs back through both
-            out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w))
+            out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), previous=getattr(conv, "cache", None))
             relu.cache = None
             return batchnorm2d_forward(bn, out, relu=True)
         scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
@@ -229,10 +229,10 @@ def fused_block_forward(layers: list, x, inference: bool = False):
         b = (bn.params["beta"] + (b - bn.buffers["running_mean"]) * scale).astype(w.dtype)
         inference = True
     if inference:
-        out, _ = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)
+        out, _ = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True, inference=True)
         conv.cache = relu.cache = None  # nothing for a backward
         return out
-    out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)
+    out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True, previous=getattr(conv, "cache", None))
     relu.cache = ("fast", out)
     return out
 

@@ -90,8 +90,9 @@ def filter_transform(w):
     return U.reshape(36, C, F)
 
 
-def _input_transform(x, n: slice, t: slice, b_t):
-    """V = B^T x_tile B for tile rows t of images n of x (N, H, W, C): (36, P, C) in scratch."""
+def _input_transform(x, n: slice, t: slice, b_t, out=None):
+    """V = B^T x_tile B for tile rows t of images n of x (N, H, W, C): (36, P, C), in `out`
+    ((6, 6, P, C)) when given, else in scratch."""
     xp = array_module(x)
     C, tw = x.shape[3], x.shape[2] // 4
     N_, T_ = n.stop - n.start, t.stop - t.start
@@ -104,9 +105,17 @@ def _input_transform(x, n: slice, t: slice, b_t):
     xp.copyto(d, blocks)                                   # d[i, j, tile, c] = x_tile[i, j, c]
     e = scratch("w4_e", (6, 6 * P * C), x.dtype, x)
     xp.matmul(b_t, d.reshape(6, -1), out=e)                # B^T along the block's rows
-    v = d.reshape(6, 6, P * C)                             # d is spent: V goes there
+    v = (d if out is None else out).reshape(6, 6, P * C)   # d is spent: V goes there unless kept
     xp.matmul(b_t, e.reshape(6, 6, P * C), out=v)          # then along its columns
     return v.reshape(36, P, C)
+
+
+def _tile_range(n: slice, t: slice, th: int, tw: int) -> slice:
+    """The tiles of a piece (images n, tile rows t) in tile order (image, row, column): one
+    contiguous range, as every piece is whole images or a band of one image."""
+    start, stop = (n.start * th + t.start) * tw, ((n.stop - 1) * th + t.stop) * tw
+    assert stop - start == (n.stop - n.start) * (t.stop - t.start) * tw, "a piece must be contiguous tiles"
+    return slice(start, stop)
 
 
 def _matrices(dtype, like) -> tuple:
@@ -120,8 +129,12 @@ def _tiles_per_piece(C: int, F: int, itemsize: int) -> int:
     return max(16, PIECE_BYTES // (36 * max(C, F) * itemsize))
 
 
-def forward(x, w, b, relu: bool = False) -> tuple:
-    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0)."""
+def forward(x, w, b, relu: bool = False, keep_v: bool = False, previous: tuple | None = None) -> tuple:
+    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0).
+    With `keep_v` the cache keeps the transformed input V (2.25x the size of x), which backward
+    would otherwise compute again from x; without it (inference) V stays in scratch. `previous`,
+    the cache this one replaces, lends its V when the shape matches: written in place, it costs no
+    fresh pages (tens of MB, which the allocator hands back to the system between steps)."""
     xp = array_module(x)
     N, H, W, C = x.shape
     U = filter_transform(w)
@@ -129,11 +142,16 @@ def forward(x, w, b, relu: bool = False) -> tuple:
     th, tw = H // 4, W // 4
     b_t, a_t = _matrices(x.dtype, x)
     out = xp.empty((N, H, W, F), dtype=x.dtype)
+    V = None
+    if keep_v:
+        V = previous[3] if previous is not None and previous[0] == "winograd4" else None
+        if V is None or V.shape != (6, 6, N * th * tw, C) or V.dtype != x.dtype:
+            V = xp.empty((6, 6, N * th * tw, C), dtype=x.dtype)
 
     def piece(n: slice, t: slice) -> None:
         N_, T_ = n.stop - n.start, t.stop - t.start
         P = N_ * T_ * tw
-        v = _input_transform(x, n, t, b_t)
+        v = _input_transform(x, n, t, b_t, None if V is None else V[:, :, _tile_range(n, t, th, tw)])
         m = xp.matmul(v, U, out=scratch("w4_m", (36, P, F), x.dtype, x))  # 36 GEMMs, one call
         m[BIAS_POSITION] += b
         s = scratch("w4_s", (4, 6 * P * F), x.dtype, x)
@@ -149,21 +167,21 @@ def forward(x, w, b, relu: bool = False) -> tuple:
 
     work = parallel.pieces(N, th, tw, x, target=_tiles_per_piece(C, F, x.itemsize))
     parallel.run_pieces(piece, work, x)
-    return out, ("winograd4", x, U)
+    return out, ("winograd4", x, U, V)
 
 
 def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
-    """Backward of `forward`, cache ("winograd4", x, U): dout (N, H, W, F) -> (dx (N, H, W, C) or
-    None without input_grad, dW (3, 3, C, F), db (F,)).
+    """Backward of `forward`, cache ("winograd4", x, U, V or None): dout (N, H, W, F) -> (dx
+    (N, H, W, C) or None without input_grad, dW (3, 3, C, F), db (F,)).
 
     Every step of forward run back through its adjoint, per piece of whole images: the output
-    transform's (dM = A dy A^T, two multiplies by A), the 36 GEMMs' (dU = V^T dM with V
-    recomputed from x, dV = dM U^T), the input transform's (B dV B^T per 6x6 block), and the
+    transform's (dM = A dy A^T, two multiplies by A), the 36 GEMMs' (dU = V^T dM with the V that
+    forward kept, or V computed again from x; dV = dM U^T), the input transform's (B dV B^T per 6x6 block), and the
     gathering of overlapping blocks (each block added back where it came from: neighbouring
     blocks share two rows or columns; rows first, then columns), cropped to the image.
     """
     xp = array_module(dout)
-    _, x, U = cache
+    _, x, U, V = cache
     N, H, W, C = x.shape
     F, th, tw = U.shape[-1], H // 4, W // 4
     b_t, a_t = _matrices(dout.dtype, dout)
@@ -174,7 +192,10 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
     def piece(n: slice, _: slice) -> None:
         N_ = n.stop - n.start
         P = N_ * th * tw
-        v = _input_transform(x, n, slice(0, th), b_t)
+        if V is None:
+            v = _input_transform(x, n, slice(0, th), b_t)
+        else:
+            v = V[:, :, _tile_range(n, slice(0, th), th, tw)].reshape(36, P, C)
         dy = scratch("w4_y", (4, 4, N_, th, tw, F), dout.dtype, dout)
         xp.copyto(dy, dout[n].reshape(N_, th, 4, tw, 4, F).transpose(2, 4, 0, 1, 3, 5))
         ds = scratch("w4_s", (4, 6, P * F), dout.dtype, dout)
@@ -187,7 +208,7 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
         dU[i] += xp.matmul(v.transpose(0, 2, 1), dm, out=scratch("w4_dU", (36, C, F), dout.dtype, dout))
         if dx is None:
             return
-        dv = xp.matmul(dm, U.transpose(0, 2, 1), out=v)      # V is spent: dV = dM U^T goes there
+        dv = xp.matmul(dm, U.transpose(0, 2, 1), out=scratch("w4_d", (36, P, C), dout.dtype, dout))  # dV = dM U^T
         de = scratch("w4_e", (6, 6, P * C), dout.dtype, dout)
         xp.matmul(b_t.T, dv.reshape(6, 6, P * C), out=de)     # adjoint of B^T along the columns
         dd = dv.reshape(6, 6 * P * C)
