@@ -108,3 +108,11 @@ def test_float32_gradient_error_against_the_float64_reference(use_workers, rng):
     assert dx.dtype == dw.dtype == np.float32
     for got, expected in ((dx, dx_expected), (dw, dw_expected)):
         assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
+
+
+def test_the_seam_keeps_v_for_training_only(rng):
+    x, w, b = rng.standard_normal((2, 8, 8, 16)), rng.standard_normal((3, 3, 16, 16)), np.zeros(16)
+    _, training_cache = fast.conv2d_forward(x, w, b, "winograd4")
+    _, inference_cache = fast.conv2d_forward(x, w, b, "winograd4", inference=True)
+    assert training_cache[3].shape == (6, 6, 2 * 2 * 2, 16)  # 36 positions x 8 tiles x 16 channels
+    assert inference_cache[3] is None  # no backward follows: V stays in scratch

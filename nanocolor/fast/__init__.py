@@ -22,7 +22,7 @@ per pass wait as often for a descheduled thread when other processes share the c
 
 The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F); b (F,)):
     conv2d_path(x, w)                             -> "im2col" | "gemm" | "winograd" | "winograd4"
-    conv2d_forward(x, w, b, path, relu, inference, previous) -> (out, cache)
+    conv2d_forward(x, w, b, path, relu, inference) -> (out, cache)
     conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
     maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
     likewise upsample2d_* and relu_*
@@ -106,16 +106,15 @@ def conv2d_path(x, w) -> str:
     return "gemm" if gemm.multiplies_first(C, F, k) else "winograd"
 
 
-def conv2d_forward(x, w, b, path: str, relu: bool = False, inference: bool = False,
-                   previous: tuple | None = None) -> tuple:
+def conv2d_forward(x, w, b, path: str, relu: bool = False, inference: bool = False) -> tuple:
     """'same' convolution by `path` ("gemm", "winograd" or "winograd4"): (out (N, H, W, F), cache);
     with `relu`, max(out, 0) computed in the GEMMs' epilogue. With `inference` no backward will
-    read the cache, so it keeps only what it costs nothing to keep. `previous`: the layer's last
-    cache, which the new one replaces; its buffers may be reused."""
+    read the cache, so it keeps only what it costs nothing to keep (Winograd F(4x4) keeps its
+    transformed input for a backward otherwise)."""
     if path == "winograd":
         return winograd.forward(x, w, b, relu)
     if path == "winograd4":
-        return winograd4.forward(x, w, b, relu, keep_v=not inference, previous=previous)
+        return winograd4.forward(x, w, b, relu, keep_v=not inference)
     if path == "gemm":
         return gemm.forward(x, w, b, relu)
     raise ValueError(f"the fast engine has no conv path {path!r}")

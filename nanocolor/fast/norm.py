@@ -221,7 +221,7 @@ def fused_block_forward(layers: list, x, inference: bool = False):
         if type(bn) is not BatchNorm2d:
             return None
         if bn.training:  # the ReLU in BatchNorm's normalizing pass; fused_block_backward runs back through both
-            out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), previous=getattr(conv, "cache", None))
+            out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w))
             relu.cache = None
             return batchnorm2d_forward(bn, out, relu=True)
         scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
@@ -232,7 +232,7 @@ def fused_block_forward(layers: list, x, inference: bool = False):
         out, _ = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True, inference=True)
         conv.cache = relu.cache = None  # nothing for a backward
         return out
-    out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True, previous=getattr(conv, "cache", None))
+    out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True)
     relu.cache = ("fast", out)
     return out
 

@@ -129,12 +129,10 @@ def _tiles_per_piece(C: int, F: int, itemsize: int) -> int:
     return max(16, PIECE_BYTES // (36 * max(C, F) * itemsize))
 
 
-def forward(x, w, b, relu: bool = False, keep_v: bool = False, previous: tuple | None = None) -> tuple:
+def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
     """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0).
     With `keep_v` the cache keeps the transformed input V (2.25x the size of x), which backward
-    would otherwise compute again from x; without it (inference) V stays in scratch. `previous`,
-    the cache this one replaces, lends its V when the shape matches: written in place, it costs no
-    fresh pages (tens of MB, which the allocator hands back to the system between steps)."""
+    would otherwise compute again from x; without it (inference) V stays in scratch."""
     xp = array_module(x)
     N, H, W, C = x.shape
     U = filter_transform(w)
@@ -142,11 +140,7 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False, previous: tuple |
     th, tw = H // 4, W // 4
     b_t, a_t = _matrices(x.dtype, x)
     out = xp.empty((N, H, W, F), dtype=x.dtype)
-    V = None
-    if keep_v:
-        V = previous[3] if previous is not None and previous[0] == "winograd4" else None
-        if V is None or V.shape != (6, 6, N * th * tw, C) or V.dtype != x.dtype:
-            V = xp.empty((6, 6, N * th * tw, C), dtype=x.dtype)
+    V = xp.empty((6, 6, N * th * tw, C), dtype=x.dtype) if keep_v else None
 
     def piece(n: slice, t: slice) -> None:
         N_, T_ = n.stop - n.start, t.stop - t.start
@@ -176,8 +170,8 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
 
     Every step of forward run back through its adjoint, per piece of whole images: the output
     transform's (dM = A dy A^T, two multiplies by A), the 36 GEMMs' (dU = V^T dM with the V that
-    forward kept, or V computed again from x; dV = dM U^T), the input transform's (B dV B^T per 6x6 block), and the
-    gathering of overlapping blocks (each block added back where it came from: neighbouring
+    forward kept, or else computed again from x; dV = dM U^T), the input transform's (B dV B^T
+    per 6x6 block), and the gathering of overlapping blocks (each block added back where it came from: neighbouring
     blocks share two rows or columns; rows first, then columns), cropped to the image.
     """
     xp = array_module(dout)
