@@ -27,7 +27,7 @@ def test_float64_equals_im2col(shape, c_out, workers, rng):
     np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11)
     np.testing.assert_array_equal(winograd4.forward(x, conv.params["W"], conv.params["b"], relu=True)[0],
                                   np.maximum(got, 0))
-    assert cache[0] == "winograd4" and cache[1] is x
+    assert cache[0] == "winograd4" and cache[1] == x.shape and cache[3] is x and cache[4] is None  # keeps x, not V
     np.testing.assert_array_equal(cache[2], winograd4.filter_transform(conv.params["W"]))
 
 
@@ -76,7 +76,7 @@ def test_backward_float64_equals_im2col(shape, c_out, input_grad, keep_v, worker
         dx_expected = conv.backward(dout)
         dw_expected, db_expected = conv.grads["W"], conv.grads["b"]
     _, cache = winograd4.forward(x, conv.params["W"], conv.params["b"], keep_v=keep_v)
-    assert (cache[3] is not None) == keep_v
+    assert (cache[4] is not None) == keep_v and (cache[3] is None) == keep_v  # V or x, never both
     dx, dw, db = winograd4.backward(dout, cache, input_grad)
     np.testing.assert_allclose(dw, dw_expected, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(db, db_expected, rtol=1e-11, atol=1e-11)
@@ -104,7 +104,7 @@ def test_float32_gradient_error_against_the_float64_reference(use_workers, rng):
         dx_expected = conv.backward(dout)
         dw_expected = conv.grads["W"]
     U = winograd4.filter_transform(conv.params["W"].astype(np.float32))
-    dx, dw, _ = winograd4.backward(dout.astype(np.float32), ("winograd4", x.astype(np.float32), U, None))
+    dx, dw, _ = winograd4.backward(dout.astype(np.float32), ("winograd4", x.shape, U, x.astype(np.float32), None))
     assert dx.dtype == dw.dtype == np.float32
     for got, expected in ((dx, dx_expected), (dw, dw_expected)):
         assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
@@ -114,5 +114,5 @@ def test_the_seam_keeps_v_for_training_only(rng):
     x, w, b = rng.standard_normal((2, 8, 8, 16)), rng.standard_normal((3, 3, 16, 16)), np.zeros(16)
     _, training_cache = fast.conv2d_forward(x, w, b, "winograd4")
     _, inference_cache = fast.conv2d_forward(x, w, b, "winograd4", inference=True)
-    assert training_cache[3].shape == (6, 6, 2 * 2 * 2, 16)  # 36 positions x 8 tiles x 16 channels
-    assert inference_cache[3] is None  # no backward follows: V stays in scratch
+    assert training_cache[4].shape == (6, 6, 2 * 2 * 2, 16)  # 36 positions x 8 tiles x 16 channels
+    assert inference_cache[4] is None  # no backward follows: V stays in scratch

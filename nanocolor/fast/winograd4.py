@@ -131,8 +131,8 @@ def _tiles_per_piece(C: int, F: int, itemsize: int) -> int:
 
 def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
     """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0).
-    With `keep_v` the cache keeps the transformed input V (2.25x the size of x), which backward
-    would otherwise compute again from x; without it (inference) V stays in scratch."""
+    With `keep_v` the cache keeps the transformed input V (2.25x the size of x) instead of x,
+    which backward would otherwise transform again; without it (inference) V stays in scratch."""
     xp = array_module(x)
     N, H, W, C = x.shape
     U = filter_transform(w)
@@ -161,12 +161,12 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
 
     work = parallel.pieces(N, th, tw, x, target=_tiles_per_piece(C, F, x.itemsize))
     parallel.run_pieces(piece, work, x)
-    return out, ("winograd4", x, U, V)
+    return out, ("winograd4", x.shape, U, x if V is None else None, V)
 
 
 def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
-    """Backward of `forward`, cache ("winograd4", x, U, V or None): dout (N, H, W, F) -> (dx
-    (N, H, W, C) or None without input_grad, dW (3, 3, C, F), db (F,)).
+    """Backward of `forward`, cache ("winograd4", x.shape, U, x or None, V or None): dout
+    (N, H, W, F) -> (dx (N, H, W, C) or None without input_grad, dW (3, 3, C, F), db (F,)).
 
     Every step of forward run back through its adjoint, per piece of whole images: the output
     transform's (dM = A dy A^T, two multiplies by A), the 36 GEMMs' (dU = V^T dM with the V that
@@ -175,8 +175,7 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
     blocks share two rows or columns; rows first, then columns), cropped to the image.
     """
     xp = array_module(dout)
-    _, x, U, V = cache
-    N, H, W, C = x.shape
+    _, (N, H, W, C), U, x, V = cache
     F, th, tw = U.shape[-1], H // 4, W // 4
     b_t, a_t = _matrices(dout.dtype, dout)
     dU = xp.zeros((parallel.slots(dout), 36, C, F), dtype=dout.dtype)  # partial sums, one per worker
