@@ -171,8 +171,9 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
     Every step of forward run back through its adjoint, per piece of whole images: the output
     transform's (dM = A dy A^T, two multiplies by A), the 36 GEMMs' (dU = V^T dM with the V that
     forward kept, or else computed again from x; dV = dM U^T), the input transform's (B dV B^T
-    per 6x6 block), and the gathering of overlapping blocks (each block added back where it came from: neighbouring
-    blocks share two rows or columns; rows first, then columns), cropped to the image.
+    per 6x6 block), and the gathering of overlapping blocks (each block added back where it came
+    from: neighbouring blocks share two rows or columns; rows first, then columns), cropped to
+    the image.
     """
     xp = array_module(dout)
     _, (N, H, W, C), U, x, V = cache
@@ -201,7 +202,8 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
         dU[i] += xp.matmul(v.transpose(0, 2, 1), dm, out=scratch("w4_dU", (36, C, F), dout.dtype, dout))
         if dx is None:
             return
-        dv = xp.matmul(dm, U.transpose(0, 2, 1), out=scratch("w4_d", (36, P, C), dout.dtype, dout))  # dV = dM U^T
+        dv = scratch("w4_d", (36, P, C), dout.dtype, dout)
+        xp.matmul(dm, U.transpose(0, 2, 1), out=dv)          # dV = dM U^T (a computed v is spent)
         de = scratch("w4_e", (6, 6, P * C), dout.dtype, dout)
         xp.matmul(b_t.T, dv.reshape(6, 6, P * C), out=de)     # adjoint of B^T along the columns
         dd = dv.reshape(6, 6 * P * C)
