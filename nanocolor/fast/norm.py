@@ -119,15 +119,10 @@ def batchnorm2d_backward(bn, dout):
         rows = x[n, y].reshape(-1, C)
         return xp.subtract(rows, mean, out=scratch("bn", rows.shape, x.dtype, x))
 
-    def d_piece(n: slice, y: slice):
-        """dout of one piece, (pixels, C), through the ReLU when there is one (then in scratch)."""
-        if relu_out is None:
-            return dout[n, y].reshape(-1, C)
-        d = scratch("bn_d", (dout[n, y].size // C, C), dout.dtype, dout)
-        return xp.multiply(dout[n, y].reshape(-1, C), relu_out[n, y].reshape(-1, C) > 0, out=d)
-
     def sums(n: slice, y: slice) -> None:
-        d = d_piece(n, y)
+        d = dout[n, y].reshape(-1, C)
+        if relu_out is not None:  # through the ReLU, into dx: the second pass reads it from there
+            d = xp.multiply(d, relu_out[n, y].reshape(-1, C) > 0, out=dx[n, y].reshape(-1, C))
         i = parallel.slot()
         partial[0, i] += column_sums(d)
         t = centred(n, y)
@@ -140,12 +135,13 @@ def batchnorm2d_backward(bn, dout):
     # dx = gamma / std * (d - mean(d) - x_hat * mean(d * x_hat)), in one pass
     scale = bn.params["gamma"] * inv_std
     a, c = dgamma / P * inv_std, dbeta / P  # x_hat * mean(d * x_hat) = (x - mean) * a
+    d_all = dout if relu_out is None else dx  # d, through the ReLU when there is one
 
     def grad(n: slice, y: slice) -> None:
         g = dx[n, y]
         t = centred(n, y)
         t *= a
-        xp.subtract(d_piece(n, y).reshape(g.shape), t.reshape(g.shape), out=g)
+        xp.subtract(d_all[n, y].reshape(t.shape), t, out=g.reshape(t.shape))
         g -= c
         g *= scale
 
