@@ -37,6 +37,8 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     fused_in_training(layers) -> bool, fused_block_backward(layers, dout) -> the conv's dx: the
         backward of a Conv2d + BatchNorm2d + ReLU block that fused_block_forward ran in training
     upsample_concat_forward(up, cat, x, skip) -> out or None: Upsample2d + Concat as one pass
+    upsample_conv_forward(layers, x, skip) -> out or None: in inference, Upsample2d (+ Concat) and
+        a head block whose conv multiplies first, that conv's upsampled part at x's resolution
 A cache is a tuple whose first item names the path that made it.
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ import numpy as np
 
 from . import gemm, parallel, winograd, winograd4
 from .norm import (batchnorm2d_backward, batchnorm2d_forward, concat_backward, concat_forward,  # noqa: F401
-                   fused_block_backward, fused_block_forward, fused_in_training, upsample_concat_forward)
+                   fused_block_backward, fused_block_forward, fused_in_training, upsample_concat_forward,
+                   upsample_conv_forward)
 from .resample import (maxpool2d_backward, maxpool2d_forward, relu_backward, relu_forward,  # noqa: F401
                        upsample2d_backward, upsample2d_forward)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from . import parallel
+from . import gemm, parallel
 from .gemm import column_sums
 from .workspace import scratch
 
@@ -192,6 +192,28 @@ def upsample_concat_forward(up, cat, x, skip):
 
     parallel.map_rows(piece, N, H, 4 * W, x)
     up.cache, cat.split = ("fast",), C
+    return out
+
+
+def upsample_conv_forward(layers: list, x, skip=None):
+    """Inference of Upsample2d (then Concat with `skip`, if given) and the block `layers` after
+    them, when that block starts with a 3x3 conv of few outputs (the network's head): the conv
+    multiplies first (gemm.multiply_then_shift) and takes the upsampled channels' products at x's
+    resolution, so no upsampled or joined map is made. x (N, H, W, C), skip (N, 2H, 2W, Cs) ->
+    the block's output; None when this does not apply (the caller runs the layers)."""
+    from .. import fast  # the package: engine state
+    from ..layers import Conv2d
+
+    conv = layers[0]
+    if not fast.enabled() or x.ndim != 4 or type(conv) is not Conv2d:
+        return None
+    w = conv.params["W"]
+    if not gemm.multiplies_first(w.shape[2], w.shape[3], w.shape[0]):
+        return None
+    out = gemm.multiply_then_shift(skip, w, conv.bias, upsampled=x)
+    conv.cache = None  # nothing for a backward
+    for layer in layers[1:]:
+        out = layer.forward(out)
     return out
 
 
