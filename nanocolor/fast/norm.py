@@ -120,9 +120,10 @@ def batchnorm2d_backward(bn, dout):
         return xp.subtract(rows, mean, out=scratch("bn", rows.shape, x.dtype, x))
 
     def sums(n: slice, y: slice) -> None:
-        d = dout[n, y].reshape(-1, C)
+        d = dout[n, y]
         if relu_out is not None:  # through the ReLU, into dx: the second pass reads it from there
-            d = xp.multiply(d, relu_out[n, y].reshape(-1, C) > 0, out=dx[n, y].reshape(-1, C))
+            d = xp.multiply(d, relu_out[n, y] > 0, out=dx[n, y])
+        d = d.reshape(-1, C)
         i = parallel.slot()
         partial[0, i] += column_sums(d)
         t = centred(n, y)
@@ -141,7 +142,7 @@ def batchnorm2d_backward(bn, dout):
         g = dx[n, y]
         t = centred(n, y)
         t *= a
-        xp.subtract(d_all[n, y].reshape(t.shape), t, out=g.reshape(t.shape))
+        xp.subtract(d_all[n, y], t.reshape(g.shape), out=g)
         g -= c
         g *= scale
 
