@@ -133,15 +133,11 @@ class ColorNet:
             x = _forward(block, x, inference)
             skips.append(x)  # the U-Net's decoder reads it again at this size
             x = pool.forward(x)
-        x = _forward(self.bottleneck, x, inference)
+        x, before = _forward(self.bottleneck, x, inference), None
         for (block, up, cat), skip in zip(self.up, reversed(skips)):
-            x = _forward(block, x, inference)
-            if inference and block is self.up[-1][0]:  # the last upsampling feeds the head
-                out = fast.upsample_conv_forward(self.head, x, skip if cat else None)  # its conv at x's size
-                if out is not None:
-                    return out
-            x = _upsample_concat(up, cat, x, skip) if cat else up.forward(x)
-        return _forward(self.head, x, inference)
+            x = _forward_after(before, block, x, inference)
+            before = (up, cat, skip if cat else None)  # runs as part of the next block
+        return _forward_after(before, self.head, x, inference)
 
     __call__ = forward
 
@@ -151,14 +147,15 @@ class ColorNet:
         if not self.training:
             raise RuntimeError("backward needs a forward pass in training mode: call model.train() first "
                                "(in eval mode forward keeps nothing for a backward)")
-        d, d_skips = _backward(self.head, d_ab), []
-        for block, up, cat in reversed(self.up):
-            if cat:
-                d, d_skip = cat.backward(d)
+        blocks = [block for block, _, _ in self.up] + [self.head]
+        befores = [None] + [(up, cat) for _, up, cat in self.up]  # what ran before each block
+        d, d_skips = d_ab, []
+        for layers, before in zip(reversed(blocks), reversed(befores)):
+            d, d_skip = _backward_after(before, layers, d)
+            if before is not None:
                 d_skips.append(d_skip)
-            d = _backward(block, up.backward(d))
         d = _backward(self.bottleneck, d)
-        for (block, pool), d_skip in zip(reversed(self.down), reversed(d_skips) if d_skips else [None] * len(self.down)):
+        for (block, pool), d_skip in zip(reversed(self.down), reversed(d_skips)):
             d = pool.backward(d)
             if d_skip is not None:  # the encoder's map fed both the pool and the skip: gradients add
                 d += d_skip
@@ -246,9 +243,36 @@ def _forward(layers: list, x, inference: bool):
     return x
 
 
-def _upsample_concat(up, cat, x, skip):
-    joined = fast.upsample_concat_forward(up, cat, x, skip)  # both layers in one pass over the joined map
-    return joined if joined is not None else cat.forward(up.forward(x), skip)
+def _forward_after(before, layers: list, x, inference: bool):
+    """The block `layers` on x, after the Upsample2d (then Concat with skip) of `before` =
+    (up, cat or None, skip or None) when it is not None."""
+    if before is None:
+        return _forward(layers, x, inference)
+    up, cat, skip = before
+    out = fast.upsampled_block_forward(up, cat, layers, x, skip, inference)  # the conv at x's size
+    if out is not None:
+        return out
+    if cat:
+        joined = fast.upsample_concat_forward(up, cat, x, skip)  # both layers in one pass over the joined map
+        x = joined if joined is not None else cat.forward(up.forward(x), skip)
+    else:
+        x = up.forward(x)
+    return _forward(layers, x, inference)
+
+
+def _backward_after(before, layers: list, d) -> tuple:
+    """Backward of _forward_after, before = (up, cat or None) or None: (gradient of its x, of
+    its skip or None)."""
+    if before is None:
+        return _backward(layers, d), None
+    grads = fast.upsampled_block_backward(layers, d)
+    if grads is not None:
+        return grads
+    up, cat = before
+    d, d_skip = _backward(layers, d), None
+    if cat:
+        d, d_skip = cat.backward(d)
+    return up.backward(d), d_skip
 
 
 def _backward(layers: list, d):

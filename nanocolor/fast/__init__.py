@@ -51,7 +51,7 @@ import numpy as np
 from . import gemm, parallel, winograd, winograd4
 from .norm import (batchnorm2d_backward, batchnorm2d_forward, concat_backward, concat_forward,  # noqa: F401
                    fused_block_backward, fused_block_forward, fused_in_training, upsample_concat_forward,
-                   upsample_conv_forward)
+                   upsampled_block_backward, upsampled_block_forward)
 from .resample import (maxpool2d_backward, maxpool2d_forward, relu_backward, relu_forward,  # noqa: F401
                        upsample2d_backward, upsample2d_forward)
 

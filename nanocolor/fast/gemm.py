@@ -190,24 +190,20 @@ def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):
 
     x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F); with `relu`, max(that, 0).
     With `upsampled` (N, H/2, W/2, Cu) the conv's input is concat(upsample2x(upsampled), x) along
-    channels (x may be None): those Cu channels' products are taken at the low resolution and
-    upsampled, as a per-pixel product commutes with nearest-neighbour upsampling (4x fewer
-    multiplies there, and no upsampled map is made).
+    channels: those Cu channels' products are taken at the low resolution and added into x's
+    products upsampled, as a per-pixel product commutes with nearest-neighbour upsampling (4x
+    fewer multiplies there, and no upsampled or joined map is made).
     The products are channels-last (each shifted add runs over F contiguous values, written into
     the output directly) when F >= CHANNELS_LAST_MIN_F, else channels-first (the adds run along W,
     then one transposing copy): measured ~20% faster each in its range.
     """
-    source = x if upsampled is None else upsampled  # gives the array module, dtype and batch
-    xp = array_module(source)
+    xp = array_module(x)
     k, C, F, p = w.shape[0], w.shape[2], w.shape[-1], w.shape[0] // 2
-    if x is not None:
-        N, H, W = x.shape[:3]
-    else:
-        N, H, W = upsampled.shape[0], 2 * upsampled.shape[1], 2 * upsampled.shape[2]
+    N, H, W = x.shape[:3]
     Cu = 0 if upsampled is None else upsampled.shape[-1]
     channels_last = F >= CHANNELS_LAST_MIN_F
     w_taps = xp.ascontiguousarray(w.transpose(2, 0, 1, 3).reshape(C, k * k * F))  # columns (i, j, f)
-    out = xp.empty((N, H, W, F), dtype=source.dtype)
+    out = xp.empty((N, H, W, F), dtype=x.dtype)
 
     def shifted_add(acc, y_tap, i: int, j: int) -> None:
         """acc[.., y, x] += y_tap[.., y + dy, x + dx] over the pixels where both exist."""
@@ -218,19 +214,13 @@ def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):
     def products(n: slice):
         """Y of images n: (N_ * H * W, k*k*F) in scratch."""
         N_ = n.stop - n.start
-        y = scratch("taps", (N_ * H * W, k * k * F), source.dtype, source)
-        if x is not None:
-            xp.matmul(x[n].reshape(-1, C - Cu), w_taps[Cu:], out=y)
+        y = xp.matmul(x[n].reshape(-1, C - Cu), w_taps[Cu:], out=scratch("taps", (N_ * H * W, k * k * F), x.dtype, x))
         if upsampled is None:
             return y
         y_low = xp.matmul(upsampled[n].reshape(-1, Cu), w_taps[:Cu],
-                          out=scratch("taps_low", (N_ * H * W // 4, k * k * F), source.dtype, source))
+                          out=scratch("taps_low", (N_ * H * W // 4, k * k * F), x.dtype, x))
         blocks = y.reshape(N_, H // 2, 2, W // 2, 2, k * k * F)  # [n, y, r, x, q] is pixel (2y + r, 2x + q)
-        low = y_low.reshape(N_, H // 2, 1, W // 2, 1, k * k * F)
-        if x is None:
-            xp.copyto(blocks, low)
-        else:
-            blocks += low
+        blocks += y_low.reshape(N_, H // 2, 1, W // 2, 1, k * k * F)
         return y
 
     def piece(n: slice, _: slice) -> None:
@@ -248,9 +238,9 @@ def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):
         # Channels-first products (k, k, F, N_, H, W): each tap's shifted slice-add runs along W.
         # x @ W first, then one transposing copy of the thin product: a GEMM that streams x as it
         # lies, measured 1.3-1.5x faster than W @ x^T.
-        y = scratch("taps_t", (k, k, F, N_, H, W), source.dtype, source)
+        y = scratch("taps_t", (k, k, F, N_, H, W), x.dtype, x)
         xp.copyto(y, products(n).reshape(N_, H, W, k, k, F).transpose(3, 4, 5, 0, 1, 2))
-        acc = scratch("taps_sum", (F, N_, H, W), source.dtype, source)
+        acc = scratch("taps_sum", (F, N_, H, W), x.dtype, x)
         xp.add(y[p, p], b.reshape(F, 1, 1, 1), out=acc)
         for i, j in others:
             shifted_add(acc, y[i, j], i, j)
@@ -259,5 +249,5 @@ def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):
         else:
             xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
 
-    parallel.run_pieces(piece, parallel.pieces(N, H, W, source, bands=False), source)
+    parallel.run_pieces(piece, parallel.pieces(N, H, W, x, bands=False), x)
     return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from . import gemm, parallel
+from . import gemm, parallel, upsampled
 from .gemm import column_sums
 from .workspace import scratch
 
@@ -196,30 +196,90 @@ def upsample_concat_forward(up, cat, x, skip):
     return out
 
 
-def upsample_conv_forward(layers: list, x, skip=None):
-    """Inference of Upsample2d (then Concat with `skip`, if given) and the block `layers` after
-    them, when that block starts with a 3x3 conv of few outputs (the network's head): the conv
-    multiplies first (gemm.multiply_then_shift) and takes the upsampled channels' products at x's
-    resolution, so no upsampled or joined map is made. x (N, H, W, C), skip (N, 2H, 2W, Cs) ->
-    the block's output; None when this does not apply (the caller runs the layers)."""
-    from .. import fast  # the package: engine state
-    from ..layers import Conv2d
+def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
+    """Upsample2d (then Concat with `skip`, if given) and the block `layers` after them, with the
+    block's conv taken at x's resolution: x (N, h, w, C), skip (N, 2h, 2w, Cs) -> the block's output;
+    None when this does not apply (the textbook engine, the "gemm" and "winograd" engines, a GPU,
+    a kernel other than 3x3: the caller runs the layers).
 
-    conv = layers[0]
+    The conv's upsampled channels run through upsampled.py (four output phases of 2x2 taps at the
+    low resolution) and add into the skip channels' conv by the engine's own path; no upsampled or
+    joined map is made. In inference, a conv after a Concat that multiplies first where the
+    engine would run it by gemm.py (the head: few outputs) instead adds the upsampled channels'
+    products into the skip's before its shifted adds (gemm.multiply_then_shift): one pass fewer.
+    BatchNorm in inference folds into the conv, and a ReLU right after the conv (or after a
+    folded BatchNorm) runs in its last pass; the block leaves the caches upsampled_block_backward
+    reads.
+    """
+    from .. import fast  # the package: engine state and conv seam
+    from ..layers import BatchNorm2d, Conv2d, ReLU
+
+    conv, rest = layers[0], list(layers[1:])
     if not fast.enabled() or x.ndim != 4 or type(conv) is not Conv2d:
         return None
-    w = conv.params["W"]
-    if not gemm.multiplies_first(w.shape[2], w.shape[3], w.shape[0]):
+    xp, (N, h, w_, C) = array_module(x), x.shape
+    w, b = conv.params["W"], conv.bias
+    k, F = w.shape[0], w.shape[-1]
+    bn = rest[0] if rest and type(rest[0]) is BatchNorm2d else None
+    if bn is not None and not bn.training:  # folded into the conv, as fused_block_forward does
+        scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
+        w = w * scale.astype(w.dtype)
+        b = (bn.params["beta"] + (b - bn.buffers["running_mean"]) * scale).astype(w.dtype)
+        rest, bn = rest[1:], None
+    relu = rest[0] if bn is None and rest and type(rest[0]) is ReLU else None  # into the conv's last pass
+    joined = xp.broadcast_to(x[:1, :1, :1, :1], (N, 2 * h, 2 * w_, w.shape[2]))  # its shape, no data
+    if inference and skip is not None and gemm.multiplies_first(w.shape[2], F, k) and \
+            fast.conv2d_path(joined, w) == "gemm":
+        out, skip_cache = gemm.multiply_then_shift(skip, w, b, relu is not None, upsampled=x), None
+    elif fast.get_engine() == "auto" and isinstance(x, np.ndarray) and upsampled.applies(k):
+        if skip is None:
+            out = xp.empty((N, 2 * h, 2 * w_, F), dtype=x.dtype)
+            upsampled.add_forward(x, w, out, b=b, relu=relu is not None)
+            skip_cache = None
+        else:
+            w_skip = xp.ascontiguousarray(w[:, :, C:])
+            out, skip_cache = fast.conv2d_forward(skip, w_skip, b, fast.conv2d_path(skip, w_skip), inference=inference)
+            upsampled.add_forward(x, xp.ascontiguousarray(w[:, :, :C]), out, relu=relu is not None)
+    else:
         return None
-    N, H, W, _ = x.shape
-    joined = array_module(x).broadcast_to(x[:1, :1, :1, :1], (N, 2 * H, 2 * W, w.shape[2]))  # its shape, no data
-    if fast.conv2d_path(joined, w) != "gemm":
-        return None  # the engine runs this conv another way (Winograd, the textbook)
-    out = gemm.multiply_then_shift(skip, w, conv.bias, upsampled=x)
-    conv.cache = None  # nothing for a backward
-    for layer in layers[1:]:
+    conv.cache = None if inference else ("upsampled", x, skip_cache)
+    if relu is not None:
+        relu.cache = None if inference else ("fast", out)
+        rest = rest[1:]
+    elif bn is not None and len(rest) > 1 and type(rest[1]) is ReLU:  # the ReLU in BatchNorm's pass
+        rest[1].cache = None
+        out, rest = batchnorm2d_forward(bn, out, relu=True), rest[2:]
+    for layer in rest:
         out = layer.forward(out)
     return out
+
+
+def upsampled_block_backward(layers: list, dout):
+    """Backward of a block that upsampled_block_forward ran in training: dout (N, 2h, 2w, F) ->
+    (dx (N, h, w, C) of the low-resolution input, dskip (N, 2h, 2w, Cs) or None); fills the
+    block's grads. None if the block's last forward was not that (the caller runs the layers)."""
+    from .. import fast  # the package: conv seam
+
+    conv = layers[0]
+    cache = getattr(conv, "cache", None)
+    if not (isinstance(cache, tuple) and cache[0] == "upsampled"):
+        return None
+    _, x, skip_cache = cache
+    if fused_in_training(layers):
+        d = batchnorm2d_backward(layers[1], dout)
+    else:
+        d = dout
+        for layer in reversed(layers[1:]):
+            d = layer.backward(d)
+    xp, w, C = array_module(d), conv.params["W"], x.shape[-1]
+    dx, dw_up = upsampled.backward(d, x, xp.ascontiguousarray(w[:, :, :C]))
+    if skip_cache is None:
+        dskip, dw, db = None, dw_up, column_sums(d.reshape(-1, d.shape[-1]))
+    else:
+        dskip, dw_skip, db = fast.conv2d_backward(d, xp.ascontiguousarray(w[:, :, C:]), skip_cache)
+        dw = xp.concatenate([dw_up, dw_skip], axis=2)
+    conv._store_grads(dw, db)
+    return dx, dskip
 
 
 def fused_block_forward(layers: list, x, inference: bool = False):
