@@ -37,8 +37,9 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     fused_in_training(layers) -> bool, fused_block_backward(layers, dout) -> the conv's dx: the
         backward of a Conv2d + BatchNorm2d + ReLU block that fused_block_forward ran in training
     upsample_concat_forward(up, cat, x, skip) -> out or None: Upsample2d + Concat as one pass
-    upsample_conv_forward(layers, x, skip) -> out or None: in inference, Upsample2d (+ Concat) and
-        a head block whose conv multiplies first, that conv's upsampled part at x's resolution
+    upsampled_block_forward(up, cat, layers, x, skip, inference) -> out or None: Upsample2d (+ Concat
+        with skip) and the block after them, its 3x3 conv's upsampled part at x's resolution
+        (upsampled.py; under "auto", on the CPU); upsampled_block_backward(layers, dout) -> (dx, dskip)
 A cache is a tuple whose first item names the path that made it.
 """
 from __future__ import annotations

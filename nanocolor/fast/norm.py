@@ -15,8 +15,10 @@ piece of the conv's output. One pass over the output instead of four. A Conv -> 
 (the seed autoencoder) gets the ReLU in the epilogue too: in training with the caches its
 backward reads, in inference with none. In training, a Conv ->
 BatchNorm -> ReLU block runs the ReLU inside BatchNorm's normalizing pass, and the ReLU's mask
-inside BatchNorm's backward (fused_block_backward). The U-Net decoder's Upsample -> Concat is
-one pass too (upsample_concat_forward).
+inside BatchNorm's backward (fused_block_backward). A decoder block runs together with the
+Upsample (-> Concat) before it, its conv's upsampled part at the low resolution
+(upsampled_block_forward, by upsampled.py); where that does not apply, the Upsample -> Concat
+is one pass (upsample_concat_forward).
 """
 from __future__ import annotations
 
