@@ -156,10 +156,7 @@ class ColorNet:
                 d_skips.append(d_skip)
         d = _backward(self.bottleneck, d)
         for (block, pool), d_skip in zip(reversed(self.down), reversed(d_skips)):
-            d = pool.backward(d)
-            if d_skip is not None:  # the encoder's map fed both the pool and the skip: gradients add
-                d += d_skip
-            d = _backward(block, d)
+            d = _backward_down(block, pool, d, d_skip)
 
     # -- saving and loading -------------------------------------------------------------------
     def state_arrays(self, dtype=None) -> dict:
@@ -273,6 +270,18 @@ def _backward_after(before, layers: list, d) -> tuple:
     if cat:
         d, d_skip = cat.backward(d)
     return up.backward(d), d_skip
+
+
+def _backward_down(block: list, pool, d, d_skip):
+    """Backward of an encoder level: the pool's (plus the skip's gradient), then the block's."""
+    if d_skip is None:  # the block's last ReLU masks at the pooled size, in the pool's pass
+        d_block = fast.maxpool_relu_backward(pool, block[-1], d)
+        if d_block is not None:
+            return _backward(block[:-1], d_block)
+    d = pool.backward(d)
+    if d_skip is not None:  # the encoder's map fed both the pool and the skip: gradients add
+        d += d_skip
+    return _backward(block, d)
 
 
 def _backward(layers: list, d):

@@ -203,6 +203,22 @@ def test_maxpool_matches_loop_reference_with_many_ties(shape, engine, workers, r
     np.testing.assert_array_equal(dx, expected_dx)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 9, 7, 2), (3, 2, 2, 1)])
+def test_relu_then_maxpool_backward_in_one_pass(shape, workers, rng):
+    """fast.maxpool_relu_backward = the ReLU's backward of the pool's, where windows hold ties
+    and all-zero windows (whose gradient the ReLU stops); None unless the pool read that ReLU's output."""
+    x = rng.integers(-2, 3, shape).astype(np.float64)
+    relu, pool = ReLU(), MaxPool2d()
+    dout = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+    out = pool.forward(relu.forward(x))
+    assert (out == 0).any() and (out > 0).any()
+    expected = relu.backward(pool.backward(dout))
+    np.testing.assert_array_equal(fast.maxpool_relu_backward(pool, relu, dout), expected)
+    pool.forward(relu.forward(x) + 0)  # another array than the ReLU's output
+    assert fast.maxpool_relu_backward(pool, relu, dout) is None
+    assert fast.maxpool_relu_backward(pool, MaxPool2d(), dout) is None
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 2, 3), (1, 5, 3, 2)])
 @pytest.mark.parametrize("engine", ["im2col", "auto"], ids=["textbook", "fast"])
 def test_upsample_repeats_forward_and_sums_blocks_backward(shape, engine, workers, rng):

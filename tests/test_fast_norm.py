@@ -185,11 +185,13 @@ def test_unet_step_with_relu_in_the_batchnorm_pass_matches_textbook(engine, work
 
 
 @pytest.mark.parametrize("engine", ["auto", "gemm", "winograd"])
-def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(engine, workers, rng):
-    """Conv + ReLU blocks run as one conv in training too; backward reads the caches it left."""
+def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(engine, workers, rng, monkeypatch):
+    """Conv + ReLU blocks run as one conv in training too; backward reads the caches it left, and
+    takes each encoder ReLU's backward in its pool's (fast.maxpool_relu_backward)."""
     lightness = rng.uniform(-1, 1, (2, 8, 8, 1))
     d_ab = rng.standard_normal((2, 8, 8, 2))
-    results = []
+    results, fused_pools, original = [], [], fast.maxpool_relu_backward
+    monkeypatch.setattr(fast, "maxpool_relu_backward", lambda *a: fused_pools.append(original(*a)) or fused_pools[-1])
     for name in ("im2col", engine):
         model = ColorNet((4, 16, 16), seed=2, dtype=np.float64).train()
         with fast.use_engine(name):
@@ -198,6 +200,8 @@ def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(e
         results.append((ab, [layer.grads[k].copy() for layer in model.param_layers for k in ("W", "b")]))
         fused = name != "im2col"
         assert all((block[1].cache[0] == "fast") == fused for block, _ in model.down)
+        assert sum(d is not None for d in fused_pools) == (len(model.down) if fused else 0)
+        fused_pools.clear()
     (ab_ref, grads_ref), (ab, grads) = results
     np.testing.assert_allclose(ab, ab_ref, rtol=1e-12, atol=1e-13)
     for got, expected in zip(grads, grads_ref):

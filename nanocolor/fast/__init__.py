@@ -25,7 +25,8 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     conv2d_forward(x, w, b, path, relu, inference) -> (out, cache)
     conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
     maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
-    likewise upsample2d_* and relu_*
+    likewise upsample2d_* and relu_*; maxpool_relu_backward(pool, relu, dout) -> dx or None: a
+        ReLU's and the MaxPool2d's after it as one pass
     batchnorm2d_forward(bn, x, relu) -> out, batchnorm2d_backward(bn, dout) -> dx (caches and grads
         in bn; with relu, max(out, 0) in the same pass and dout is the ReLU's output gradient);
     concat_forward(a, b) -> out, concat_backward(dout, split) -> (da, db)
@@ -122,6 +123,19 @@ def conv2d_forward(x, w, b, path: str, relu: bool = False, inference: bool = Fal
     if path == "gemm":
         return gemm.forward(x, w, b, relu)
     raise ValueError(f"the fast engine has no conv path {path!r}")
+
+
+def maxpool_relu_backward(pool, relu, dout):
+    """The backward of a ReLU then MaxPool2d (pool after relu, both run by this engine) as one
+    pass over the big map: dout (N, H//2, W//2, C) -> the ReLU's dx (N, H, W, C); None when
+    the pool did not read that ReLU's output (the caller runs the two backward passes)."""
+    from ..layers import ReLU
+
+    relu_cache, pool_cache = getattr(relu, "cache", None), getattr(pool, "cache", None)
+    if type(relu) is not ReLU or not isinstance(relu_cache, tuple) or relu_cache[0] != "fast" or \
+            not isinstance(pool_cache, tuple) or pool_cache[0] != "fast" or pool_cache[1] is not relu_cache[1]:
+        return None
+    return maxpool2d_backward(dout, pool_cache, relu=True)
 
 
 def conv2d_backward(dout, w, cache: tuple, input_grad: bool = True) -> tuple:

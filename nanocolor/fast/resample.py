@@ -27,8 +27,10 @@ def maxpool2d_forward(x) -> tuple:
     return out, ("fast", x, out)
 
 
-def maxpool2d_backward(dout, cache: tuple):
-    """dout (N, H//2, W//2, C) -> dx (N, H, W, C)."""
+def maxpool2d_backward(dout, cache: tuple, relu: bool = False):
+    """dout (N, H//2, W//2, C) -> dx (N, H, W, C). With `relu`, x was a ReLU's output and dx is
+    also that ReLU's backward: a window whose max is 0 passes nothing (its first maximum, where
+    the gradient would go, is a 0 the ReLU masks), so the mask is taken at the pooled size."""
     xp = array_module(dout)
     _, x, out = cache
     N, H, W, C = x.shape
@@ -40,6 +42,8 @@ def maxpool2d_backward(dout, cache: tuple):
     def piece(n: slice, y: slice) -> None:
         rows = slice(2 * y.start, 2 * y.stop)
         window_max, d = out[n, y], dout[n, y]
+        if relu:
+            d = d * (window_max > 0)
         taken = hit = None
         for i, j in [(0, 0), (0, 1), (1, 0)]:
             is_max = xp.equal(x[n, rows][:, i::2, j:2 * W2:2], window_max, out=hit)
