@@ -351,3 +351,42 @@ def test_large_arrays_are_kept_in_the_heap():
     assert took == "True"
     assert int(before) >= 80_000_000  # the default: a mapping of its own
     assert int(after) == 0            # now served from the heap
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights prepared once for inference
+
+def test_prepared_is_made_once_per_set_of_values(rng):
+    from nanocolor.fast import workspace
+    w = rng.standard_normal((3, 3, 4, 5))
+    calls = []
+    make = lambda a: calls.append(1) or a * 2
+    first = workspace.prepared("test", (w,), make)
+    assert workspace.prepared("test", (w,), make) is first and len(calls) == 1
+    w[1, 2, 3, 4] += 1  # changed in place: noticed, made again
+    np.testing.assert_array_equal(workspace.prepared("test", (w,), make), w * 2)
+    assert len(calls) == 2
+    other = w.copy()  # equal values elsewhere: its own entry, the same numbers
+    np.testing.assert_array_equal(workspace.prepared("test", (other,), make), w * 2)
+    arrays = [np.full(3, float(i)) for i in range(workspace.PREPARED_ENTRIES + 5)]  # alive: each its own key
+    for a in arrays:  # the oldest entries go
+        workspace.prepared("test", (a,), make)
+    assert len(workspace._prepared) == workspace.PREPARED_ENTRIES
+
+
+@pytest.mark.parametrize("arch", ["seed", "unet"])
+def test_inference_after_training_steps_uses_the_new_weights(arch, rng):
+    """Eval, a training step (Adam changes the weights in place), eval again: each time the
+    textbook network's output, never transforms prepared from the old weights."""
+    model = ColorNet((16, 16, 32), arch=arch, seed=2, dtype=np.float64)
+    lightness = rng.uniform(-1, 1, (2, 16, 16, 1))
+    optimizer = Adam(model.param_layers, lr=1e-2)
+    for _ in range(2):
+        model.eval()
+        with fast.use_engine("im2col"):
+            expected = model.forward(lightness)
+        np.testing.assert_allclose(model.forward(lightness), expected, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(model.forward(lightness), expected, rtol=1e-11, atol=1e-12)
+        model.train()
+        model.backward(model.forward(lightness) - 0.5)
+        optimizer.step()

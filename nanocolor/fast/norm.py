@@ -27,7 +27,7 @@ import numpy as np
 from ..backend import array_module
 from . import gemm, parallel, upsampled
 from .gemm import column_sums
-from .workspace import scratch
+from .workspace import prepared, scratch
 
 
 def _pieces(x):
@@ -198,6 +198,24 @@ def upsample_concat_forward(up, cat, x, skip):
     return out
 
 
+def folded_weights(conv, bn) -> tuple:
+    """(W (k, k, C, F), b (F,)) of a conv followed by BatchNorm in inference, the BatchNorm folded
+    in: W * gamma / std per output channel, beta + (b - mean) * gamma / std. Made once per set
+    of weights for NumPy arrays (workspace.prepared)."""
+    eps = bn.eps
+
+    def fold(w, gamma, beta, mean, var, b=None):
+        scale = gamma / (var + eps) ** 0.5
+        shift = beta - mean * scale if b is None else beta + (b - mean) * scale
+        return w * scale.astype(w.dtype), shift.astype(w.dtype)
+
+    arrays = (conv.params["W"], bn.params["gamma"], bn.params["beta"], bn.buffers["running_mean"],
+              bn.buffers["running_var"]) + ((conv.params["b"],) if "b" in conv.params else ())
+    if isinstance(arrays[0], np.ndarray):
+        return prepared(f"fold {eps}", arrays, fold)
+    return fold(*arrays)
+
+
 def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
     """Upsample2d (then Concat with `skip`, if given) and the block `layers` after them, with the
     block's conv taken at x's resolution: x (N, h, w, C), skip (N, 2h, 2w, Cs) -> the block's output;
@@ -224,10 +242,7 @@ def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
     k, F = w.shape[0], w.shape[-1]
     bn = rest[0] if rest and type(rest[0]) is BatchNorm2d else None
     if bn is not None and not bn.training:  # folded into the conv, as fused_block_forward does
-        scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
-        w = w * scale.astype(w.dtype)
-        b = (bn.params["beta"] + (b - bn.buffers["running_mean"]) * scale).astype(w.dtype)
-        rest, bn = rest[1:], None
+        (w, b), rest, bn = folded_weights(conv, bn), rest[1:], None
     relu = rest[0] if bn is None and rest and type(rest[0]) is ReLU else None  # into the conv's last pass
     joined = xp.broadcast_to(x[:1, :1, :1, :1], (N, 2 * h, 2 * w_, w.shape[2]))  # its shape, no data
     if inference and skip is not None and gemm.multiplies_first(w.shape[2], F, k) and \
@@ -309,9 +324,7 @@ def fused_block_forward(layers: list, x, inference: bool = False):
             out, conv.cache = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w))
             relu.cache = None
             return batchnorm2d_forward(bn, out, relu=True)
-        scale = bn.params["gamma"] / (bn.buffers["running_var"] + bn.eps) ** 0.5
-        w = w * scale.astype(w.dtype)                    # per output channel (the last axis)
-        b = (bn.params["beta"] + (b - bn.buffers["running_mean"]) * scale).astype(w.dtype)
+        w, b = folded_weights(conv, bn)
         inference = True
     if inference:
         out, _ = fast.conv2d_forward(x, w, b, fast.conv2d_path(x, w), relu=True, inference=True)

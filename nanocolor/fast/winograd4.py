@@ -27,7 +27,7 @@ import numpy as np
 from ..backend import array_module
 from . import parallel
 from .gemm import column_sums, pad_rows
-from .workspace import scratch
+from .workspace import prepared, scratch
 
 B_T = np.array([[4, 0, -5, 0, 1, 0],
                 [0, -4, -4, 1, 1, 0],
@@ -135,7 +135,10 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
     which backward would otherwise transform again; without it (inference) V stays in scratch."""
     xp = array_module(x)
     N, H, W, C = x.shape
-    U = filter_transform(w)
+    if keep_v or not isinstance(w, np.ndarray):
+        U = filter_transform(w)
+    else:  # inference: the same weights again and again, transformed once
+        U = prepared("winograd4", (w,), filter_transform)
     F = U.shape[-1]
     th, tw = H // 4, W // 4
     b_t, a_t = _matrices(x.dtype, x)

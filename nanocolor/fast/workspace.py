@@ -1,4 +1,5 @@
-"""Scratch buffers: temporaries reused from one call to the next instead of allocated anew.
+"""Scratch buffers: temporaries reused from one call to the next instead of allocated anew; and
+prepared weights, made once per set of weights for inference.
 
 A training step of the fast engine then allocates little besides its results (the outputs and
 gradients it hands back, which the caller owns). Buffers are per tag and per thread, so work
@@ -7,6 +8,8 @@ split over the CPU workers of nanocolor.fast.parallel gets one per worker.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 
@@ -30,3 +33,33 @@ def scratch(tag: str, shape: tuple, dtype, like):
     if buf is None or buf.size < size:
         buf = _buffers[key] = xp.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
+
+
+PREPARED_ENTRIES = 64  # weight sets kept: every conv of a network, with room for a second network
+_prepared: OrderedDict = OrderedDict()
+_prepared_lock = threading.Lock()
+
+
+def prepared(tag: str, inputs: tuple, make: Callable):
+    """make(*inputs), kept and handed out again while `inputs` (NumPy arrays) hold the same values.
+
+    For weights that inference transforms at every forward pass (the Winograd filter transform,
+    BatchNorm folded into a conv) although they change only between training steps: repeated
+    forward passes over the same weights (a folder of photos, the bench) make them once. Every
+    call compares the inputs with copies taken when the result was made, one read of the
+    weights (a fraction of what making the result costs), so weights changed in place are never
+    served stale. The least recently used of more than PREPARED_ENTRIES entries is dropped.
+    """
+    key = (tag,) + tuple((a.__array_interface__["data"][0], a.shape, a.dtype.str) for a in inputs)
+    with _prepared_lock:
+        entry = _prepared.get(key)
+        if entry is not None:
+            _prepared.move_to_end(key)
+    if entry is not None and all(np.array_equal(a, kept) for a, kept in zip(inputs, entry[0])):
+        return entry[1]
+    result = make(*inputs)
+    with _prepared_lock:
+        _prepared[key] = ([a.copy() for a in inputs], result)
+        while len(_prepared) > PREPARED_ENTRIES:
+            _prepared.popitem(last=False)
+    return result
