@@ -242,7 +242,8 @@ def _forward(layers: list, x, inference: bool):
 
 def _forward_after(before, layers: list, x, inference: bool):
     """The block `layers` on x, after the Upsample2d (then Concat with skip) of `before` =
-    (up, cat or None, skip or None) when it is not None."""
+    (up, cat or None, skip or None) when it is not None. The fast engine may run them as one,
+    the block's conv at x's resolution (fast.upsampled_block_forward); else the layers run in turn."""
     if before is None:
         return _forward(layers, x, inference)
     up, cat, skip = before

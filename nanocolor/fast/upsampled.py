@@ -41,6 +41,7 @@ CENTRES = (1, 2)  # the combinations with offset 0: one per phase, reaching ever
 
 
 def applies(kernel: int) -> bool:
+    """Whether this file covers a k x k kernel: the 3x3 ones."""
     return kernel == 3
 
 
@@ -97,12 +98,12 @@ def add_forward(x, w, out, b=None, relu: bool = False) -> None:
         for ca in CENTRES:  # the offset-0 combinations cover their phase: they start it
             for cb in CENTRES:
                 xp.copyto(acc[COMBINATIONS[ca][0], COMBINATIONS[cb][0]], y[ca, cb])
-        for ca, (r, dy) in enumerate(COMBINATIONS):
-            rows_to, rows_from = _span(dy, h)
-            for cb, (s, dx) in enumerate(COMBINATIONS):
+        for ca, (r, oy) in enumerate(COMBINATIONS):
+            rows_to, rows_from = _span(oy, h)
+            for cb, (s, ox) in enumerate(COMBINATIONS):
                 if ca in CENTRES and cb in CENTRES:
                     continue
-                cols_to, cols_from = _span(dx, w_)
+                cols_to, cols_from = _span(ox, w_)
                 acc[r, s][at(rows_to, cols_to)] += y[ca, cb][at(rows_from, cols_from)]
         if not channels_last:
             acc = acc.transpose(0, 1, 3, 4, 5, 2)
@@ -122,37 +123,37 @@ def _pixels_per_piece(F: int, itemsize: int) -> int:
     return max(64, (2 << 20) // (16 * F * itemsize))
 
 
-def backward(dout, x, w, input_grad: bool = True) -> tuple:
-    """Backward of add_forward's conv: dout (N, 2h, 2w, F) -> (dx (N, h, w, Cu) or None, dW (3, 3, Cu, F)).
+def backward(dout, x, w) -> tuple:
+    """Backward of add_forward's conv: dout (N, 2h, 2w, F) -> (dx (N, h, w, Cu), dW (3, 3, Cu, F)).
 
-    dY[i, j, ca, cb] = dout at phase (r, s) of pixel (i - dy, j - dx) (the adjoint of the shifted
-    add; zero where that is outside), then dx = dY W_c^T and dW_c = x^T dY, one GEMM each per piece.
+    dY[i, j, ca, cb] = dout at phase (r, s) of pixel (i - oy, j - ox), for the combinations' offsets
+    oy, ox (the adjoint of the shifted add; zero where that is outside), then dx = dY W_c^T and
+    dW_c = x^T dY, one GEMM each per piece.
     """
     xp = array_module(dout)
     N, h, w_, C = x.shape
     F = w.shape[-1]
     w_c = combined_weights(w)
     phases = dout.reshape(N, h, 2, w_, 2, F)
-    dx = xp.empty((N, h, w_, C), dtype=dout.dtype) if input_grad else None
+    dx = xp.empty((N, h, w_, C), dtype=dout.dtype)
     dw_c = xp.zeros((parallel.slots(dout), C, 16 * F), dtype=dout.dtype)  # partial sums, one per worker
 
     def piece(n: slice, _: slice) -> None:
         N_ = n.stop - n.start
-        dy_ = scratch("up_y", (N_, h, w_, 4, 4, F), dout.dtype, dout)
+        d_y = scratch("up_y", (N_, h, w_, 4, 4, F), dout.dtype, dout)
         d = phases[n]
-        for ca, (r, dy) in enumerate(COMBINATIONS):
-            rows_to, rows_from = _span(dy, h)
-            for cb, (s, dxo) in enumerate(COMBINATIONS):
-                cols_to, cols_from = _span(dxo, w_)
-                dy_[:, rows_from, cols_from, ca, cb] = d[:, rows_to, r, cols_to, s]
-                if dy:  # the row no output reads
-                    dy_[:, 0 if dy > 0 else h - 1, :, ca, cb] = 0
-                if dxo:
-                    dy_[:, :, 0 if dxo > 0 else w_ - 1, ca, cb] = 0
-        dy2 = dy_.reshape(-1, 16 * F)
-        dw_c[parallel.slot()] += weight_grad(x[n].reshape(-1, C), dy2)
-        if dx is not None:
-            xp.matmul(dy2, w_c.T, out=pixel_rows(dx[n]))
+        for ca, (r, oy) in enumerate(COMBINATIONS):
+            rows_to, rows_from = _span(oy, h)
+            for cb, (s, ox) in enumerate(COMBINATIONS):
+                cols_to, cols_from = _span(ox, w_)
+                d_y[:, rows_from, cols_from, ca, cb] = d[:, rows_to, r, cols_to, s]
+                if oy:  # the row of Y no output reads
+                    d_y[:, 0 if oy > 0 else h - 1, :, ca, cb] = 0
+                if ox:
+                    d_y[:, :, 0 if ox > 0 else w_ - 1, ca, cb] = 0
+        d_y = d_y.reshape(-1, 16 * F)
+        dw_c[parallel.slot()] += weight_grad(x[n].reshape(-1, C), d_y)
+        xp.matmul(d_y, w_c.T, out=pixel_rows(dx[n]))
 
     parallel.run_pieces(piece, parallel.pieces(N, h, w_, dout, bands=False, target=_pixels_per_piece(F, dout.itemsize)), dout)
     return dx, combined_weights_adjoint(dw_c.sum(axis=0), F)
