@@ -390,3 +390,35 @@ def test_inference_after_training_steps_uses_the_new_weights(arch, rng):
         model.train()
         model.backward(model.forward(lightness) - 0.5)
         optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel and ReLU passes over long rows
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 32), (1, 1, 1, 3), (2, 64, 64, 8), (4, 9, 128)])
+def test_per_channel_and_relu_give_numpys_broadcasting(shape, rng):
+    """Rows of LONG_ROWS values plus a shorter rest, in place or not, and strided views (which
+    fall back to plain broadcasting): the numbers of a * vector, a - vector and max(a, 0)."""
+    from nanocolor.fast.gemm import LONG_ROWS, channel_rows, per_channel, relu_into
+    a = rng.standard_normal(shape).astype(np.float32)
+    vector = rng.standard_normal(shape[-1]).astype(np.float32)
+    row = channel_rows(vector)
+    assert row.shape[0] >= LONG_ROWS and row.shape[0] % shape[-1] == 0
+    for op in (np.multiply, np.subtract):
+        out = np.empty_like(a)
+        per_channel(op, a, row, out)
+        np.testing.assert_array_equal(out, op(a, vector))
+        strided = a[..., ::2, :]
+        out = np.empty_like(strided)
+        per_channel(op, strided, row, out)
+        np.testing.assert_array_equal(out, op(strided, vector))
+    b = a.copy()
+    per_channel(np.add, b, row, b)
+    np.testing.assert_array_equal(b, a + vector)
+    relu_into(a, b)
+    np.testing.assert_array_equal(b, np.maximum(a, 0))
+    untouched = a[..., 1::2, :].copy()
+    view = a[..., ::2, :]
+    relu_into(view, view)  # in place through a strided view
+    assert (view >= 0).all()
+    np.testing.assert_array_equal(a[..., 1::2, :], untouched)

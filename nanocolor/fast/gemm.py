@@ -87,6 +87,45 @@ def column_sums(rows):
     return array_module(rows).ones(rows.shape[0], dtype=rows.dtype) @ rows
 
 
+LONG_ROWS = 8192  # NumPy's ufunc buffer: broadcasting over rows this long runs ~2x faster than over C
+
+
+def channel_rows(vector):
+    """A per-channel vector (C,) repeated to a row of at least LONG_ROWS values, for per_channel."""
+    C = vector.shape[0]
+    return array_module(vector).tile(vector, -(-LONG_ROWS // C))
+
+
+def per_channel(op, a, row, out) -> None:
+    """op(a, vector, out=out) for contiguous a and out (..., C) and row = channel_rows(vector): the
+    numbers NumPy's broadcasting gives, over rows of LONG_ROWS values instead of C. A ufunc whose
+    broadcast operand repeats every C = 32-128 values runs on short inner loops, measured 85-95 us
+    per MiB against 42 us over long rows (NumPy 2.4, one core)."""
+    if not (a.flags.c_contiguous and out.flags.c_contiguous):  # reshaping would copy: broadcast as usual
+        op(a, row[:a.shape[-1]], out=out)
+        return
+    a_flat, out_flat, L = a.reshape(-1), out.reshape(-1), row.shape[0]
+    whole = a_flat.shape[0] // L * L
+    if whole:
+        op(a_flat[:whole].reshape(-1, L), row, out=out_flat[:whole].reshape(-1, L))
+    if whole < a_flat.shape[0]:  # the rest: fewer than L values, a whole number of pixels
+        op(a_flat[whole:], row[:a_flat.shape[0] - whole], out=out_flat[whole:])
+
+
+_zero_rows: dict = {}
+
+
+def relu_into(a, out) -> None:
+    """out = max(a, 0), a and out (..., C) of one shape (out may be a). NumPy 2.4 takes max(a, 0)
+    with a scalar 0 on a slow loop, 120 us per MiB on this machine; against a row of zeros
+    broadcast over long rows, 31-44 us (per_channel). The same numbers."""
+    xp = array_module(a)
+    key = (xp.__name__, a.dtype.str)
+    if key not in _zero_rows:
+        _zero_rows[key] = xp.zeros(LONG_ROWS, dtype=a.dtype)
+    per_channel(xp.maximum, a, _zero_rows[key], out)
+
+
 def weight_grad(cols, dout2d):
     """cols^T @ dout, (K, F): the longer side first, as OpenBLAS is very slow on a tiny K x P @ P x F."""
     if cols.shape[1] >= dout2d.shape[1]:
@@ -130,7 +169,7 @@ def forward(x, w, b, relu: bool = False) -> tuple:
             xp.matmul(patch_matrix(x[n], k, "cols", y), w2d, out=o)
         o += b
         if relu:
-            xp.maximum(o, 0, out=o)
+            relu_into(o, o)
 
     parallel.run_pieces(piece, _pieces(N, H, W, x, k * k * C), x)
     return out, cache
@@ -233,7 +272,7 @@ def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):
             for i, j in others:
                 shifted_add(acc, y[i, j], i, j)
             if relu:
-                xp.maximum(out[n], 0, out=out[n])
+                relu_into(out[n], out[n])
             return
         # Channels-first products (k, k, F, N_, H, W): each tap's shifted slice-add runs along W.
         # x @ W first, then one transposing copy of the thin product: a GEMM that streams x as it
@@ -245,9 +284,8 @@ def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):
         for i, j in others:
             shifted_add(acc, y[i, j], i, j)
         if relu:
-            xp.maximum(acc.transpose(1, 2, 3, 0), 0, out=out[n])
-        else:
-            xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
+            relu_into(acc, acc)
+        xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
 
     parallel.run_pieces(piece, parallel.pieces(N, H, W, x, bands=False), x)
     return out

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import gemm, parallel, upsampled
-from .gemm import column_sums
+from .gemm import channel_rows, column_sums, per_channel, relu_into
 from .workspace import prepared, scratch
 
 
@@ -43,13 +43,14 @@ def _affine(x, scale, shift, relu: bool, work: list):
     """x * scale + shift per channel, then max(., 0) with `relu`: one pass over x (N, H, W, C)."""
     xp = array_module(x)
     out = xp.empty_like(x)
+    scale, shift = channel_rows(scale), channel_rows(shift)
 
     def piece(n: slice, y: slice) -> None:
         o = out[n, y]
-        xp.multiply(x[n, y], scale, out=o)
-        o += shift
+        per_channel(xp.multiply, x[n, y], scale, o)
+        per_channel(xp.add, o, shift, o)
         if relu:
-            xp.maximum(o, 0, out=o)
+            relu_into(o, o)
 
     parallel.run_pieces(piece, work, x)
     return out
@@ -81,7 +82,8 @@ def batchnorm2d_forward(bn, x, relu: bool = False):
         n, y = work[i]
         rows = x[n, y].reshape(-1, C)
         sums[i] = column_sums(rows)
-        d = xp.subtract(rows, sums[i] / counts[i], out=scratch("bn", rows.shape, x.dtype, x))
+        d = scratch("bn", rows.shape, x.dtype, x)
+        per_channel(xp.subtract, rows, channel_rows(sums[i] / counts[i]), d)
         squares[i] = column_sums(xp.multiply(d, d, out=d))
 
     if isinstance(x, np.ndarray):
@@ -115,11 +117,14 @@ def batchnorm2d_backward(bn, dout):
     dx = xp.empty_like(dout)
     work = _pieces(dout)
     partial = xp.zeros((2, parallel.slots(dout), C), dtype=dout.dtype)  # per worker: sum d, sum d * x_hat
+    mean_row = channel_rows(mean)
 
     def centred(n: slice, y: slice):
         """x - mean of one piece, (pixels, C), in scratch."""
         rows = x[n, y].reshape(-1, C)
-        return xp.subtract(rows, mean, out=scratch("bn", rows.shape, x.dtype, x))
+        t = scratch("bn", rows.shape, x.dtype, x)
+        per_channel(xp.subtract, rows, mean_row, t)
+        return t
 
     def sums(n: slice, y: slice) -> None:
         d = dout[n, y]
@@ -139,14 +144,15 @@ def batchnorm2d_backward(bn, dout):
     scale = bn.params["gamma"] * inv_std
     a, c = dgamma / P * inv_std, dbeta / P  # x_hat * mean(d * x_hat) = (x - mean) * a
     d_all = dout if relu_out is None else dx  # d, through the ReLU when there is one
+    a, c, scale = channel_rows(a), channel_rows(c), channel_rows(scale)
 
     def grad(n: slice, y: slice) -> None:
         g = dx[n, y]
         t = centred(n, y)
-        t *= a
+        per_channel(xp.multiply, t, a, t)
         xp.subtract(d_all[n, y], t.reshape(g.shape), out=g)
-        g -= c
-        g *= scale
+        per_channel(xp.subtract, g, c, g)
+        per_channel(xp.multiply, g, scale, g)
 
     parallel.run_pieces(grad, work, dout)
     return dx

@@ -8,6 +8,7 @@ Each forward returns (out, cache) and each backward takes that cache.
 from __future__ import annotations
 
 from ..backend import array_module
+from .gemm import relu_into
 from .parallel import map_elementwise, map_rows
 
 
@@ -93,7 +94,7 @@ def relu_forward(x) -> tuple:
     """max(x, 0) of any shape; (N, H, W, C) arrays are split over the CPU workers."""
     xp = array_module(x)
     out = xp.empty_like(x)
-    map_elementwise(lambda part: xp.maximum(x[part], 0, out=out[part]), x)
+    map_elementwise(lambda part: relu_into(x[part], out[part]), x)
     return out, ("fast", out)
 
 

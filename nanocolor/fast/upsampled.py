@@ -29,7 +29,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import CHANNELS_LAST_MIN_F, pixel_rows, weight_grad
+from .gemm import CHANNELS_LAST_MIN_F, pixel_rows, relu_into, weight_grad
 from .workspace import scratch
 
 COMBINATIONS = ((0, -1), (0, 0), (1, 0), (1, 1))  # (output phase, offset of the low-res pixel read)
@@ -113,7 +113,7 @@ def add_forward(x, w, out, b=None, relu: bool = False) -> None:
         else:
             o += acc
         if relu:
-            xp.maximum(out[n], 0, out=out[n])
+            relu_into(out[n], out[n])
 
     parallel.run_pieces(piece, parallel.pieces(N, h, w_, x, bands=False, target=_pixels_per_piece(F, x.itemsize)), x)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import column_sums
+from .gemm import column_sums, relu_into
 from .workspace import scratch
 
 # F(2x2, 3x3) matrices: input transform B^T (4x4), filter transform G (4x3), output transform A^T (2x4).
@@ -175,12 +175,11 @@ def output_transform(M, tiles: tuple, out=None, work=None, relu: bool = False):
         sr[0] += sr[2]
         xp.subtract(sr[1], sr[3], out=sr[3])
         sr[3] -= sr[2]
-        if relu:  # in the copy that assembles the image anyway
-            xp.maximum(sr[0], 0, out=y[:, :, r, :, 0])
-            xp.maximum(sr[3], 0, out=y[:, :, r, :, 1])
-        else:
-            xp.copyto(y[:, :, r, :, 0], sr[0])
-            xp.copyto(y[:, :, r, :, 1], sr[3])
+        if relu:  # on the contiguous sums, before the strided copy (much faster than in it)
+            relu_into(sr[0], sr[0])
+            relu_into(sr[3], sr[3])
+        xp.copyto(y[:, :, r, :, 0], sr[0])
+        xp.copyto(y[:, :, r, :, 1], sr[3])
     return out
 
 

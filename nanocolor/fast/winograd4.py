@@ -26,7 +26,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import column_sums, pad_rows
+from .gemm import column_sums, pad_rows, relu_into
 from .workspace import prepared, scratch
 
 B_T = np.array([[4, 0, -5, 0, 1, 0],
@@ -155,12 +155,10 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
         xp.matmul(a_t, m.reshape(6, -1), out=s)                # A^T along the rows
         y = scratch("w4_y", (4, 4, P * F), x.dtype, x)
         xp.matmul(a_t, s.reshape(4, 6, P * F), out=y)          # then along the columns
+        if relu:  # on the contiguous tiles, before they are scattered (much faster than on the way)
+            relu_into(y, y)
         tiles = y.reshape(4, 4, N_, T_, tw, F).transpose(2, 3, 0, 4, 1, 5)
-        image = out[n, 4 * t.start:4 * t.stop].reshape(N_, T_, 4, tw, 4, F)
-        if relu:
-            xp.maximum(tiles, 0, out=image)
-        else:
-            xp.copyto(image, tiles)
+        xp.copyto(out[n, 4 * t.start:4 * t.stop].reshape(N_, T_, 4, tw, 4, F), tiles)
 
     work = parallel.pieces(N, th, tw, x, target=_tiles_per_piece(C, F, x.itemsize))
     parallel.run_pieces(piece, work, x)
