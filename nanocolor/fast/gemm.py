@@ -120,7 +120,7 @@ def relu_into(a, out) -> None:
     with a scalar 0 on a slow loop, 120 us per MiB on this machine; against a row of zeros
     broadcast over long rows, 31-44 us (per_channel). The same numbers."""
     xp = array_module(a)
-    key = (xp.__name__, a.dtype.str)
+    key = (xp.__name__, getattr(getattr(a, "device", None), "id", None), a.dtype.str)  # a GPU's own zeros
     if key not in _zero_rows:
         _zero_rows[key] = xp.zeros(LONG_ROWS, dtype=a.dtype)
     per_channel(xp.maximum, a, _zero_rows[key], out)
