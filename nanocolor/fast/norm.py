@@ -225,8 +225,9 @@ def folded_weights(conv, bn) -> tuple:
 def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
     """Upsample2d (then Concat with `skip`, if given) and the block `layers` after them, with the
     block's conv taken at x's resolution: x (N, h, w, C), skip (N, 2h, 2w, Cs) -> the block's output;
-    None when this does not apply (the textbook engine, the "gemm" and "winograd" engines, a GPU,
-    a kernel other than 3x3: the caller runs the layers).
+    None when this does not apply (the caller runs the layers): the low-resolution conv runs
+    under the "auto" engine on the CPU for 3x3 kernels, the head's form below in inference
+    wherever the engine would run that conv by gemm.py.
 
     The conv's upsampled channels run through upsampled.py (four output phases of 2x2 taps at the
     low resolution) and add into the skip channels' conv by the engine's own path; no upsampled or
@@ -249,6 +250,7 @@ def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
     bn = rest[0] if rest and type(rest[0]) is BatchNorm2d else None
     if bn is not None and not bn.training:  # folded into the conv, as fused_block_forward does
         (w, b), rest, bn = folded_weights(conv, bn), rest[1:], None
+        inference = True  # the folded conv has no backward
     relu = rest[0] if bn is None and rest and type(rest[0]) is ReLU else None  # into the conv's last pass
     joined = xp.broadcast_to(x[:1, :1, :1, :1], (N, 2 * h, 2 * w_, w.shape[2]))  # its shape, no data
     if inference and skip is not None and gemm.multiplies_first(w.shape[2], F, k) and \
