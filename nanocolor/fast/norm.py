@@ -262,9 +262,11 @@ def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
             upsampled.add_forward(x, w, out, b=b, relu=relu is not None)
             skip_cache = None
         else:
-            w_skip = xp.ascontiguousarray(w[:, :, C:])
+            split = lambda w: (xp.ascontiguousarray(w[:, :, :C]), xp.ascontiguousarray(w[:, :, C:]))
+            # in inference the same arrays each time, so that the skip's Winograd transform is prepared once too
+            w_up, w_skip = prepared(f"split {C}", (w,), split) if inference else split(w)
             out, skip_cache = fast.conv2d_forward(skip, w_skip, b, fast.conv2d_path(skip, w_skip), inference=inference)
-            upsampled.add_forward(x, xp.ascontiguousarray(w[:, :, :C]), out, relu=relu is not None)
+            upsampled.add_forward(x, w_up, out, relu=relu is not None)
     else:
         return None
     conv.cache = None if inference else ("upsampled", x, skip_cache)
