@@ -121,6 +121,25 @@ def test_split_covers_the_range_in_order():
         assert all(a < b for a, b in parts) and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
 
 
+@pytest.mark.parametrize("N,rows,per_row,target", [(32, 8, 8, 455), (16, 32, 32, 4096), (1, 30, 64, 256),
+                                                    (3, 16, 16, 100), (7, 5, 5, 10)])
+def test_pieces_cover_the_work_in_a_multiple_of_the_workers(N, rows, per_row, target, use_workers):
+    """Every (image, row) exactly once; as many pieces as asked for by `target`, at least two per
+    worker, rounded up to a multiple of the workers where the images allow (none waits alone)."""
+    use_workers(2)
+    like = np.empty(1, dtype=np.float32)
+    work = parallel.pieces(N, rows, per_row, like, target=target)
+    covered = np.zeros((N, rows), dtype=int)
+    for n, y in work:
+        covered[n, y] += 1
+    assert (covered == 1).all()
+    want = max(4, -(-N * rows * per_row // target))
+    rounded = -(-want // 2) * 2
+    assert len(work) >= min(N, rounded)
+    if N >= rounded:  # enough whole images: exactly that many pieces, a multiple of the workers
+        assert len(work) == rounded
+
+
 def test_run_calls_every_task_once(workers):
     seen = np.zeros(25, dtype=int)
 

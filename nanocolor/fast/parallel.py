@@ -183,13 +183,15 @@ def slots(like) -> int:
 def pieces(N: int, rows: int, per_row: int, like, bands: bool = True, target: int = 4096) -> list[Piece]:
     """Cut N images of `rows` rows (of `per_row` pixels or tiles each) into (batch, rows) slice
     pieces of about `target` pixels for the CPU workers, at least two per worker when the work
-    allows: whole images, or with `bands` and fewer images than that, bands of one image's rows.
-    Off the CPU, or with one worker, a single piece.
+    allows and a multiple of the workers (5 pieces on 2 workers leave one alone for the last:
+    rounding up measured 2-11% faster steps): whole images, or with `bands` and fewer images
+    than that, bands of one image's rows. Off the CPU, or with one worker, a single piece.
     """
     n_workers = slots(like)
     if n_workers == 1:
         return [(slice(0, N), slice(0, rows))]
     want = max(2 * n_workers, -(-N * rows * per_row // target))
+    want = -(-want // n_workers) * n_workers
     if N >= min(want, 2 * n_workers) or not bands:
         return [(slice(a, b), slice(0, rows)) for a, b in split(N, want)]
     per_image = -(-want // N)
