@@ -80,7 +80,6 @@ def add_forward(x, w, out, b=None, relu: bool = False) -> None:
     F = w.shape[-1]
     w_c = combined_weights(w)
     phases = out.reshape(N, h, 2, w_, 2, F)  # [n, i, r, j, s] is pixel (2i + r, 2j + s)
-
     channels_last = F >= CHANNELS_LAST_MIN_F
 
     def piece(n: slice, _: slice) -> None:
