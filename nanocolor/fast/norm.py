@@ -252,9 +252,9 @@ def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
         (w, b), rest, bn = folded_weights(conv, bn), rest[1:], None
         inference = True  # the folded conv has no backward
     relu = rest[0] if bn is None and rest and type(rest[0]) is ReLU else None  # into the conv's last pass
-    joined = lambda: xp.broadcast_to(x[:1, :1, :1, :1], (N, 2 * h, 2 * w_, w.shape[2]))  # its shape, no data
+    joined_shape = (N, 2 * h, 2 * w_, w.shape[2])  # the engine is asked about it through a view of no data
     if inference and skip is not None and gemm.multiplies_first(w.shape[2], F, k) and \
-            fast.conv2d_path(joined(), w) == "gemm":
+            fast.conv2d_path(xp.broadcast_to(x[:1, :1, :1, :1], joined_shape), w) == "gemm":
         out, skip_cache = gemm.multiply_then_shift(skip, w, b, relu is not None, upsampled=x), None
     elif fast.get_engine() == "auto" and isinstance(x, np.ndarray) and upsampled.applies(k):
         if skip is None:
