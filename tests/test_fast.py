@@ -324,7 +324,7 @@ def test_forked_child_does_not_wait_on_parent_workers(use_workers):
         try:
             signal.alarm(120)
             pool = parallel._state["pool"]
-            if pool is not None and not all(t.is_alive() for t in pool._threads):
+            if pool is not None and not all(helper.thread.is_alive() for helper in pool.helpers):
                 os._exit(3)  # would hand tasks to the parent's threads, which the child lacks
             done, ran_on = [], set()
             parallel.run(lambda i: (done.append(i), ran_on.add(threading.get_ident())), 4)

@@ -11,6 +11,9 @@ handed out on demand keep whichever cores are free busy, and idle workers sleep.
 
 The pool has as many threads as NumPy's OpenBLAS was started with (OPENBLAS_NUM_THREADS /
 OMP_NUM_THREADS), so the thread budget is unchanged; OpenBLAS itself is then set to 1 thread.
+The caller of `run` is one of them: it does the first job itself while helper threads do the
+others, woken and awaited through bare locks (a training step makes some 60 such calls: a
+thread-pool executor's futures and queue cost 60 us per call, these 15-20 us).
 Without NumPy's bundled OpenBLAS, or with `enable(False)`, everything runs on the calling thread
 and BLAS keeps its own threading.
 """
@@ -20,7 +23,6 @@ import ctypes
 import glob
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -92,11 +94,66 @@ def set_workers(threads: int) -> None:
         _state["pool"] = None
     _state["generation"] += 1
     if threads > 1:
-        _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="nanocolor")
+        _state["pool"] = _Pool(threads - 1)
     if control is not None:
         control[1](1 if threads > 1 else control[2])
     _state["workers"] = threads
     _state["blas_single"] = control is not None and (threads > 1 or control[2] == 1)
+
+
+class _Helper:
+    """A thread that runs job(slot) each time its `start` lock is released, then releases `done`."""
+
+    def __init__(self, slot_index: int):
+        self.slot, self.job, self.error = slot_index, None, None
+        self.start, self.done = threading.Lock(), threading.Lock()
+        self.start.acquire()
+        self.done.acquire()
+        self.thread = threading.Thread(target=self._loop, name=f"nanocolor-{slot_index}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.start.acquire()
+            if self.job is None:  # shut down
+                return
+            try:
+                self.job(self.slot)
+            except BaseException as error:  # handed to the caller of run
+                self.error = error
+            self.done.release()
+
+
+class _Pool:
+    """Helper threads for worker slots 1, 2, ...; the thread that calls `map` is slot 0."""
+
+    def __init__(self, helpers: int):
+        self.lock = threading.Lock()  # one `map` at a time: callers on other threads wait their turn
+        self.helpers = [_Helper(i + 1) for i in range(helpers)]
+
+    def map(self, job: Callable[[int], None], n_jobs: int) -> None:
+        """job(0), ..., job(n_jobs - 1) side by side, job(0) on the calling thread."""
+        with self.lock:
+            used = self.helpers[:n_jobs - 1]
+            for helper in used:
+                helper.job, helper.error = job, None
+                helper.start.release()
+            try:
+                job(0)
+            finally:
+                for helper in used:
+                    helper.done.acquire()
+            for helper in used:
+                if helper.error is not None:
+                    raise helper.error
+
+    def shutdown(self) -> None:
+        with self.lock:
+            for helper in self.helpers:
+                helper.job = None
+                helper.start.release()
+            for helper in self.helpers:
+                helper.thread.join()
 
 
 def enable(on: bool = True) -> None:
@@ -136,11 +193,10 @@ def slot() -> int:
 def run(task: Callable[[int], None], n_tasks: int) -> None:
     """task(0), ..., task(n_tasks - 1), spread over the workers; returns when all are done.
 
-    With a pool, even a single task runs on a worker, so the calling thread never needs its own
-    scratch buffers. Tasks must write disjoint outputs and must not call `run` themselves.
-    Task i belongs to job i % workers(), which runs its tasks in order as worker slot `job`:
-    per-slot partial sums then add up in the same order on every run, so results are
-    bit-reproducible whichever thread happens to pick up which job.
+    Tasks must write disjoint outputs and must not call `run` themselves. Task i belongs to job
+    i % workers(), which runs its tasks in order as worker slot `job` (job 0 on the calling
+    thread): per-slot partial sums then add up in the same order on every run, so results are
+    bit-reproducible.
     """
     n_workers = workers()
     if n_workers == 1:
@@ -157,8 +213,7 @@ def run(task: Callable[[int], None], n_tasks: int) -> None:
         finally:
             _local.generation, _local.slot = saved
 
-    for _ in _state["pool"].map(job, range(min(n_workers, n_tasks))):
-        pass
+    _state["pool"].map(job, min(n_workers, n_tasks))
 
 
 def split(n: int, pieces: int) -> list:
