@@ -279,10 +279,13 @@ def _backward_down(block: list, pool, d, d_skip):
         d_block = fast.maxpool_relu_backward(pool, block[-1], d)
         if d_block is not None:
             return _backward(block[:-1], d_block)
-    d = pool.backward(d)
-    if d_skip is not None:  # the encoder's map fed both the pool and the skip: gradients add
-        d += d_skip
-    return _backward(block, d)
+        return _backward(block, pool.backward(d))
+    # The encoder's map fed both the pool and the skip: gradients add (in the pool's pass, if fast).
+    d_block = fast.maxpool_backward_plus(pool, d, d_skip)
+    if d_block is None:
+        d_block = pool.backward(d)
+        d_block += d_skip
+    return _backward(block, d_block)
 
 
 def _backward(layers: list, d):

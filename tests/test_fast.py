@@ -238,6 +238,27 @@ def test_relu_then_maxpool_backward_in_one_pass(shape, workers, rng):
     assert fast.maxpool_relu_backward(pool, MaxPool2d(), dout) is None
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (5, 8, 2, 2), (1, 9, 7, 2)])
+def test_maxpool_backward_plus_another_gradient(shape, workers, rng):
+    """fast.maxpool_backward_plus = the pool's backward + the skip's gradient, `plus` left as it
+    was; None on odd sizes and after a textbook forward (the caller adds them)."""
+    x = rng.integers(0, 3, shape).astype(np.float64)  # ties
+    pool = MaxPool2d()
+    dout = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+    plus = rng.standard_normal(shape)
+    plus_before = plus.copy()
+    pool.forward(x)
+    got = fast.maxpool_backward_plus(pool, dout, plus)
+    if shape[1] % 2 or shape[2] % 2:
+        assert got is None
+        return
+    np.testing.assert_array_equal(got, pool.backward(dout) + plus)
+    np.testing.assert_array_equal(plus, plus_before)
+    with fast.use_engine("im2col"):
+        pool.forward(x)
+    assert fast.maxpool_backward_plus(pool, dout, plus) is None
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 2, 3), (1, 5, 3, 2)])
 @pytest.mark.parametrize("engine", ["im2col", "auto"], ids=["textbook", "fast"])
 def test_upsample_repeats_forward_and_sums_blocks_backward(shape, engine, workers, rng):

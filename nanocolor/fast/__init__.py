@@ -26,7 +26,8 @@ The seam the layers call (x, dout: (N, H, W, C) or (N, H, W, F); w (k, k, C, F);
     conv2d_backward(dout, w, cache, input_grad)   -> (dx or None, dW, db)
     maxpool2d_forward(x) -> (out, cache), maxpool2d_backward(dout, cache) -> dx;
     likewise upsample2d_* and relu_*; maxpool_relu_backward(pool, relu, dout) -> dx or None: a
-        ReLU's and the MaxPool2d's after it as one pass
+        ReLU's and the MaxPool2d's after it as one pass; maxpool_backward_plus(pool, dout, plus)
+        -> dx + plus or None: the pool's backward with another gradient of its input added
     batchnorm2d_forward(bn, x, relu) -> out, batchnorm2d_backward(bn, dout) -> dx (caches and grads
         in bn; with relu, max(out, 0) in the same pass and dout is the ReLU's output gradient);
     concat_forward(a, b) -> out, concat_backward(dout, split) -> (da, db)
@@ -136,6 +137,17 @@ def maxpool_relu_backward(pool, relu, dout):
             not isinstance(pool_cache, tuple) or pool_cache[0] != "fast" or pool_cache[1] is not relu_cache[1]:
         return None
     return maxpool2d_backward(dout, pool_cache, relu=True)
+
+
+def maxpool_backward_plus(pool, dout, plus):
+    """The MaxPool2d's backward (run by this engine, on even sizes) plus `plus`, the gradient of
+    another reader of the pool's input (N, H, W, C), in one pass; None where that does not apply
+    (the caller adds them)."""
+    cache = getattr(pool, "cache", None)
+    if not isinstance(cache, tuple) or cache[0] != "fast" or cache[1].shape != plus.shape or \
+            cache[1].shape[1] % 2 or cache[1].shape[2] % 2:
+        return None
+    return maxpool2d_backward(dout, cache, plus=plus)
 
 
 def conv2d_backward(dout, w, cache: tuple, input_grad: bool = True) -> tuple:

@@ -28,14 +28,18 @@ def maxpool2d_forward(x) -> tuple:
     return out, ("fast", x, out)
 
 
-def maxpool2d_backward(dout, cache: tuple, relu: bool = False):
+def maxpool2d_backward(dout, cache: tuple, relu: bool = False, plus=None):
     """dout (N, H//2, W//2, C) -> dx (N, H, W, C). With `relu`, x was a ReLU's output and dx is
     also that ReLU's backward: a window whose max is 0 passes nothing (its first maximum, where
-    the gradient would go, is a 0 the ReLU masks), so the mask is taken at the pooled size."""
+    the gradient would go, is a 0 the ReLU masks), so the mask is taken at the pooled size.
+    With `plus` (N, H, W, C), H and W even, dx + plus: the gradient of another reader of x
+    added in the same pass (the U-Net's skip)."""
     xp = array_module(dout)
     _, x, out = cache
     N, H, W, C = x.shape
     H2, W2 = out.shape[1:3]
+    if plus is not None and (H % 2 or W % 2):
+        raise ValueError("maxpool2d_backward adds `plus` on even sizes only")
     dx = (xp.zeros if (H % 2 or W % 2) else xp.empty)(x.shape, dtype=dout.dtype)
 
     # Route each gradient to the first maximum of its window (order (0,0), (0,1), (1,0), (1,1)),
@@ -56,6 +60,8 @@ def maxpool2d_backward(dout, cache: tuple, relu: bool = False):
             xp.multiply(d, is_max, out=dx[n, rows][:, i::2, j:2 * W2:2])
         xp.logical_not(taken, out=taken)  # no earlier corner held the max: the last one does
         xp.multiply(d, taken, out=dx[n, rows][:, 1::2, 1:2 * W2:2])
+        if plus is not None:
+            dx[n, rows] += plus[n, rows]
 
     map_rows(piece, N, H2, W, dout)
     return dx
