@@ -86,11 +86,18 @@ def test_backward_float64_equals_im2col(shape, c_out, input_grad, keep_v, worker
         assert dx is None
 
 
-def test_filter_transform_adjoint_is_the_adjoint(rng):
-    """<filter_transform(w), dU> = <w, filter_transform_adjoint(dU)> for any w and dU."""
-    w, dU = rng.standard_normal((3, 3, 4, 5)), rng.standard_normal((36, 4, 5))
-    assert np.isclose(np.sum(winograd4.filter_transform(w) * dU), np.sum(w * winograd4.filter_transform_adjoint(dU)),
-                      rtol=1e-12)
+@pytest.mark.parametrize("C, F", [(4, 5), (33, 1000)], ids=["small", "split-by-channel"])
+def test_filter_transform_adjoint_is_the_adjoint(C, F, use_workers, rng):
+    """<filter_transform(w), dU> = <w, filter_transform_adjoint(dU)> for any w and dU, on one worker
+    and (filters big enough to be split by input channel) on several; partial sums (S, 36, C, F)
+    give the adjoint of their sum."""
+    w, partials = rng.standard_normal((3, 3, C, F)), rng.standard_normal((2, 36, C, F))
+    dU = partials.sum(axis=0)
+    for workers in (1, 3):
+        use_workers(workers)
+        dw = winograd4.filter_transform_adjoint(dU)
+        assert np.isclose(np.sum(winograd4.filter_transform(w) * dU), np.sum(w * dw), rtol=1e-12)
+        np.testing.assert_allclose(winograd4.filter_transform_adjoint(partials), dw, rtol=1e-12, atol=1e-12)
 
 
 def test_float32_gradient_error_against_the_float64_reference(use_workers, rng):

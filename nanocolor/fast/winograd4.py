@@ -229,13 +229,25 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
 
     tiles = _tiles_per_piece(C, F, dout.itemsize)
     parallel.run_pieces(piece, parallel.pieces(N, th, tw, dout, bands=False, target=tiles), dout)
-    return dx, filter_transform_adjoint(dU.sum(axis=0)), db.sum(axis=0)
+    return dx, filter_transform_adjoint(dU), db.sum(axis=0)
 
 
 def filter_transform_adjoint(dU):
-    """Adjoint of filter_transform: (36, C, F) -> dw = G^T dU G, (3, 3, C, F)."""
+    """Adjoint of filter_transform: (36, C, F), or partial sums of it (S, 36, C, F), -> dw = G^T dU G,
+    (3, 3, C, F). Large filters are split over the CPU workers by input channel, each adding up
+    its channels' partial sums first."""
     xp = array_module(dU)
-    _, C, F = dU.shape
-    g_t = xp.asarray(G.T.astype(dU.dtype))                              # (3, 6)
-    rows = xp.matmul(g_t, dU.reshape(6, 6 * C * F))                     # (3, 6 C F): G^T along the rows
-    return xp.matmul(g_t, rows.reshape(3, 6, C * F)).reshape(3, 3, C, F)  # then the columns
+    partials = dU if dU.ndim == 4 else dU[None]
+    S, _, C, F = partials.shape
+    g_t = xp.asarray(G.T.astype(dU.dtype))  # (3, 6)
+    dw = xp.empty((3, 3, C, F), dtype=dU.dtype)
+
+    def part(c: slice, _: slice) -> None:
+        C_ = c.stop - c.start
+        total = xp.ascontiguousarray(partials[0, :, c]) if S == 1 else partials[:, :, c].sum(axis=0)
+        rows = xp.matmul(g_t, total.reshape(6, 6 * C_ * F))                         # G^T along the rows
+        dw[:, :, c] = xp.matmul(g_t, rows.reshape(3, 6, C_ * F)).reshape(3, 3, C_, F)  # then the columns
+
+    parts = parallel.slots(dU) if C * F >= 1 << 15 else 1
+    parallel.run_pieces(part, [(slice(a, b), None) for a, b in parallel.split(C, parts)], dU)
+    return dw
