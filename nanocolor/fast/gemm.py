@@ -287,5 +287,13 @@ def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):
             relu_into(acc, acc)
         xp.copyto(out[n], acc.transpose(1, 2, 3, 0))
 
-    parallel.run_pieces(piece, parallel.pieces(N, H, W, x, bands=False), x)
+    parallel.run_pieces(piece, parallel.pieces(N, H, W, x, bands=False, target=_taps_pixels(k, F, x.itemsize)), x)
     return out
+
+
+def _taps_pixels(k: int, F: int, itemsize: int) -> int:
+    """Pixels per piece of multiply_then_shift: products Y (k*k*F per pixel) of about 1 MiB, at least
+    4096 pixels. Thin outputs (the head's 2) then take several images per piece: a piece of one
+    64x64 image made some 15 NumPy calls of ~50 us each, and two workers were measured slower
+    than one."""
+    return max(4096, (1 << 20) // (k * k * F * itemsize))
