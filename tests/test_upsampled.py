@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_conv
 from nanocolor import fast
-from nanocolor.fast import gemm, norm, upsampled
+from nanocolor.fast import gemm, norm, upsampled, winograd4
 from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.layers import BatchNorm2d, Upsample2d
 from nanocolor.model import ColorNet
@@ -153,3 +153,34 @@ def test_network_inference_matches_textbook(arch, widths, dtype, tol, workers, r
     assert all(layer.cache is None for layer in model.layers if type(layer).__name__ == "Conv2d")  # none kept
     assert got.dtype == dtype
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_unet_decoder_conv_as_one_winograd_conv(dtype, tol, use_workers, rng, monkeypatch):
+    """A U-Net decoder block whose skip conv Winograd F(4x4) takes (channels >= 16, sizes that
+    divide by 4) runs as one F(4x4) conv of the joined input (winograd4.forward's `upsampled`):
+    a training step (output, every gradient, BatchNorm statistics) and inference match the textbook."""
+    use_workers(2)  # the "auto" engine takes Winograd where BLAS runs one thread per call
+    joined, original = [], winograd4.forward
+    monkeypatch.setattr(winograd4, "forward", lambda *a, **k: joined.append(k.get("upsampled") is not None) or original(*a, **k))
+    lightness = rng.uniform(-1, 1, (2, 16, 16, 1)).astype(dtype)
+    d_ab = rng.standard_normal((2, 16, 16, 2)).astype(dtype)
+    results = []
+    for engine in ("im2col", "auto"):
+        model = with_statistics(ColorNet((16, 16, 16), arch="unet", seed=2, dtype=np.float64))
+        for layer in model.param_layers:
+            for store in (layer.params, getattr(layer, "buffers", {})):
+                for name in store:
+                    store[name] = store[name].astype(dtype)
+        with fast.use_engine(engine):
+            inferred = model.forward(lightness)
+            model.train()
+            ab = model.forward(lightness)
+            model.backward(d_ab)
+        results.append((inferred, ab, [layer.grads[k].copy() for layer in model.param_layers for k in layer.params],
+                        [layer.buffers["running_var"].copy() for layer in model.layers if isinstance(layer, BatchNorm2d)]))
+    assert joined.count(True) == 2  # the 8x8 block (16 upsampled + 16 skip channels), in eval and in training
+    (inf_ref, ab_ref, grads_ref, stats_ref), (inf, ab, grads, stats) = results
+    for got, expected in zip([inf, ab] + grads + stats, [inf_ref, ab_ref] + grads_ref + stats_ref):
+        assert got.dtype == dtype
+        assert np.linalg.norm(got - expected) <= tol * np.linalg.norm(expected)

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import make_conv
 from nanocolor import fast
-from nanocolor.fast import parallel, winograd4
+from nanocolor.fast import parallel, upsampled, winograd4
+from nanocolor.layers import Concat, Upsample2d
 
 CASES = [((2, 8, 12, 3), 5), ((1, 4, 4, 2), 2), ((3, 16, 8, 16), 24), ((1, 12, 20, 7), 3), ((5, 4, 8, 1), 4)]
 
@@ -123,3 +124,34 @@ def test_the_seam_keeps_v_for_training_only(rng):
     _, inference_cache = fast.conv2d_forward(x, w, b, "winograd4", inference=True)
     assert training_cache[4].shape == (6, 6, 2 * 2 * 2, 16)  # 36 positions x 8 tiles x 16 channels
     assert inference_cache[4] is None  # no backward follows: V stays in scratch
+
+
+# (skip shape, upsampled channels, output channels): one-tile and non-square images, one channel,
+# batches that split into several pieces
+JOINED_CASES = [((2, 8, 12, 3), 4, 5), ((1, 4, 4, 2), 1, 2), ((3, 16, 8, 5), 6, 7), ((9, 4, 8, 2), 3, 4)]
+
+
+@pytest.mark.parametrize("keep_v", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("shape,c_up,c_out", JOINED_CASES)
+def test_upsampled_input_float64_equals_im2col(shape, c_up, c_out, keep_v, workers, rng):
+    """forward(skip, w, b, upsampled=x_low) = the conv of concat(upsample2x(x_low), skip); backward
+    of its cache gives the skip channels' gradients, and with upsampled.backward for x_low's
+    channels the textbook's gradients of the joined conv."""
+    N, H, W, C = shape
+    skip, x_low = rng.standard_normal(shape), rng.standard_normal((N, H // 2, W // 2, c_up))
+    conv = make_conv(c_up + C, c_out, 3)
+    dout = rng.standard_normal((N, H, W, c_out))
+    with fast.use_engine("im2col"):
+        up, cat = Upsample2d(), Concat()
+        expected = conv.forward(cat.forward(up.forward(x_low), skip))
+        d_up, dskip_expected = cat.backward(conv.backward(dout))
+        dx_low_expected = up.backward(d_up)
+    w, b = conv.params["W"], conv.params["b"]
+    out, cache = winograd4.forward(skip, w, b, keep_v=keep_v, upsampled=x_low)
+    np.testing.assert_allclose(out, expected, rtol=1e-11, atol=1e-11)
+    np.testing.assert_array_equal(winograd4.forward(skip, w, b, relu=True, upsampled=x_low)[0], np.maximum(out, 0))
+    dskip, dw_skip, db = winograd4.backward(dout, cache)
+    dx_low, dw_low = upsampled.backward(dout, x_low, w[:, :, :c_up])
+    for got, want in ((dskip, dskip_expected), (dx_low, dx_low_expected), (db, conv.grads["b"]),
+                      (np.concatenate([dw_low, dw_skip], axis=2), conv.grads["W"])):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11)

@@ -17,8 +17,18 @@ error is some 1e-5 of the output's size (F(2x2, 3x3): ~1e-6), far below what an 
 shows or what a gradient step notices; tests/test_winograd4.py measures it against the float64
 im2col reference, and checks the gradients to 1e-11 in float64.
 
+The U-Net decoder's conv reads concat(upsample2x(x_low), skip): `forward(skip, w, b,
+upsampled=x_low)` takes that joined input without making it. Each tile's 6x6 block of the
+upsampled map repeats a 4x4 block of x_low (rows 2t - 1, 2t, 2t, 2t + 1, 2t + 1, 2t + 2 of it,
+zero padding included, and likewise columns): B^T S x_block S^T B with the 6x4 selection S, so
+those channels' V comes from x_low through the 6x4 matrix B^T S (16 values read per tile and
+channel instead of 36), and their products add into the skip's in the Winograd domain: one
+output transform for both. Per 4x4 output tile the upsampled channels then cost 36 multiplies
+against 64 for upsampled.py's four 2x2 phases.
+
 Shapes (channels-last): x (N, H, W, C) with H and W multiples of 4; w (3, 3, C, F);
-th, tw = H // 4, W // 4 tiles; P tiles of a piece.
+th, tw = H // 4, W // 4 tiles; P tiles of a piece; x_low (N, H/2, W/2, Cu) and then w
+(3, 3, Cu + C, F), the upsampled channels first.
 """
 from __future__ import annotations
 
@@ -45,6 +55,12 @@ A_T = np.array([[1, 1, 1, 1, 1, 0],
                 [0, 1, -1, 2, -2, 0],
                 [0, 1, 1, 4, 4, 0],
                 [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+UPSAMPLED_ROWS = np.array([[1, 0, 0, 0],  # S: the 6 rows of a tile's upsampled block, from 4 rows of x_low
+                           [0, 1, 0, 0],
+                           [0, 1, 0, 0],
+                           [0, 0, 1, 0],
+                           [0, 0, 1, 0],
+                           [0, 0, 0, 1]], dtype=np.float64)
 BIAS_POSITION = 1 * 6 + 1  # A^T's column 1 is all ones: (1, 1) reaches the whole tile
 PIECE_BYTES = 4 << 20      # transformed input of a piece: about this much (cache, not memory)
 
@@ -110,6 +126,27 @@ def _input_transform(x, n: slice, t: slice, b_t, out=None):
     return v.reshape(36, P, C)
 
 
+def _upsampled_input_transform(x_low, n: slice, t: slice, bs_t):
+    """V of upsample2x(x_low) for tile rows t of images n, from x_low (N, h, w, Cu) itself:
+    (B^T S) x_block (B^T S)^T per 4x4 block (stride 2) of x_low padded by one pixel; (36, P, Cu)
+    in scratch."""
+    xp = array_module(x_low)
+    Cu, tw = x_low.shape[3], x_low.shape[2] // 2
+    N_, T_ = n.stop - n.start, t.stop - t.start
+    P = N_ * T_ * tw
+    x_pad = pad_rows(x_low[n], slice(2 * t.start, 2 * t.stop), 1, "pad_low")  # (N_, 2T_ + 2, w + 2, Cu)
+    sN, sH, sW, sC = x_pad.strides
+    blocks = xp.lib.stride_tricks.as_strided(x_pad, shape=(4, 4, N_, T_, tw, Cu),
+                                             strides=(sH, sW, sN, 2 * sH, 2 * sW, sC))
+    d = scratch("w4_low_d", (4, 4, N_, T_, tw, Cu), x_low.dtype, x_low)
+    xp.copyto(d, blocks)
+    e = scratch("w4_low_e", (6, 4 * P * Cu), x_low.dtype, x_low)
+    xp.matmul(bs_t, d.reshape(4, -1), out=e)                 # B^T S along the block's rows
+    v = scratch("w4_low_v", (6, 6, P * Cu), x_low.dtype, x_low)
+    xp.matmul(bs_t, e.reshape(6, 4, P * Cu), out=v)           # then along its columns
+    return v.reshape(36, P, Cu)
+
+
 def _tile_range(n: slice, t: slice, th: int, tw: int) -> slice:
     """The tiles of a piece (images n, tile rows t) in tile order (image, row, column): one
     contiguous range, as every piece is whole images or a band of one image."""
@@ -129,12 +166,23 @@ def _tiles_per_piece(C: int, F: int, itemsize: int) -> int:
     return max(16, PIECE_BYTES // (36 * max(C, F) * itemsize))
 
 
-def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
+def _bs_t(dtype, like):
+    """B^T S (6, 4) in `dtype`: the input transform of an upsampled block, from x_low's 4x4 block."""
+    return array_module(like).asarray((B_T @ UPSAMPLED_ROWS).astype(dtype))
+
+
+def forward(x, w, b, relu: bool = False, keep_v: bool = False, upsampled=None) -> tuple:
     """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0).
     With `keep_v` the cache keeps the transformed input V (2.25x the size of x) instead of x,
-    which backward would otherwise transform again; without it (inference) V stays in scratch."""
+    which backward would otherwise transform again; without it (inference) V stays in scratch.
+    With `upsampled` x_low (N, H/2, W/2, Cu), the conv of concat(upsample2x(x_low), x) by w
+    (3, 3, Cu + C, F), made from x_low directly (see the module docstring); the cache is then
+    that of x's channels alone (their conv by w[:, :, Cu:]): backward gives their gradients, and
+    upsampled.backward x_low's (measured faster than this file's adjoint for x_low, whose 36
+    GEMMs have only F terms each: 21 against 19 ms for 64 + 64 -> 32 channels at 32x32 batch 32)."""
     xp = array_module(x)
     N, H, W, C = x.shape
+    Cu = 0 if upsampled is None else upsampled.shape[-1]
     if keep_v or not isinstance(w, np.ndarray):
         U = filter_transform(w)
     else:  # inference: the same weights again and again, transformed once
@@ -142,6 +190,7 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
     F = U.shape[-1]
     th, tw = H // 4, W // 4
     b_t, a_t = _matrices(x.dtype, x)
+    bs_t = _bs_t(x.dtype, x) if Cu else None
     out = xp.empty((N, H, W, F), dtype=x.dtype)
     V = xp.empty((6, 6, N * th * tw, C), dtype=x.dtype) if keep_v else None
 
@@ -149,7 +198,10 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
         N_, T_ = n.stop - n.start, t.stop - t.start
         P = N_ * T_ * tw
         v = _input_transform(x, n, t, b_t, None if V is None else V[:, :, _tile_range(n, t, th, tw)])
-        m = xp.matmul(v, U, out=scratch("w4_m", (36, P, F), x.dtype, x))  # 36 GEMMs, one call
+        m = xp.matmul(v, U[:, Cu:], out=scratch("w4_m", (36, P, F), x.dtype, x))  # 36 GEMMs, one call
+        if Cu:  # the upsampled channels' products, added in the Winograd domain
+            v_low = _upsampled_input_transform(upsampled, n, t, bs_t)
+            m += xp.matmul(v_low, U[:, :Cu], out=scratch("w4_low_m", (36, P, F), x.dtype, x))
         m[BIAS_POSITION] += b
         s = scratch("w4_s", (4, 6 * P * F), x.dtype, x)
         xp.matmul(a_t, m.reshape(6, -1), out=s)                # A^T along the rows
@@ -160,9 +212,9 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False) -> tuple:
         tiles = y.reshape(4, 4, N_, T_, tw, F).transpose(2, 3, 0, 4, 1, 5)
         xp.copyto(out[n, 4 * t.start:4 * t.stop].reshape(N_, T_, 4, tw, 4, F), tiles)
 
-    work = parallel.pieces(N, th, tw, x, target=_tiles_per_piece(C, F, x.itemsize))
+    work = parallel.pieces(N, th, tw, x, target=_tiles_per_piece(C + Cu, F, x.itemsize))
     parallel.run_pieces(piece, work, x)
-    return out, ("winograd4", x.shape, U, x if V is None else None, V)
+    return out, ("winograd4", x.shape, U[:, Cu:], x if V is None else None, V)
 
 
 def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
