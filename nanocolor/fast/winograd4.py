@@ -106,45 +106,31 @@ def filter_transform(w):
     return U.reshape(36, C, F)
 
 
-def _input_transform(x, n: slice, t: slice, b_t, out=None):
-    """V = B^T x_tile B for tile rows t of images n of x (N, H, W, C): (36, P, C), in `out`
-    ((6, 6, P, C)) when given, else in scratch."""
+def _input_transform(x, n: slice, t: slice, m_t, out=None):
+    """V = M^T x_block M for tile rows t of images n of x (N, H, W, C) padded by one zero pixel:
+    (36, P, C), in `out` ((6, 6, P, C)) when given, else in scratch. M^T = m_t is B^T (6x6): the
+    6x6 blocks of x at stride 4; or B^T S (6x4) for the upsampled map of x, read as the 4x4
+    blocks of x at stride 2 (see the module docstring)."""
     xp = array_module(x)
-    C, tw = x.shape[3], x.shape[2] // 4
+    size = m_t.shape[1]
+    stride, low = size - 2, size == 4  # neighbouring blocks overlap by 2: the 3x3 kernel's reach
+    C, tw = x.shape[3], x.shape[2] // stride
     N_, T_ = n.stop - n.start, t.stop - t.start
     P = N_ * T_ * tw
-    x_pad = pad_rows(x[n], slice(4 * t.start, 4 * t.stop), 1, "pad")  # (N_, 4T_ + 2, W + 2, C)
+    tag = "_low" if low else ""  # both kinds run in one piece: their own buffers
+    x_pad = pad_rows(x[n], slice(stride * t.start, stride * t.stop), 1, "pad" + tag)
     sN, sH, sW, sC = x_pad.strides
-    blocks = xp.lib.stride_tricks.as_strided(x_pad, shape=(6, 6, N_, T_, tw, C),
-                                             strides=(sH, sW, sN, 4 * sH, 4 * sW, sC))
-    d = scratch("w4_d", (6, 6, N_, T_, tw, C), x.dtype, x)
-    xp.copyto(d, blocks)                                   # d[i, j, tile, c] = x_tile[i, j, c]
-    e = scratch("w4_e", (6, 6 * P * C), x.dtype, x)
-    xp.matmul(b_t, d.reshape(6, -1), out=e)                # B^T along the block's rows
-    v = (d if out is None else out).reshape(6, 6, P * C)   # d is spent: V goes there unless kept
-    xp.matmul(b_t, e.reshape(6, 6, P * C), out=v)          # then along its columns
+    blocks = xp.lib.stride_tricks.as_strided(x_pad, shape=(size, size, N_, T_, tw, C),
+                                             strides=(sH, sW, sN, stride * sH, stride * sW, sC))
+    d = scratch(f"w4{tag}_d", (size, size, N_, T_, tw, C), x.dtype, x)
+    xp.copyto(d, blocks)                                   # d[i, j, tile, c] = x_block[i, j, c]
+    e = scratch(f"w4{tag}_e", (6, size * P * C), x.dtype, x)
+    xp.matmul(m_t, d.reshape(size, -1), out=e)             # M^T along the block's rows
+    if out is None:  # d is spent: V goes there when it fits
+        out = scratch("w4_low_v", (6, 6, P * C), x.dtype, x) if low else d
+    v = out.reshape(6, 6, P * C)
+    xp.matmul(m_t, e.reshape(6, size, P * C), out=v)       # then along its columns
     return v.reshape(36, P, C)
-
-
-def _upsampled_input_transform(x_low, n: slice, t: slice, bs_t):
-    """V of upsample2x(x_low) for tile rows t of images n, from x_low (N, h, w, Cu) itself:
-    (B^T S) x_block (B^T S)^T per 4x4 block (stride 2) of x_low padded by one pixel; (36, P, Cu)
-    in scratch."""
-    xp = array_module(x_low)
-    Cu, tw = x_low.shape[3], x_low.shape[2] // 2
-    N_, T_ = n.stop - n.start, t.stop - t.start
-    P = N_ * T_ * tw
-    x_pad = pad_rows(x_low[n], slice(2 * t.start, 2 * t.stop), 1, "pad_low")  # (N_, 2T_ + 2, w + 2, Cu)
-    sN, sH, sW, sC = x_pad.strides
-    blocks = xp.lib.stride_tricks.as_strided(x_pad, shape=(4, 4, N_, T_, tw, Cu),
-                                             strides=(sH, sW, sN, 2 * sH, 2 * sW, sC))
-    d = scratch("w4_low_d", (4, 4, N_, T_, tw, Cu), x_low.dtype, x_low)
-    xp.copyto(d, blocks)
-    e = scratch("w4_low_e", (6, 4 * P * Cu), x_low.dtype, x_low)
-    xp.matmul(bs_t, d.reshape(4, -1), out=e)                 # B^T S along the block's rows
-    v = scratch("w4_low_v", (6, 6, P * Cu), x_low.dtype, x_low)
-    xp.matmul(bs_t, e.reshape(6, 4, P * Cu), out=v)           # then along its columns
-    return v.reshape(36, P, Cu)
 
 
 def _tile_range(n: slice, t: slice, th: int, tw: int) -> slice:
@@ -200,7 +186,7 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False, upsampled=None) -
         v = _input_transform(x, n, t, b_t, None if V is None else V[:, :, _tile_range(n, t, th, tw)])
         m = xp.matmul(v, U[:, Cu:], out=scratch("w4_m", (36, P, F), x.dtype, x))  # 36 GEMMs, one call
         if Cu:  # the upsampled channels' products, added in the Winograd domain
-            v_low = _upsampled_input_transform(upsampled, n, t, bs_t)
+            v_low = _input_transform(upsampled, n, t, bs_t)
             m += xp.matmul(v_low, U[:, :Cu], out=scratch("w4_low_m", (36, P, F), x.dtype, x))
         m[BIAS_POSITION] += b
         s = scratch("w4_s", (4, 6 * P * F), x.dtype, x)
