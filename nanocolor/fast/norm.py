@@ -17,8 +17,8 @@ backward reads, in inference with none. In training, a Conv ->
 BatchNorm -> ReLU block runs the ReLU inside BatchNorm's normalizing pass, and the ReLU's mask
 inside BatchNorm's backward (fused_block_backward). A decoder block runs together with the
 Upsample (-> Concat) before it, its conv's upsampled part at the low resolution
-(upsampled_block_forward, by upsampled.py or winograd4.py); where that does not apply, the Upsample -> Concat
-is one pass (upsample_concat_forward).
+(upsampled_block_forward, by upsampled.py or winograd4.py); where that does not apply, the
+Upsample -> Concat is one pass (upsample_concat_forward).
 """
 from __future__ import annotations
 
@@ -232,10 +232,11 @@ def upsampled_block_forward(up, cat, layers: list, x, skip, inference: bool):
     The conv's upsampled channels run through upsampled.py (four output phases of 2x2 taps at the
     low resolution) and add into the skip channels' conv by the engine's own path; where that path
     is Winograd F(4x4), both are one F(4x4) conv whose upsampled channels are transformed from x
-    itself (winograd4.forward's `upsampled`: 4-10% faster U-Net steps at 64x64), the backward split
-    as before. No upsampled or joined map is made. In inference, a conv after a Concat that multiplies first where the
-    engine would run it by gemm.py (the head: few outputs) instead adds the upsampled channels'
-    products into the skip's before its shifted adds (gemm.multiply_then_shift): one pass fewer.
+    itself (winograd4.forward's `upsampled`: U-Net steps at 64x64 4-6% faster), the backward
+    split as before. No upsampled or joined map is made. In inference, a conv after a Concat that
+    multiplies first where the engine would run it by gemm.py (the head: few outputs) instead adds
+    the upsampled channels' products into the skip's before its shifted adds
+    (gemm.multiply_then_shift): one pass fewer.
     BatchNorm in inference folds into the conv, and a ReLU right after the conv (or after a
     folded BatchNorm) runs in its last pass; the block leaves the caches upsampled_block_backward
     reads.
