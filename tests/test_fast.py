@@ -462,3 +462,17 @@ def test_per_channel_and_relu_give_numpys_broadcasting(shape, rng):
     relu_into(view, view)  # in place through a strided view
     assert (view >= 0).all()
     np.testing.assert_array_equal(a[..., 1::2, :], untouched)
+
+
+@pytest.mark.parametrize("m, n, k", [(9, 4, 5000), (3, 2, 20000), (64, 576, 3000)])
+def test_thin_products_in_chunks_add_up_to_the_product(m, n, k, rng, monkeypatch):
+    """add_thin_product adds a @ b into acc in chunks of K (with a lower SMALL_PRODUCT: 1024 and
+    6144 columns, a last shorter chunk included), or in one call for wide products; a may be a
+    transposed view, as the weight gradients pass it."""
+    from nanocolor.fast import gemm
+    monkeypatch.setattr(gemm, "SMALL_PRODUCT", 1024 * 9 * 4)
+    a, b = rng.standard_normal((k, m)).T, rng.standard_normal((k, n))
+    acc = rng.standard_normal((m, n))
+    expected = acc + a @ b
+    gemm.add_thin_product(a, b, acc)
+    np.testing.assert_allclose(acc, expected, rtol=1e-12, atol=1e-12)
