@@ -476,3 +476,17 @@ def test_thin_products_in_chunks_add_up_to_the_product(m, n, k, rng, monkeypatch
     expected = acc + a @ b
     gemm.add_thin_product(a, b, acc)
     np.testing.assert_allclose(acc, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("b_shape", [(6, 5000), (6, 4, 3001), (4, 6, 7)])
+def test_small_matmul_in_column_chunks_is_the_product(b_shape, rng, monkeypatch):
+    """small_matmul writes a @ b chunk by chunk of b's columns (here of 1000, with a lower
+    SMALL_PRODUCT, a shorter last one included), for a small a that may be a transposed view
+    and b a matrix or a stack of them, as Winograd's transforms call it."""
+    from nanocolor.fast import gemm
+    monkeypatch.setattr(gemm, "SMALL_PRODUCT", 1000 * 6 * b_shape[-2])
+    a = rng.standard_normal((b_shape[-2], 6)).T
+    b = rng.standard_normal(b_shape)
+    out = np.full(b_shape[:-2] + (6, b_shape[-1]), np.nan)
+    gemm.small_matmul(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)

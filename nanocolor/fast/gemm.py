@@ -131,6 +131,18 @@ def relu_into(a, out) -> None:
 SMALL_PRODUCT = 1_000_000  # OpenBLAS multiplies M x K by K x N without packing up to M*N*K this big
 
 
+def small_matmul(a, b, out) -> None:
+    """out = a @ b for a small matrix a (M, K) and b (..., K, X) with many columns (Winograd's
+    transforms: 6 x 6 by 6 x tiles*channels), in chunks of columns that OpenBLAS multiplies with
+    its small-matrix kernels (M*K*chunk <= SMALL_PRODUCT): measured 2-2.3x faster than one call,
+    whose packing copies all of b first."""
+    M, K = a.shape
+    X = b.shape[-1]
+    chunk = X if not isinstance(b, np.ndarray) else max(1, SMALL_PRODUCT // (M * K))
+    for start in range(0, X, chunk):
+        array_module(b).matmul(a, b[..., start:start + chunk], out=out[..., start:start + chunk])
+
+
 def add_thin_product(a, b, acc) -> None:
     """acc += a @ b for a (M, K) and b (K, N) with a long K: weight gradients, patches^T @ dout.
     Where M and N are small (the first conv's 9 x pixels by pixels x F, the head's C x pixels by

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import column_sums, pad_rows, relu_into
+from .gemm import column_sums, pad_rows, relu_into, small_matmul
 from .workspace import prepared, scratch
 
 B_T = np.array([[4, 0, -5, 0, 1, 0],
@@ -125,11 +125,11 @@ def _input_transform(x, n: slice, t: slice, m_t, out=None):
     d = scratch(f"w4{tag}_d", (size, size, N_, T_, tw, C), x.dtype, x)
     xp.copyto(d, blocks)                                   # d[i, j, tile, c] = x_block[i, j, c]
     e = scratch(f"w4{tag}_e", (6, size * P * C), x.dtype, x)
-    xp.matmul(m_t, d.reshape(size, -1), out=e)             # M^T along the block's rows
+    small_matmul(m_t, d.reshape(size, -1), e)              # M^T along the block's rows
     if out is None:  # d is spent: V goes there when it fits
         out = scratch("w4_low_v", (6, 6, P * C), x.dtype, x) if low else d
     v = out.reshape(6, 6, P * C)
-    xp.matmul(m_t, e.reshape(6, size, P * C), out=v)       # then along its columns
+    small_matmul(m_t, e.reshape(6, size, P * C), v)        # then along its columns
     return v.reshape(36, P, C)
 
 
@@ -190,9 +190,9 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False, upsampled=None) -
             m += xp.matmul(v_low, U[:, :Cu], out=scratch("w4_low_m", (36, P, F), x.dtype, x))
         m[BIAS_POSITION] += b
         s = scratch("w4_s", (4, 6 * P * F), x.dtype, x)
-        xp.matmul(a_t, m.reshape(6, -1), out=s)                # A^T along the rows
+        small_matmul(a_t, m.reshape(6, -1), s)                 # A^T along the rows
         y = scratch("w4_y", (4, 4, P * F), x.dtype, x)
-        xp.matmul(a_t, s.reshape(4, 6, P * F), out=y)          # then along the columns
+        small_matmul(a_t, s.reshape(4, 6, P * F), y)           # then along the columns
         if relu:  # on the contiguous tiles, before they are scattered (much faster than on the way)
             relu_into(y, y)
         tiles = y.reshape(4, 4, N_, T_, tw, F).transpose(2, 3, 0, 4, 1, 5)
@@ -232,9 +232,9 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
         dy = scratch("w4_y", (4, 4, N_, th, tw, F), dout.dtype, dout)
         xp.copyto(dy, dout[n].reshape(N_, th, 4, tw, 4, F).transpose(2, 4, 0, 1, 3, 5))
         ds = scratch("w4_s", (4, 6, P * F), dout.dtype, dout)
-        xp.matmul(a_t.T, dy.reshape(4, 4, P * F), out=ds)     # adjoint of A^T along the columns
+        small_matmul(a_t.T, dy.reshape(4, 4, P * F), ds)      # adjoint of A^T along the columns
         dm = scratch("w4_m", (6, 6 * P * F), dout.dtype, dout)
-        xp.matmul(a_t.T, ds.reshape(4, 6 * P * F), out=dm)    # then along the rows
+        small_matmul(a_t.T, ds.reshape(4, 6 * P * F), dm)     # then along the rows
         dm = dm.reshape(36, P, F)
         i = parallel.slot()
         db[i] += column_sums(dm[BIAS_POSITION])
@@ -244,9 +244,9 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
         dv = scratch("w4_d", (36, P, C), dout.dtype, dout)
         xp.matmul(dm, U.transpose(0, 2, 1), out=dv)          # dV = dM U^T (a computed v is spent)
         de = scratch("w4_e", (6, 6, P * C), dout.dtype, dout)
-        xp.matmul(b_t.T, dv.reshape(6, 6, P * C), out=de)     # adjoint of B^T along the columns
+        small_matmul(b_t.T, dv.reshape(6, 6, P * C), de)      # adjoint of B^T along the columns
         dd = dv.reshape(6, 6 * P * C)
-        xp.matmul(b_t.T, de.reshape(6, 6 * P * C), out=dd)    # then along the rows
+        small_matmul(b_t.T, de.reshape(6, 6 * P * C), dd)     # then along the rows
         blocks = dd.reshape(6, 6, N_, th, tw, C)  # block row a, column b of tile (t, u) is padded pixel (4t + a, 4u + b)
         # Rows first: rows[n, t, r, b, u] is padded row 4t + r; block rows 4 and 5 of tile t are
         # rows 0 and 1 of tile t + 1 (the overlap of neighbouring blocks).
