@@ -1,6 +1,8 @@
 """Adam (Kingma & Ba, 2015) with bias correction, updating every parameter in place."""
 from __future__ import annotations
 
+import math
+
 from .backend import array_module, on_host
 from .fast import parallel
 
@@ -65,3 +67,25 @@ class Adam:
             xp = array_module(m)  # a checkpoint's state is host data: copy it onto the parameters' device
             m[...] = xp.asarray(state[f"m{i}"], dtype=m.dtype)
             v[...] = xp.asarray(state[f"v{i}"], dtype=v.dtype)
+
+
+SCHEDULES = ("constant", "cosine")
+COSINE_FLOOR = 0.01  # cosine decays to this share of the peak lr, never to zero
+
+
+def scheduled_lr(lr: float, step: int, total_steps: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """The learning rate of global step `step` (0-based) of `total_steps`.
+
+    constant: lr throughout. cosine: half a cosine from lr down to COSINE_FLOOR * lr at the last
+    step. Either way the first `warmup` steps ramp linearly up to lr (Adam's first steps are big
+    when its second-moment estimate is still small).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    span = max(total_steps - warmup - 1, 1)
+    progress = min((step - warmup) / span, 1.0)
+    return lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))

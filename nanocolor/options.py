@@ -85,7 +85,8 @@ def run_settings(run: str | os.PathLike) -> dict:
 # would change the data split, the batches or the model under the saved state.
 RUN_SETTINGS = (("size", "--size"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("widths", "--widths"),
                 ("data", "--data"), ("loss", "--loss"), ("seed", "--seed"), ("val_fraction", "--val-fraction"),
-                ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"))
+                ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"),
+                ("schedule", "--schedule"), ("warmup", "--warmup"))
 
 
 def _folders(value) -> list[str] | None:

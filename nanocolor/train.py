@@ -18,6 +18,7 @@ from nanocolor import backend, fast, options
 from nanocolor.data import DataError
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
 from nanocolor.model import DEFAULT_WIDTHS, full_config
+from nanocolor.optim import SCHEDULES
 from nanocolor.serialize import CorruptFileError, load_npz
 from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
 
@@ -41,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per mini-batch (default 16); under mpirun the global batch, "
                         "split evenly over the processes")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning rate over the run: constant, or cosine from --lr down to 1%% of it at the "
+                        "last step of --epochs (default constant)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="steps of linear warm-up from 0 to --lr at the start (default 0)")
     p.add_argument("--loss", choices=("mse", "classify"), default="mse",
                    help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing (default mse)")
     p.add_argument("--size", type=int, default=64,
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
             (None if args.resume else str(SAMPLE))
         crop_margin = args.size // 4 if args.crop_margin is None else args.crop_margin
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
-                          lr=args.lr, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
+                          lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
                           widths=widths, arch=arch, crop_margin=crop_margin, loss=args.loss, limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root)
         if not args.resume and (Path(out) / "checkpoint.npz").exists():
@@ -134,6 +140,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--epochs", args.epochs, low=1)
     options.check_number("--batch-size", args.batch_size, low=1)
     options.check_number("--lr", args.lr, low=0, above=True)
+    options.check_number("--warmup", args.warmup, low=0)
     options.check_number("--size", args.size, low=1)
     options.check_number("--val-fraction", args.val_fraction, low=0, high=1, below=True)
     options.check_number("--seed", args.seed, low=0)

@@ -31,7 +31,7 @@ from .layers import BatchNorm2d
 from .loss import MSELoss
 from .metrics import psnr
 from .model import DEFAULT_WIDTHS, ColorNet, full_config
-from .optim import Adam
+from .optim import Adam, scheduled_lr
 from .progress import progress_bar
 from .runfolder import RunFolder
 from .serialize import load_npz
@@ -67,7 +67,9 @@ class TrainConfig:
     out: str
     epochs: int = 50
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-3                  # the peak learning rate
+    schedule: str = "constant"        # 'constant' or 'cosine' over all `epochs` (optim.scheduled_lr)
+    warmup: int = 0                   # steps of linear warm-up to lr
     size: int = 64
     val_fraction: float = 0.1
     seed: int = 0
@@ -189,6 +191,7 @@ class Trainer:
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
         self.cfg.loss = stored.get("loss", "mse")
         self.cfg.crop_margin = stored.get("crop_margin", 0)
+        self.cfg.schedule, self.cfg.warmup = stored.get("schedule", "constant"), stored.get("warmup", 0)
         self.cfg.arch = meta["config"].get("arch", "seed")
         self.class_weights = arrays.pop("class_weights", None)
         self.cfg.history = meta["history"]
@@ -349,6 +352,8 @@ class Trainer:
                     self.save_checkpoint()
                 raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {self.step}; checkpoint saved: "
                                       f"continue with --resume {self.out}", 130)
+            self.optimizer.lr = scheduled_lr(cfg.lr, epoch * len(plan) + step, cfg.epochs * len(plan),
+                                             cfg.schedule, cfg.warmup)
             crops = None if offsets is None else offsets[step * cfg.batch_size:(step + 1) * cfg.batch_size][shard]
             L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard],
                                     crops, cfg.size)

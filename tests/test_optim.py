@@ -123,3 +123,19 @@ def test_load_state_dict_rejects_wrong_shapes():
     state = Adam([Params(w=np.zeros((3, 2)))]).state_dict()
     with pytest.raises(ValueError):
         adam.load_state_dict(state)
+
+
+def test_scheduled_lr_warms_up_linearly_then_follows_half_a_cosine_to_its_floor():
+    from nanocolor.optim import COSINE_FLOOR, scheduled_lr
+    lr, total, warmup = 0.5, 41, 8
+    ramp = [scheduled_lr(lr, s, total, "cosine", warmup) for s in range(warmup)]
+    np.testing.assert_allclose(ramp, [lr * (s + 1) / warmup for s in range(warmup)], rtol=1e-12)
+    assert scheduled_lr(lr, warmup, total, "cosine", warmup) == pytest.approx(lr)  # the peak, right after
+    middle = warmup + (total - warmup - 1) / 2  # a quarter turn: halfway between the peak and the floor
+    assert scheduled_lr(lr, int(middle), total, "cosine", warmup) == pytest.approx(lr * (1 + COSINE_FLOOR) / 2)
+    assert scheduled_lr(lr, total - 1, total, "cosine", warmup) == pytest.approx(lr * COSINE_FLOOR)
+    decay = [scheduled_lr(lr, s, total, "cosine", warmup) for s in range(warmup, total)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert [scheduled_lr(lr, s, total, "constant", 3) for s in (0, 2, 3, 40)] == [lr / 3, lr, lr, lr]
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        scheduled_lr(lr, 0, total, "linear")

@@ -392,9 +392,9 @@ def test_train_bad_settings_give_one_clear_line_and_exit_2(tmp_path, photo_folde
 
 # -- training that survives faults -----------------------------------------------------------------
 
-def small_config(data_dir: Path, out: Path, epochs: int) -> TrainConfig:
+def small_config(data_dir: Path, out: Path, epochs: int, **settings) -> TrainConfig:
     return TrainConfig(data=str(data_dir), out=str(out), epochs=epochs, batch_size=2, lr=3e-3, size=8,
-                       val_fraction=0.25, seed=5, widths=(4, 8), progress=False)
+                       val_fraction=0.25, seed=5, widths=(4, 8), progress=False, **settings)
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path, photo_folder,
@@ -587,10 +587,12 @@ def test_resume_is_bit_identical_to_training_in_one_go(tmp_path, photo_folder):
     assert_same_arrays(checkpoint_arrays(split), checkpoint_arrays(straight))
 
 
-def test_resume_after_a_mid_epoch_interrupt_is_bit_identical(tmp_path, photo_folder, monkeypatch):
-    """SIGTERM inside epoch 2 (the trainer saves a checkpoint and stops), then resumed: same weights."""
+@pytest.mark.parametrize("schedule", [{}, {"schedule": "cosine", "warmup": 3}])
+def test_resume_after_a_mid_epoch_interrupt_is_bit_identical(tmp_path, photo_folder, monkeypatch, schedule):
+    """SIGTERM inside epoch 2 (the trainer saves a checkpoint and stops), then resumed: same weights
+    (with a learning-rate schedule too: the resumed run takes up the schedule where it stopped)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    Trainer(small_config(photo_folder, straight, epochs=3)).run()
+    Trainer(small_config(photo_folder, straight, epochs=3, **schedule)).run()
     import nanocolor.trainer as trainer_module
     real_make_batch, batches = trainer_module.make_batch, []
 
@@ -601,12 +603,12 @@ def test_resume_after_a_mid_epoch_interrupt_is_bit_identical(tmp_path, photo_fol
         return real_make_batch(*args)
     monkeypatch.setattr(trainer_module, "make_batch", make_batch)
     with pytest.raises(TrainingStopped, match=r"interrupted at epoch 2, step [12];") as stop:
-        Trainer(small_config(photo_folder, split, epochs=3)).run()
+        Trainer(small_config(photo_folder, split, epochs=3, **schedule)).run()
     assert stop.value.exit_code == 130
     _, meta = load_npz(split / "checkpoint.npz")
     assert meta["epoch"] == 1 and meta["step"] in (1, 2)  # before or after that step, but mid-epoch
     monkeypatch.undo()
-    Trainer(small_config(photo_folder, split, epochs=3), resume=True).run()
+    Trainer(small_config(photo_folder, split, epochs=3), resume=True).run()  # the schedule comes from the run
     assert_same_arrays(checkpoint_arrays(split), checkpoint_arrays(straight))
 
 
