@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanocolor import backend, fast, options
+from nanocolor import backend, engine, options
 from nanocolor.data import IMAGE_EXTENSIONS, ImageError, decode_image, photo_arrays
 from nanocolor.infer import (MAX_WORK_SIZE, colorize_array, colorize_file, encode_png, frame_count,
                              is_colorize_output, load_colorizer)
@@ -52,9 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longer side, in pixels, at which the network predicts color "
                         f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
     p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
-    p.add_argument("--conv", choices=fast.ENGINES, default="auto",
-                   help="how layers are computed: im2col is the textbook code of nanocolor/layers.py; gemm and "
-                        "winograd are the fast engine of nanocolor/fast; auto picks the fastest (default)")
+    engine.add_conv_option(p)
     return p.parse_args(argv)
 
 
@@ -170,7 +168,7 @@ def main(argv=None) -> int:
     try:
         check_options(args)
         backend.use_device(args.device)
-        fast.set_engine(args.conv)
+        engine.set_conv(args.conv)
         model, work_size = load_colorizer(args.weights)
     except (ValueError, OSError, backend.DeviceError) as err:  # CorruptFileError is a ValueError
         error(f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else err)

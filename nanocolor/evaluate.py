@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import backend, options
+from . import backend, engine, options
 from .data import DataError, ImageError, find_images, is_grayscale, read_photo
 from .images import gray_of, side_by_side, to_uint8, write_png
 from .infer import MAX_WORK_SIZE, colorize_array, load_colorizer
@@ -175,6 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "one row each (the first is the model's row, of the gallery and per-folder tables)")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
     p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
+    engine.add_conv_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -186,6 +187,7 @@ def main(argv=None) -> int:
         options.check_number("--gallery-every", args.gallery_every, low=1)
         options.check_number("--work-size", args.work_size, low=1, high=MAX_WORK_SIZE)
         backend.use_device(args.device)
+        engine.set_conv(args.conv)
         for gain in args.chroma_gain or ():
             options.check_number("--chroma-gain", gain, low=0, high=10, above=True)
         model, work_size = load_colorizer(args.weights)

@@ -8,7 +8,7 @@ L* is the input's, up to 8-bit rounding. Pictures and PNG bytes are made by imag
 
 Only the network works at the small size; everything at full resolution (lightness, upsampling
 a*b*, gamut fitting, sRGB, 8 bits, PNG compression) runs in row bands of BAND_PIXELS pixels over
-the CPU workers of nanocolor.fast.parallel, in float32, so memory beyond the photo's own pixels
+the CPU workers (engine.map_tasks), in float32, so memory beyond the photo's own pixels
 is a few bytes per pixel plus a few bands: 8-bit input (3 bytes a pixel), its L* (4), the 8-bit
 output (3) and its PNG.
 """
@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import backend
+from . import backend, engine
 from .color import fit_to_gamut, lab_to_rgb, lightness, scale_lightness, unscale_ab
 from .data import HIGH_BIT_MODES, ImageError, alpha_channel, open_image, rgb_array, to_rgb
-from .fast import parallel
 from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side, to_uint8
 from .model import ColorNet
 from .serialize import CorruptFileError, atomic_write_bytes, load_npz
@@ -61,7 +60,7 @@ def _over_bands(task, height: int, width: int) -> None:
     """task(y0, y1) for bands of about BAND_PIXELS pixels covering rows 0..height, on the CPU workers."""
     step = max(1, BAND_PIXELS // max(width, 1))
     bands = [(y, min(height, y + step)) for y in range(0, height, step)]
-    parallel.run(lambda i: task(*bands[i]), len(bands))
+    engine.map_tasks()(lambda i: task(*bands[i]), len(bands))
 
 
 def predict_small_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
@@ -71,7 +70,7 @@ def predict_small_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarr
     h, w = working_shape(H, W, work_size, model.downsample_factor)
     small = _resize_channels(L[..., None], h, w)
     lightness_in = backend.xp.asarray(scale_lightness(small)[None].astype(np.float32))
-    out = model.forward(lightness_in)
+    out = engine.network(model).forward(lightness_in)
     if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
         from .classify import annealed_mean
         ab = backend.to_numpy(annealed_mean(out))[0]

@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from . import __version__, backend
+from . import __version__, backend, engine
 from .data import ImageError, photo_arrays
 from .data import decode_image as decode_image_file
 from .infer import MAX_WORK_SIZE, colorize_array, encode_png, load_colorizer
@@ -274,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="longer side at which the network predicts color "
                         f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
     p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
+    engine.add_conv_option(p)
     return p.parse_args(argv)
 
 
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work_size and args.work_size > MAX_WORK_SIZE:
             raise ValueError(f"--work-size must be at most {MAX_WORK_SIZE}, got {args.work_size}")
         backend.use_device(args.device)
+        engine.set_conv(args.conv)
         colorizers = load_colorizers(args.weights, args.work_size)
         sock = listening_socket(args.host, args.port)
     except (ValueError, backend.DeviceError, CorruptFileError) as err:  # CorruptFileError is a ValueError

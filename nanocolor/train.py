@@ -14,10 +14,10 @@ import time
 import warnings
 from pathlib import Path
 
-from nanocolor import backend, fast, options
+from nanocolor import backend, engine, options
 from nanocolor.data import DataError
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
-from nanocolor.model import DEFAULT_WIDTHS, full_config
+from nanocolor.model import ARCHS, DEFAULT_ARCH, DEFAULT_WIDTHS, full_config
 from nanocolor.optim import SCHEDULES
 from nanocolor.serialize import CorruptFileError, load_npz
 from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
@@ -37,39 +37,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its checkpoint (its settings are kept; "
                         "--epochs may extend it)")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs to train (default 50)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="images per mini-batch (default 16); under mpirun the global batch, "
-                        "split evenly over the processes")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+    p.add_argument("--epochs", type=int, default=None, help=f"total epochs to train (default {TrainConfig.epochs})")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"images per mini-batch (default {TrainConfig.batch_size}); under mpirun the global "
+                        "batch, split evenly over the processes")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help=f"Adam's (peak) learning rate (default {TrainConfig.lr:g})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=TrainConfig.schedule,
                    help="learning rate over the run: constant, or cosine from --lr down to 1%% of it at the "
-                        "last step of --epochs (default constant)")
-    p.add_argument("--warmup", type=int, default=0,
-                   help="steps of linear warm-up from 0 to --lr at the start (default 0)")
-    p.add_argument("--loss", choices=("mse", "classify"), default="mse",
-                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing (default mse)")
-    p.add_argument("--size", type=int, default=64,
-                   help="training images are center-cropped and resized to SIZE x SIZE (default 64)")
-    p.add_argument("--arch", choices=("unet", "seed"), default=None,
+                        f"last step of --epochs (default {TrainConfig.schedule})")
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup,
+                   help=f"steps of linear warm-up from 0 to --lr at the start (default {TrainConfig.warmup})")
+    p.add_argument("--loss", choices=("mse", "classify"), default=TrainConfig.loss,
+                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing "
+                        f"(default {TrainConfig.loss})")
+    p.add_argument("--size", type=int, default=TrainConfig.size,
+                   help=f"training images are center-cropped and resized to SIZE x SIZE (default {TrainConfig.size})")
+    p.add_argument("--arch", choices=ARCHS, default=None,
                    help="unet: BatchNorm and skip connections; seed: the plain autoencoder "
-                        "(default unet, or that of the --init weights)")
+                        f"(default {DEFAULT_ARCH}, or that of the --init weights)")
     p.add_argument("--crop-margin", type=int, default=None,
                    help="photos are resized to SIZE + MARGIN and every batch takes random SIZE x SIZE crops "
                         "(default SIZE / 4; 0: the whole photo at SIZE)")
     p.add_argument("--widths", default=None,
                    help="channel widths of the encoder levels, comma-separated "
                         f"(default {','.join(map(str, DEFAULT_WIDTHS))}, or those of the --init weights)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of photos held out for validation (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, split and batch order (default 0)")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help=f"share of photos held out for validation (default {TrainConfig.val_fraction})")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed,
+                   help=f"seed for init, split and batch order (default {TrainConfig.seed})")
     p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     p.add_argument("--init", metavar="WEIGHTS",
                    help="start from these weights instead of random ones, e.g. to continue training "
                         "the shipped model (nanocolor/weights/colornet.npz) on your photos")
-    p.add_argument("--conv", choices=fast.ENGINES, default="auto",
-                   help="how layers are computed: im2col is the textbook code of nanocolor/layers.py; gemm and "
-                        "winograd are the fast engine of nanocolor/fast; auto picks the fastest (default)")
+    engine.add_conv_option(p)
     p.add_argument("--device", default=None,
                    help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -93,16 +94,15 @@ def main(argv=None) -> int:
     try:
         world = init_world()
         backend.use_device(args.device)
-        fast.set_engine(args.conv)
+        engine.set_conv(args.conv)
         use_local_gpu(world, backend.xp)
         check_numbers(args)
         arch, widths = _architecture(args)
         data = [str(Path(d).resolve()) for d in args.data] if args.data else \
             (None if args.resume else str(SAMPLE))
-        crop_margin = args.size // 4 if args.crop_margin is None else args.crop_margin
-        cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
+        cfg = TrainConfig(data=data, out=out, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size,
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          widths=widths, arch=arch, crop_margin=crop_margin, loss=args.loss, limit=args.limit,
+                          widths=widths, arch=arch, crop_margin=args.crop_margin, loss=args.loss, limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root)
         if not args.resume and (Path(out) / "checkpoint.npz").exists():
             raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
@@ -162,7 +162,7 @@ def resume_settings(cfg: TrainConfig, args: argparse.Namespace) -> None:
 
 def _architecture(args: argparse.Namespace) -> tuple[str, tuple]:
     """--arch and --widths as given; what is not given comes from the --init weights, else the defaults."""
-    config = {"arch": "unet", "widths": DEFAULT_WIDTHS}
+    config = {"arch": DEFAULT_ARCH, "widths": DEFAULT_WIDTHS}
     if args.init:
         config = full_config(load_npz(args.init)[1].get("config") or {})
     arch = args.arch or config["arch"]

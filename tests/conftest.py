@@ -173,5 +173,5 @@ def run_colorize(capsys, *args) -> tuple[int, str, list[str]]:
 
 def tiny_weights(path: Path, widths=(4, 8), seed: int = 0) -> Path:
     """A tiny untrained model file, saved as train.py saves one (training size 8)."""
-    ColorNet(widths, seed=seed).save(path, train_size=8)
+    ColorNet(widths, seed=seed, arch="seed").save(path, train_size=8)
     return path

@@ -193,7 +193,7 @@ def test_seed_autoencoder_step_with_relu_in_the_conv_epilogue_matches_textbook(e
     results, fused_pools, original = [], [], fast.maxpool_relu_backward
     monkeypatch.setattr(fast, "maxpool_relu_backward", lambda *a: fused_pools.append(original(*a)) or fused_pools[-1])
     for name in ("im2col", engine):
-        model = ColorNet((4, 16, 16), seed=2, dtype=np.float64).train()
+        model = ColorNet((4, 16, 16), seed=2, dtype=np.float64, arch="seed").train()
         with fast.use_engine(name):
             ab = model.forward(lightness)
             model.backward(d_ab)
@@ -213,7 +213,7 @@ def test_seed_autoencoder_inference_keeps_no_caches_and_matches_textbook(dtype, 
                                                                                    monkeypatch):
     """In eval mode a Conv + ReLU block keeps no caches; its conv takes the engine's path."""
     lightness = rng.uniform(-1, 1, (3, 16, 16, 1)).astype(dtype)
-    model = ColorNet((4, 16, 16), seed=2, dtype=dtype)  # eval mode, as a model starts
+    model = ColorNet((4, 16, 16), seed=2, dtype=dtype, arch="seed")  # eval mode, as a model starts
     with fast.use_engine("im2col"):
         expected = model.forward(lightness)
     paths, original_path = [], fast.conv2d_path
