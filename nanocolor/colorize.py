@@ -108,7 +108,8 @@ def check_stdin_outputs(args: argparse.Namespace) -> None:
             raise IsADirectoryError(errno.EISDIR, "is a folder; with -, --output names the PNG file to write",
                                     str(path))
         if is_stdin(path):
-            raise FileExistsError(errno.EEXIST, "it is the input itself (stdin); refusing to overwrite it", str(path))
+            raise FileExistsError(errno.EEXIST, "it is the input itself (stdin); refusing to overwrite it",
+                                  str(path))
         if not (args.overwrite or replaceable(path)):
             raise FileExistsError(errno.EEXIST, "exists and colorize.py did not write it; "
                                                 "--overwrite replaces it", str(path))

@@ -37,7 +37,8 @@ class RunFolder:
             remove_stale_temp_files(self.path / name)
 
     def other_entries(self) -> list[str]:
-        """The sorted names in the folder, but for temporary files a killed run left: what a new run must not mix with."""
+        """The sorted names in the folder but the temporary files of a killed run: what a new run must
+        not mix with."""
         if not self.path.is_dir():
             return []
         left = {p.name for name in FILES for p in temp_files(self.path / name)}

@@ -42,7 +42,8 @@ def _temp_pattern(path: Path) -> tuple[str, str]:
 
 
 def _about(err: OSError, path: Path) -> OSError:
-    """The same error naming `path` where it named a temporary file of `path`: that name means nothing to the user."""
+    """The same error naming `path` where it named a temporary file of `path` (a name that means
+    nothing to the user)."""
     prefix, suffix = _temp_pattern(path)
     name = Path(err.filename).name if isinstance(err.filename, str) else ""
     if err.errno and name.startswith(prefix) and name.endswith(suffix):
@@ -82,7 +83,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def temp_files(path: str | os.PathLike) -> list[Path]:
-    """The temporary files of writes of `path` that are lying beside it (left by a killed process, or in progress)."""
+    """The temporary files of writes of `path` lying beside it (left by a killed process, or in progress)."""
     path = Path(path)
     prefix, suffix = _temp_pattern(path)
     return [p for p in path.parent.glob(f"{glob.escape(prefix)}*{suffix}") if p.is_file()]

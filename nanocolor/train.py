@@ -218,7 +218,8 @@ def run_data(cfg: TrainConfig, stored: dict) -> list[str]:
                       f"not record them, so make sure they are the same ({now['count']} image files)")
     elif now != record:
         raise DataError(f"--data {shown} holds {now['count']} image files that are not the {record['count']} "
-                        f"{cfg.out} was trained on (in {was}; names or sizes differ): --resume needs the same photos")
+                        f"{cfg.out} was trained on (in {was}; names or sizes differ): --resume needs the same "
+                        f"photos")
     else:
         warnings.warn(f"--resume reads the photos of {cfg.out} from their new place, {shown}: the same "
                       f"{now['count']} image files (names and sizes) as were in {was}")

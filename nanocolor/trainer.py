@@ -373,8 +373,8 @@ class Trainer:
         scores = self.validate() if len(self.val_idx) else None  # None: no validation set, no scores
         self.cpu_seconds += float(self.world.sum([time.process_time() - cpu_started])[0])  # all ranks' CPU
         row = {"epoch": epoch + 1, "train_loss": round(self.loss_sum / max(self.step, 1), 6),
-               "val_loss": round(scores[0], 6) if scores else None, "val_psnr": round(scores[1], 3) if scores else None,
-               "seconds": round(time.time() - started, 1)}
+               "val_loss": round(scores[0], 6) if scores else None,
+               "val_psnr": round(scores[1], 3) if scores else None, "seconds": round(time.time() - started, 1)}
         cfg.history.append(row)
         self.epoch, self.step, self.loss_sum = epoch + 1, 0, 0.0
         if not self.world.is_root:

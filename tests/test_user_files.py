@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (REPO, colorful_rgb, load_script, make_photos, run_colorize, run_script, run_train, save_image,
-                      script_env, tiny_weights, with_closed_stdout)
+from conftest import (REPO, colorful_rgb, load_script, make_photos, run_colorize, run_train, save_image, script_env,
+                      tiny_weights, with_closed_stdout)
 from nanocolor import evaluate, infer, serialize
 from nanocolor.serialize import load_npz
 
@@ -211,17 +211,22 @@ def test_train_checks_its_output_place_before_reading_photos(tmp_path, place):
     assert blocker.read_text() == "keep me"
 
 
-def test_train_on_an_unwritable_folder_is_one_line(tmp_path, capsys, photo_folder, monkeypatch):
-    """Permissions cannot be relied on (tests may run as root): the OS's refusal is faked."""
-    parent = tmp_path / "readonly"
-    parent.mkdir()
+def refuse_writes_in(monkeypatch, folder: Path) -> None:
+    """Make the OS refuse new files in `folder`, as it does without write permission: permissions
+    cannot be relied on (tests may run as root), so the refusal is faked."""
     real_open = os.open
 
     def refusing_open(path, *args, **kwargs):
-        if parent in (Path(path), Path(path).parent):  # a file in it, or O_TMPFILE on it
+        if folder in (Path(path), Path(path).parent):  # a file in it, or O_TMPFILE on it
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", refusing_open)
+
+
+def test_train_on_an_unwritable_folder_is_one_line(tmp_path, capsys, photo_folder, monkeypatch):
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    refuse_writes_in(monkeypatch, parent)
     code, err = run_train_here(capsys, *tiny_train(photo_folder), "--out", parent / "run", "--epochs", 1)
     assert code == 2 and err == [f"train.py: error: {parent}: cannot write there (Permission denied)"]
 
@@ -290,9 +295,9 @@ def test_stdin_never_replaces_a_users_file_nor_the_input(tmp_path):
     photo = save_image(tmp_path / "x.png", colorful_rgb(8, 8))
     mine = save_image(tmp_path / "dir" / "mine.png", colorful_rgb(8, 8, seed=1))
     originals = {p: p.read_bytes() for p in (photo, mine)}
+    itself = "it is the input itself (stdin); refusing to overwrite it"
     for target, extra, reason in [(mine, [], "exists and colorize.py did not write it; --overwrite replaces it"),
-                                  (photo, [], "it is the input itself (stdin); refusing to overwrite it"),
-                                  (photo, ["--overwrite"], "it is the input itself (stdin); refusing to overwrite it")]:
+                                  (photo, [], itself), (photo, ["--overwrite"], itself)]:
         result = colorize_stdin(photo, "--output", target, "--weights", weights, *extra, cwd=tmp_path)
         err = result.stderr.decode()
         assert result.returncode == 2 and err == f"colorize.py: error: {target}: {reason}\n", err
@@ -332,18 +337,11 @@ def test_colorize_a_folder_into_a_closed_pipe_writes_every_photo_and_fails_none(
 
 def test_an_unwritable_output_folder_is_one_line_without_temporary_names(tmp_path, capsys, monkeypatch):
     """Defects: a folder that refused the outputs gave one error per photo, each naming a temporary
-    file (.x_color.png.t9w3w1s5.tmp). Permissions cannot be relied on (tests may run as root): the
-    OS's refusal is faked, as in test_train_on_an_unwritable_folder_is_one_line."""
+    file (.x_color.png.t9w3w1s5.tmp)."""
     weights = tiny_weights(tmp_path / "w.npz")
     locked = make_photos(tmp_path / "locked", 3, size=8)
     other = make_photos(tmp_path / "other", 1, size=8)
-    real_open = os.open
-
-    def refusing_open(path, *args, **kwargs):
-        if locked in (Path(path), Path(path).parent):  # a file in it, or O_TMPFILE on it
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(os, "open", refusing_open)
+    refuse_writes_in(monkeypatch, locked)
     code, stdout, err = run_colorize(capsys, locked, other, "--weights", weights)
     assert code == 1
     assert err == [f"colorize.py: error: {locked}: cannot write there (Permission denied); 3 inputs not colorized",
@@ -359,7 +357,8 @@ def test_the_work_size_never_exceeds_the_photo(tmp_path, capsys, monkeypatch):
     """Defect: --work-size 1024 on a 1x1 image ran the network at 1024x1024 (700 MB)."""
     shapes = []
     real_forward = infer.ColorNet.forward
-    monkeypatch.setattr(infer.ColorNet, "forward", lambda model, x: (shapes.append(x.shape), real_forward(model, x))[1])
+    monkeypatch.setattr(infer.ColorNet, "forward",
+                        lambda model, x: (shapes.append(x.shape), real_forward(model, x))[1])
     tiny = save_image(tmp_path / "dot.png", colorful_rgb(1, 1))
     wide = save_image(tmp_path / "wide.png", colorful_rgb(20, 41))
     code, _, err = run_colorize(capsys, tiny, wide, "--weights", tiny_weights(tmp_path / "w.npz"),
