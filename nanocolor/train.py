@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="run folder for checkpoint, weights, log and preview: a new or empty "
                                  "folder outside the data folders (default: runs/<date-time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its checkpoint, in RUN_DIR (its settings are kept; "
-                        "--epochs may extend it; --data may give its photos' new place)")
+                   help="continue the run in RUN_DIR from its checkpoint, writing there (its settings are "
+                        "kept; --epochs may extend it; --data may give its photos' new place)")
     p.add_argument("--epochs", type=int, default=None, help="total epochs to train (default 50)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per mini-batch (default 16); under mpirun the global batch, "

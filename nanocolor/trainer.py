@@ -143,8 +143,9 @@ class Trainer:
                                                    progress=self.progress)
         self.train_idx, self.val_idx = split_indices(len(self.lightness), cfg.val_fraction, cfg.seed)
         if len(self.val_idx) == 0 and self.world.is_root:
-            warnings.warn(f"no validation set ({len(self.lightness)} photos, --val-fraction {cfg.val_fraction:g}): "
-                          f"each epoch reports the training loss alone")
+            count = len(self.lightness)
+            warnings.warn(f"no validation set ({count} photo{'s' * (count != 1)}, --val-fraction "
+                          f"{cfg.val_fraction:g}): each epoch reports the training loss alone")
         if len(self.train_idx) < cfg.batch_size:
             raise DataError(f"batch size {cfg.batch_size} is larger than the {len(self.train_idx)} "
                             f"training images: lower --batch-size or add photos")

@@ -453,8 +453,8 @@ def test_a_run_without_a_validation_set_says_so_once_and_reports_the_training_lo
     captured = capsys.readouterr()
     assert code == 0, captured.err
     notes = [line for line in captured.err.splitlines() if "validation" in line]
-    assert notes == [f"train.py: warning: no validation set ({photos} photos, --val-fraction "
-                     f"{0 if photos == 12 else 0.1:g}): each epoch reports the training loss alone"]
+    shown = "12 photos, --val-fraction 0" if photos == 12 else "1 photo, --val-fraction 0.1"
+    assert notes == [f"train.py: warning: no validation set ({shown}): each epoch reports the training loss alone"]
     epochs = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 2 and all("train loss" in line and "val" not in line for line in epochs), epochs
     assert "nan" not in captured.out and "done: 2 epochs, train loss" in captured.out
