@@ -26,6 +26,7 @@ from .color import fit_to_gamut, lab_to_rgb, lightness, scale_lightness, unscale
 from .data import HIGH_BIT_MODES, ImageError, alpha_channel, open_image, rgb_array, to_rgb
 from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side, to_uint8
 from .model import ColorNet
+from .options import check_number
 from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 
 
@@ -34,9 +35,18 @@ from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 MAX_WORK_SIZE = 1024
 
 
+def check_work_size(work_size: int | None) -> None:
+    """ValueError unless work_size is None (the model's default) or 1 to MAX_WORK_SIZE."""
+    check_number("--work-size", work_size, low=1)
+    if work_size is not None and work_size > MAX_WORK_SIZE:
+        raise ValueError(f"--work-size must be at most {MAX_WORK_SIZE}, got {work_size}: the network's "
+                         f"memory grows with its square (about 1 GB at {MAX_WORK_SIZE})")
+
+
 def working_shape(height: int, width: int, work_size: int, factor: int) -> tuple[int, int]:
-    """(h, w) with the longer side near work_size, aspect kept, both multiples of factor."""
-    scale = work_size / max(height, width)
+    """(h, w) with the longer side near work_size, aspect kept, both multiples of factor (at least
+    factor); never above the photo's own size, up to that rounding: more pixels add no detail."""
+    scale = min(work_size, max(height, width)) / max(height, width)
     h = max(factor, int(round(height * scale / factor)) * factor)
     w = max(factor, int(round(width * scale / factor)) * factor)
     return h, w
@@ -140,8 +150,6 @@ def read_pixels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
 def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     """A model for colorize_array from a weights file or checkpoint, and its default work size
     (twice its training size). Raises CorruptFileError, naming the file, for anything unusable."""
-    if Path(path).is_dir():
-        raise CorruptFileError(f"{path}: is a folder; weights are a .npz file (a run's model.npz or checkpoint.npz)")
     try:
         arrays, meta = load_npz(path)
         model = ColorNet.from_contents(arrays, meta, source=str(path))
@@ -202,8 +210,13 @@ def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.P
     note = f"colorized from {path.name}"
     atomic_write_bytes(out_path, encode_png(colorized, alpha, note))
     if compare_path:
-        rgb = rgb / 255.0 if rgb.dtype == np.uint8 else rgb
-        picture = side_by_side([(gray_of(rgb), rgb, colorized)])
-        atomic_write_bytes(compare_path, png_bytes(picture, f"gray | original | colorized of {path.name}"))
+        atomic_write_bytes(compare_path, compare_png(rgb, colorized, path.name))
+
+
+def compare_png(rgb: np.ndarray, colorized: np.ndarray, name: str) -> bytes:
+    """The PNG bytes of grayscale | original | colorized, for an input (uint8 or in [0, 1]) called `name`."""
+    rgb = rgb / 255.0 if rgb.dtype == np.uint8 else rgb
+    picture = side_by_side([(gray_of(rgb), rgb, colorized)])
+    return png_bytes(picture, f"gray | original | colorized of {name}")
 
 

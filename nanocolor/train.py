@@ -15,10 +15,12 @@ import warnings
 from pathlib import Path
 
 from nanocolor import backend, engine, options
-from nanocolor.data import DataError
+from nanocolor.data import DataError, photo_record
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
 from nanocolor.model import ARCHS, DEFAULT_ARCH, DEFAULT_WIDTHS, full_config
 from nanocolor.optim import SCHEDULES
+from nanocolor.pipes import ends_quietly_on_closed_stdout
+from nanocolor.runfolder import RunFolder
 from nanocolor.serialize import CorruptFileError, load_npz
 from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
 
@@ -32,11 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder(s) of color photos, searched recursively; a Kaggle-style folder with "
                         "color/ and gray/ trains on color/ (default: the run's own folders with "
                         "--resume, else the bundled sample)")
-    p.add_argument("--out", help="run folder for checkpoint, weights, log and preview "
-                                 "(default: runs/<date-time>)")
+    p.add_argument("--out", help="run folder for checkpoint, weights, log and preview: a new or empty "
+                                 "folder outside the data folders (default: runs/<date-time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its checkpoint (its settings are kept; "
-                        "--epochs may extend it)")
+                   help="continue the run in RUN_DIR from its checkpoint, writing there (its settings are "
+                        "kept; --epochs may extend it; --data may give its photos' new place)")
     p.add_argument("--epochs", type=int, default=None, help=f"total epochs to train (default {TrainConfig.epochs})")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                    help=f"images per mini-batch (default {TrainConfig.batch_size}); under mpirun the global "
@@ -85,6 +87,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"train.py: warning: {message}", file=sys.stderr)  # one line, no source echo
 
 
+@ends_quietly_on_closed_stdout
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.showwarning = _show_warning
@@ -104,14 +107,18 @@ def main(argv=None) -> int:
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
                           widths=widths, arch=arch, crop_margin=args.crop_margin, loss=args.loss, limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root)
-        if not args.resume and (Path(out) / "checkpoint.npz").exists():
-            raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
         if args.resume:
             resume_settings(cfg, args)
-        if world.is_root:
-            options.check_output_folder(out)  # before the photos are read
+        options.check_outside(out, cfg.data)
+        if world.is_root:  # before the photos are read
+            if not args.resume:
+                check_new_run_folder(out)
+            options.check_output_folder(out)
+        cfg.photos = cfg.photos or photo_record(options.folders(cfg.data))
         trainer = Trainer(cfg, resume=bool(args.resume), world=world, dtype=args.dtype)
         last = trainer.run()
+    except BrokenPipeError:
+        raise  # a closed stdout: the wrapper ends quietly, the last checkpoint kept
     except KeyboardInterrupt:
         print(f"train.py: {_rank_tag(world)}interrupted; nothing more was saved", file=sys.stderr)
         return 130
@@ -130,8 +137,9 @@ def main(argv=None) -> int:
         return 2
     if not world.is_root:
         return 0
-    print(f"done: {cfg.epochs} epochs, val PSNR {last.get('val_psnr', float('nan'))} dB; "
-          f"weights in {Path(out) / 'model.npz'}")
+    score = f"val PSNR {last['val_psnr']} dB" if last.get("val_psnr") is not None else \
+        f"train loss {last.get('train_loss')}"  # a run without a validation set
+    print(f"done: {cfg.epochs} epochs, {score}; weights in {Path(out) / 'model.npz'}")
     return 0
 
 
@@ -148,16 +156,74 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--crop-margin", args.crop_margin, low=0)
 
 
+def check_new_run_folder(out: str) -> None:
+    """A new run goes into a folder train.py creates, or an empty one: never over the user's files."""
+    folder = RunFolder(out)
+    if folder.checkpoint.exists():
+        raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+    found = folder.other_entries()
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(f"{out} already holds files ({shown}) and no run of train.py: pick a new or empty --out")
+
+
+def check_resume_options(args: argparse.Namespace) -> None:
+    """--resume continues a run where it is, from its own weights: --out elsewhere and --init are refused."""
+    if args.init:
+        raise ValueError(f"--init and --resume do not go together: --resume {args.resume} continues that run "
+                         f"from its checkpoint; --init starts a new run from other weights")
+    if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ValueError(f"--out {args.out} with --resume {args.resume}: a run is continued in its own folder "
+                         f"(to branch it, copy {args.resume} to {args.out} and resume the copy)")
+
+
 def resume_settings(cfg: TrainConfig, args: argparse.Namespace) -> None:
     """--resume continues the run with its own settings: its epoch count unless --epochs is
-    given, its data folders; options that the run cannot change are named in one warning."""
-    stored = options.run_settings(cfg.out)
+    given, its data folders (or their new place, --data); options that the run cannot change
+    are named in one warning."""
+    check_resume_options(args)
+    stored, done = options.run_settings(cfg.out)
     wanted = {key: getattr(cfg, key) for key, _ in options.RUN_SETTINGS if key in args.given}
     ignored = options.ignored_on_resume(wanted, stored)
     if ignored:
         warnings.warn(f"--resume continues {cfg.out} with its own settings; ignored: {', '.join(ignored)}")
     cfg.epochs = args.epochs or stored.get("epochs", cfg.epochs)
-    cfg.data = None  # the trainer reads the run's own data folders from its checkpoint
+    if cfg.epochs < done:
+        raise ValueError(f"{cfg.out} has already trained {done} epochs: --epochs {cfg.epochs} leaves nothing "
+                         f"to do (give more than {done} to train on)")
+    cfg.data = run_data(cfg, stored) if "data" in args.given else stored_data(cfg.out, stored)
+    cfg.photos = stored.get("photos")
+
+
+def stored_data(run: str, stored: dict) -> list[str]:
+    """The run's own data folders; DataError saying what to do when they are gone."""
+    data = options.folders(stored.get("data"))
+    missing = [folder for folder in data if not Path(folder).is_dir()]
+    if missing:
+        raise DataError(f"the photos of {run} are no longer in {missing[0]}: if they moved, give their "
+                        f"new place with --resume {run} --data FOLDER")
+    return data
+
+
+def run_data(cfg: TrainConfig, stored: dict) -> list[str]:
+    """The --data given on --resume: the run's folders, or their new place if it holds the same
+    photos (count, names and sizes, as far as the checkpoint recorded them; said in a warning)."""
+    data, old = options.folders(cfg.data), options.folders(stored.get("data"))
+    if data == old:
+        return data
+    record, now = stored.get("photos"), photo_record(data)
+    shown, was = ", ".join(data), ", ".join(old)
+    if record is None:
+        warnings.warn(f"--resume reads the photos of {cfg.out} from {shown} instead of {was}; its checkpoint does "
+                      f"not record them, so make sure they are the same ({now['count']} image files)")
+    elif now != record:
+        raise DataError(f"--data {shown} holds {now['count']} image files that are not the {record['count']} "
+                        f"{cfg.out} was trained on (in {was}; names or sizes differ): --resume needs the same "
+                        f"photos")
+    else:
+        warnings.warn(f"--resume reads the photos of {cfg.out} from their new place, {shown}: the same "
+                      f"{now['count']} image files (names and sizes) as were in {was}")
+    return data
 
 
 def _architecture(args: argparse.Namespace) -> tuple[str, tuple]:

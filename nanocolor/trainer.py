@@ -60,6 +60,7 @@ class TrainConfig:
     loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
+    photos: dict | None = None        # data.photo_record of `data`: --resume checks photos that moved
     progress: bool = True
     history: list = field(default_factory=list, repr=False)
 
@@ -130,6 +131,10 @@ class Trainer:
             self.lightness, self.ab = load_dataset(cfg.data, cfg.size + cfg.crop_margin, limit=cfg.limit,
                                                    progress=self.progress)
         self.train_idx, self.val_idx = split_indices(len(self.lightness), cfg.val_fraction, cfg.seed)
+        if len(self.val_idx) == 0 and self.world.is_root:
+            count = len(self.lightness)
+            warnings.warn(f"no validation set ({count} photo{'s' * (count != 1)}, --val-fraction "
+                          f"{cfg.val_fraction:g}): each epoch reports the training loss alone")
         if len(self.train_idx) < cfg.batch_size:
             raise DataError(f"batch size {cfg.batch_size} is larger than the {len(self.train_idx)} "
                             f"training images: lower --batch-size or add photos")
@@ -343,11 +348,11 @@ class Trainer:
         bar.close()
         if not self._weights_finite():  # the last step's update is seen by no loss
             raise self._diverged(f"the weights are NaN or infinite at epoch {epoch + 1}, step {self.step}")
-        val_loss, val_psnr = self.validate()
+        scores = self.validate() if len(self.val_idx) else None  # None: no validation set, no scores
         self.cpu_seconds += float(self.world.sum([time.process_time() - cpu_started])[0])  # all ranks' CPU
         row = {"epoch": epoch + 1, "train_loss": round(self.loss_sum / max(self.step, 1), 6),
-               "val_loss": round(val_loss, 6), "val_psnr": round(val_psnr, 3),
-               "seconds": round(time.time() - started, 1)}
+               "val_loss": round(scores[0], 6) if scores else None,
+               "val_psnr": round(scores[1], 3) if scores else None, "seconds": round(time.time() - started, 1)}
         cfg.history.append(row)
         self.epoch, self.step, self.loss_sum = epoch + 1, 0, 0.0
         if not self.world.is_root:
@@ -359,7 +364,7 @@ class Trainer:
         if not self.folder.write_curves(cfg.history) and self.progress and len(cfg.history) == 1:
             tqdm.write("no curves.png: matplotlib is not installed (pip install 'nanocolor[plots]')")
         if self.progress:
-            tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  "
-                       f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  "
+            val = f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  " if scores else ""
+            tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  {val}"
                        f"({row['seconds']:.0f} s)")
 
