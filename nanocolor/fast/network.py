@@ -22,7 +22,7 @@ from ..backend import array_module
 from ..layers import BatchNorm2d, Conv2d, ReLU, Tanh
 from . import gemm, upsampled, winograd4
 from .conv import conv2d_backward, conv2d_forward, conv2d_path, upsampled_conv_path
-from .gemm import column_sums
+from .helpers import column_sums
 from .norm import batchnorm2d_backward, batchnorm2d_forward, folded_weights, upsample_concat_forward
 from .resample import maxpool2d_backward, maxpool2d_forward, relu_backward, upsample2d_backward, upsample2d_forward
 from .workspace import prepared
