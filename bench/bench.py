@@ -679,7 +679,9 @@ def main(argv: list | None = None) -> int:
                         help="gpu: nanocolor on CuPy against PyTorch CUDA")
     parser.add_argument("--torch-channels-last", action="store_true",
                         help="run PyTorch in channels_last memory format (default: its NCHW default)")
-    engine.add_conv_option(parser)
+    parser.add_argument("--conv", choices=engine.CONVS, default="auto",
+                        help="nanocolor's conv algorithm (nanocolor/engine.py): auto (default), the textbook "
+                             "im2col, gemm, winograd or winograd4")
     parser.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS),
                         help="networks to race: reference (the 3.1M-parameter autoencoder) and unet "
                              "(ColorNet(DEFAULT_WIDTHS, arch='unet'), BatchNorm); default both")

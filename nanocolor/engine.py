@@ -72,8 +72,10 @@ def _in_turn(task: Callable[[int], None], n: int) -> None:
         task(i)
 
 
-def add_conv_option(parser) -> None:
-    """The --conv option of every command that runs the network (set_conv(args.conv) applies it)."""
+def add_options(parser) -> None:
+    """--device and --conv, the options of every command that runs the network (where and how;
+    backend.use_device(args.device) and set_conv(args.conv) apply them)."""
+    parser.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
     parser.add_argument("--conv", choices=CONVS, default="auto",
                         help="how convolutions are computed: im2col is the textbook code of nanocolor/layers.py "
                              "(layer by layer, one thread); gemm, winograd and winograd4 are the fast engine's "

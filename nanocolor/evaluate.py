@@ -175,8 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="multiply the predicted a*b* by G instead of the weights' own gain; several values: "
                         "one row each (the first is the model's row, of the gallery and per-folder tables)")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
-    p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
-    engine.add_conv_option(p)
+    engine.add_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

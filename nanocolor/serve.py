@@ -297,8 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side at which the network predicts color "
                         f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
-    p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
-    engine.add_conv_option(p)
+    engine.add_options(p)
     return p.parse_args(argv)
 
 

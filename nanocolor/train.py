@@ -72,9 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", metavar="WEIGHTS",
                    help="start from these weights instead of random ones, e.g. to continue training "
                         "the shipped model (nanocolor/weights/colornet.npz) on your photos")
-    engine.add_conv_option(p)
-    p.add_argument("--device", default=None,
-                   help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
+    engine.add_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help=argparse.SUPPRESS)  # float64 parameters: only for exactness checks
