@@ -7,7 +7,7 @@ from nanocolor import infer
 from nanocolor.color import rgb_to_lab
 from nanocolor.model import ColorNet
 
-L8_TOL = 0.26  # README: the only L* change left is 8-bit rounding
+L8_TOL = 0.26  # docs/reliability.md: the only L* change left is 8-bit rounding
 
 
 @pytest.fixture(scope="module")
