@@ -29,12 +29,12 @@ def silence_stdout() -> None:
 
 
 def ends_quietly_on_closed_stdout(main: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a command's main(argv): a closed stdout ends it with SIGPIPE_EXIT and no traceback."""
+    """Wrap a command's main(argv, ...): a closed stdout ends it with SIGPIPE_EXIT and no traceback."""
     @functools.wraps(main)
-    def wrapper(argv: list[str] | None = None) -> int:
+    def wrapper(argv: list[str] | None = None, **options) -> int:
         try:
             try:
-                return main(argv)
+                return main(argv, **options)
             finally:  # also after --help's SystemExit: a pipe's buffer is written here
                 sys.stdout.flush()
         except BrokenPipeError:

@@ -86,7 +86,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 @ends_quietly_on_closed_stdout
-def main(argv=None) -> int:
+def main(argv=None, on_step=None) -> int:
+    """train.py with the command line `argv` (default: sys.argv[1:]); returns the exit code.
+    `on_step(epoch, step)` goes to the Trainer: tests use it to act at an exact moment of a run."""
     args = parse_args(argv)
     warnings.showwarning = _show_warning
     world = World()
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
                 check_new_run_folder(out)
             options.check_output_folder(out)
         cfg.photos = cfg.photos or photo_record(options.folders(cfg.data))
-        trainer = Trainer(cfg, resume=bool(args.resume), world=world, dtype=args.dtype)
+        trainer = Trainer(cfg, resume=bool(args.resume), world=world, dtype=args.dtype, on_step=on_step)
         last = trainer.run()
     except BrokenPipeError:
         raise  # a closed stdout: the wrapper ends quietly, the last checkpoint kept

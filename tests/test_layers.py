@@ -1,96 +1,49 @@
-"""Every layer's backward pass against central differences (float64, relative error < 1e-6), on
-the textbook code and on every fast engine; the convolution against a slow loop reference, and
-the whole network end to end."""
+"""The textbook (nanocolor/layers.py, model.py) on its own, no engine involved: every layer's
+backward pass against central differences (float64, relative error < 1e-6), the convolution
+against a slow loop reference, BatchNorm's running statistics, and the whole network (seed and
+U-Net) end to end. The fast engine against these layers: tests/test_fast.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from conftest import GRAD_TOL, check_gradients, make_conv
-from nanocolor import fast
-from nanocolor.fast import gemm, winograd
 from nanocolor.gradcheck import numeric_gradient, relative_error
-from nanocolor.layers import Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
+from nanocolor.layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
 from nanocolor.loss import MSELoss
 from nanocolor.model import ColorNet
 
 # ---------------------------------------------------------------------------------------------
-# Conv2d, on every engine
-
-@pytest.fixture(params=["im2col", "gemm", "winograd"])
-def engine(request):
-    """The test runs once on the textbook code and once on each fast conv path."""
-    with fast.use_engine(request.param):
-        yield request.param
-
-
-def expected_path(engine: str, k: int, H: int, W: int) -> str:
-    """The code a conv must run under `engine`: Winograd only fits 3x3 kernels on even sizes."""
-    if engine == "winograd" and not winograd.applies(k, H, W):
-        return "gemm"
-    return engine
-
+# Conv2d
 
 CONV_CASES = [
     ((2, 5, 7, 3), 4, 3),    # odd H and W
-    ((1, 4, 6, 1), 2, 3),    # batch 1, one input channel: the workers split image rows
-    ((2, 4, 6, 3), 4, 3),    # even sizes, non-square: Winograd tiles
-    ((1, 2, 2, 1), 2, 3),    # a single Winograd tile
+    ((1, 4, 6, 1), 2, 3),    # batch 1, one input channel
+    ((2, 4, 6, 3), 4, 3),    # even sizes, non-square
+    ((1, 2, 2, 1), 2, 3),    # a 2x2 image under a 3x3 kernel
     ((1, 6, 4, 5), 1, 3),    # one output channel
     ((2, 3, 5, 2), 3, 1),    # 1x1 kernel: the patch matrix is x itself
     ((1, 7, 5, 2), 3, 5),    # 5x5 kernel wider than padding on a small image
     ((1, 2, 3, 1), 1, 5),    # kernel larger than the image
-    ((2, 5, 4, 8), 2, 3),    # 4F <= C: gemm multiplies first, then adds shifted slices
-    ((2, 4, 4, 8), 2, 3),    # ... on even sizes
+    ((2, 5, 4, 8), 2, 3),    # more input channels than outputs
     ((1, 2, 3, 9), 2, 5),    # ... with a kernel larger than the image
 ]
 
 
 @pytest.mark.parametrize("shape,c_out,k", CONV_CASES)
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_conv_gradients(shape, c_out, k, input_grad, engine, rng, monkeypatch):
-    """Every engine's forward and backward (with dx, or dW and db alone) against central
-    differences, with the path that ran checked: no case silently falls back to another."""
-    multiplied_first = []
-    original = gemm.multiply_then_shift
-    monkeypatch.setattr(gemm, "multiply_then_shift", lambda *a: multiplied_first.append(1) or original(*a))
+def test_conv_gradients(shape, c_out, k, input_grad, rng):
+    """Forward and backward (with dx, or dW and db alone) against central differences."""
     conv = make_conv(shape[-1], c_out, k)
     conv.input_grad = input_grad
     dx = check_gradients(conv, rng.standard_normal(shape), rng)
-    path = expected_path(engine, k, *shape[1:3])
-    assert conv.cache[0] == path
-    assert bool(multiplied_first) == (path == "gemm" and 4 * c_out <= shape[-1] and k > 1)
     assert (dx is not None) == input_grad
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (2, 4, 6, 3)])
-def test_conv_results_survive_other_layers_calls(rng, engine, shape):
-    """Outputs, caches and gradients belong to their layer, not to scratch space that the next
-    layer of the same shape overwrites: interleaved calls give the same numbers as lone ones."""
-    x, y = rng.standard_normal(shape), rng.standard_normal(shape)
-    dout_a, dout_b = rng.standard_normal(shape), rng.standard_normal(shape)
-    lone, a, b = make_conv(3, 3, 3, seed=0), make_conv(3, 3, 3, seed=0), make_conv(3, 3, 3, seed=5)
-    out_lone = lone.forward(x).copy()
-    dx_lone = lone.backward(dout_a.copy()).copy()
-    dw_lone = lone.grads["W"].copy()
-
-    out_a = a.forward(x)
-    b.forward(y)
-    dx_a = a.backward(dout_a.copy())
-    b.backward(dout_b.copy())
-    assert a.cache[0] == expected_path(engine, 3, *shape[1:3])
-    np.testing.assert_array_equal(out_a, out_lone)
-    np.testing.assert_array_equal(dx_a, dx_lone)
-    np.testing.assert_array_equal(a.grads["W"], dw_lone)
-
-
-def test_engine_knob_rejects_unknown_names_and_restores():
-    assert fast.get_engine() == "auto"
-    with pytest.raises(ValueError):
-        fast.set_engine("winogard")
-    with fast.use_engine("im2col"):
-        assert fast.get_engine() == "im2col" and not fast.enabled()
-    assert fast.get_engine() == "auto" and fast.enabled()
+def test_conv_without_bias_has_no_bias_gradient(rng):
+    conv = Conv2d(3, 4, 3, rng=np.random.default_rng(0), dtype=np.float64, bias=False)
+    check_gradients(conv, rng.standard_normal((2, 4, 5, 3)), rng)
+    assert set(conv.grads) == {"W"} and np.all(conv.bias == 0)
 
 
 def slow_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -118,14 +71,14 @@ def slow_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape,c_out,k", [((2, 5, 7, 3), 4, 3), ((1, 6, 3, 1), 2, 5), ((2, 3, 4, 2), 3, 1)])
-def test_conv_forward_matches_loop_reference(shape, c_out, k, engine, rng):
+def test_conv_forward_matches_loop_reference(shape, c_out, k, rng):
     conv = make_conv(shape[-1], c_out, k)
     x = rng.standard_normal(shape)
     expected = slow_conv(x, conv.params["W"], conv.params["b"])
     np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_float32_forward_matches_reference(engine, rng):
+def test_conv_float32_forward_matches_reference(rng):
     conv = Conv2d(3, 5, 3, rng=np.random.default_rng(0), dtype=np.float32)
     x = rng.standard_normal((2, 6, 4, 3)).astype(np.float32)
     out = conv.forward(x)
@@ -134,7 +87,7 @@ def test_conv_float32_forward_matches_reference(engine, rng):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_single_pixel_impulse_gives_flipped_kernel(engine, rng):
+def test_conv_single_pixel_impulse_gives_flipped_kernel(rng):
     """A unit impulse in the middle of a zero image reproduces the kernel, spatially flipped."""
     conv = make_conv(1, 1, 3)
     x = np.zeros((1, 6, 6, 1))
@@ -154,14 +107,7 @@ def test_conv_he_init_and_even_kernel():
 
 
 # ---------------------------------------------------------------------------------------------
-# MaxPool2d, Upsample2d and ReLU: the textbook code ("im2col" engine) and the fast one (any other)
-
-@pytest.fixture(params=["im2col", "auto"], ids=["textbook", "fast"])
-def code(request):
-    """The cache tag the layer's forward must leave: which of the two codes ran."""
-    with fast.use_engine(request.param):
-        yield "textbook" if request.param == "im2col" else "fast"
-
+# MaxPool2d
 
 def distinct_values(shape: tuple, rng: np.random.Generator) -> np.ndarray:
     """Random values at least 1e-3 apart, so no window is near a tie while eps = 1e-6 probes it."""
@@ -169,13 +115,11 @@ def distinct_values(shape: tuple, rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 5, 7, 2), (2, 3, 3, 1), (1, 2, 2, 1)])
-def test_maxpool_gradients(shape, code, rng):
-    pool = MaxPool2d()
-    check_gradients(pool, distinct_values(shape, rng), rng)
-    assert pool.cache[0] == code
+def test_maxpool_gradients(shape, rng):
+    check_gradients(MaxPool2d(), distinct_values(shape, rng), rng)
 
 
-def test_maxpool_odd_size_drops_last_row_and_column(code, rng):
+def test_maxpool_odd_size_drops_last_row_and_column(rng):
     x = rng.standard_normal((2, 5, 7, 3))
     pool = MaxPool2d()
     out = pool.forward(x)
@@ -187,7 +131,7 @@ def test_maxpool_odd_size_drops_last_row_and_column(code, rng):
     assert dx.sum() == out.size
 
 
-def test_maxpool_ties_route_gradient_to_one_element(code):
+def test_maxpool_ties_route_gradient_to_one_element():
     """A window of equal values passes its gradient to exactly one of them, not to all four."""
     x = np.zeros((1, 4, 4, 2))
     x[0, 2:, 2:, 1] = 5.0       # one window all tied at 5
@@ -209,13 +153,11 @@ def test_maxpool_ties_route_gradient_to_one_element(code):
 # Upsample2d, ReLU, Tanh
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 2), (1, 1, 1, 1), (1, 4, 2, 3)])
-def test_upsample_gradients(shape, code, rng):
-    up = Upsample2d()
-    check_gradients(up, rng.standard_normal(shape), rng)
-    assert up.cache[0] == code
+def test_upsample_gradients(shape, rng):
+    check_gradients(Upsample2d(), rng.standard_normal(shape), rng)
 
 
-def test_upsample_is_nearest_neighbour(code, rng):
+def test_upsample_is_nearest_neighbour(rng):
     x = rng.standard_normal((2, 3, 5, 2))
     out = Upsample2d().forward(x)
     assert out.shape == (2, 6, 10, 2)
@@ -229,13 +171,11 @@ def away_from_zero(shape: tuple, rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
-def test_relu_gradients(shape, code, rng):
-    relu = ReLU()
-    check_gradients(relu, away_from_zero(shape, rng), rng)
-    assert relu.cache[0] == code
+def test_relu_gradients(shape, rng):
+    check_gradients(ReLU(), away_from_zero(shape, rng), rng)
 
 
-def test_relu_forward(code, rng):
+def test_relu_forward(rng):
     x = away_from_zero((2, 3, 3, 2), rng)
     np.testing.assert_array_equal(ReLU().forward(x), np.where(x > 0, x, 0))
 
@@ -243,6 +183,66 @@ def test_relu_forward(code, rng):
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
 def test_tanh_gradients(shape, rng):
     check_gradients(Tanh(), 1.5 * rng.standard_normal(shape), rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm2d (training mode: the batch's statistics) and Concat
+
+def batchnorm64(channels: int, rng: np.random.Generator, momentum: float = 0.1) -> BatchNorm2d:
+    """A float64 BatchNorm2d in training mode with random gamma and beta (away from the identity
+    start, so every term of its backward matters)."""
+    bn = BatchNorm2d(channels, momentum=momentum, dtype=np.float64)
+    bn.params["gamma"] = rng.uniform(0.5, 2, channels) * rng.choice([-1, 1], channels)
+    bn.params["beta"] = rng.standard_normal(channels)
+    return bn
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (3, 2, 7, 1), (1, 5, 3, 2), (2, 1, 2, 3)])
+def test_batchnorm_gradients_in_training(shape, rng):
+    """dx, dgamma and dbeta with the batch's mean and variance, which depend on every input."""
+    bn = batchnorm64(shape[-1], rng)
+    assert bn.training
+    check_gradients(bn, rng.standard_normal(shape) * 3 + 1, rng)
+
+
+def test_batchnorm_training_output_and_running_statistics(rng):
+    """Training normalizes each channel by the batch's mean and biased variance; the running
+    statistics follow running = (1 - m) running + m batch, the variance unbiased (n - 1), over
+    several steps; inference then uses them alone, and backward refuses to run."""
+    m, eps = 0.3, 1e-5
+    bn = batchnorm64(3, rng, momentum=m)
+    gamma, beta = bn.params["gamma"], bn.params["beta"]
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    for step in range(3):
+        x = rng.standard_normal((2, 4, 5, 3)) * np.array([1, 2, 3]) + np.array([-1, 0, 4]) * (step + 1)
+        rows = x.reshape(-1, 3)
+        mean, var = rows.mean(axis=0), rows.var(axis=0)
+        np.testing.assert_allclose(bn.forward(x), gamma * (x - mean) / np.sqrt(var + eps) + beta,
+                                   rtol=1e-12, atol=1e-12)
+        running_mean = (1 - m) * running_mean + m * mean
+        running_var = (1 - m) * running_var + m * rows.var(axis=0, ddof=1)
+        np.testing.assert_allclose(bn.buffers["running_mean"], running_mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(bn.buffers["running_var"], running_var, rtol=1e-12, atol=1e-14)
+    bn.training = False
+    single = rng.standard_normal((1, 3, 2, 3))  # one photo alone: its output does not depend on a batch
+    expected = gamma * (single - running_mean) / np.sqrt(running_var + eps) + beta
+    np.testing.assert_allclose(bn.forward(single), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(bn.buffers["running_mean"], running_mean)  # inference leaves them alone
+    with pytest.raises(RuntimeError, match="training mode"):
+        bn.backward(single)
+
+
+def test_concat_joins_channels_and_splits_the_gradient(rng):
+    a, b = rng.standard_normal((2, 3, 5, 2)), rng.standard_normal((2, 3, 5, 3))
+    cat = Concat()
+    out = cat.forward(a, b)
+    np.testing.assert_array_equal(out, np.concatenate([a, b], axis=-1))
+    dout = rng.standard_normal(out.shape)
+    da, db = cat.backward(dout)
+    f = lambda: float(np.sum(cat.forward(a, b) * dout))
+    assert relative_error(da, numeric_gradient(f, a)) < GRAD_TOL
+    assert relative_error(db, numeric_gradient(f, b)) < GRAD_TOL
+    np.testing.assert_array_equal(np.concatenate([da, db], axis=-1), dout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +275,9 @@ def test_mse_loss_is_zero_for_equal_inputs(rng):
     (Upsample2d, (2, 5, 3, 2)),
     (ReLU, (2, 5, 3, 2)),
     (Tanh, (2, 5, 3, 2)),
-], ids=["conv", "maxpool", "upsample", "relu", "tanh"])
-def test_backward_does_not_modify_dout(make_layer, shape, engine, rng):
+    (lambda: BatchNorm2d(2, dtype=np.float64), (2, 5, 3, 2)),
+], ids=["conv", "maxpool", "upsample", "relu", "tanh", "batchnorm"])
+def test_backward_does_not_modify_dout(make_layer, shape, rng):
     layer = make_layer()
     x = rng.standard_normal(shape)
     x_before = x.copy()
@@ -291,16 +292,24 @@ def test_backward_does_not_modify_dout(make_layer, shape, engine, rng):
 # ---------------------------------------------------------------------------------------------
 # The whole network
 
+@pytest.mark.parametrize("arch", ["seed", "unet"])
 @pytest.mark.parametrize("widths,kernel,shape", [
     ((3, 4), 3, (2, 4, 6, 1)),      # one pool/upsample level, non-square
-    ((2, 3, 4), 3, (1, 4, 8, 1)),   # two levels, batch 1
+    ((2, 3, 4), 3, (2, 4, 8, 1)),   # two levels
+    ((2, 3), 3, (1, 6, 2, 1)),      # batch 1, odd sizes after the pool
     ((3,), 5, (2, 3, 5, 1)),        # no pooling: odd sizes, 5x5 kernels
 ])
-def test_colornet_end_to_end_gradients(widths, kernel, shape, engine, rng):
-    """d MSE / d every parameter of a tiny float64 ColorNet, by backprop vs central differences."""
-    model = ColorNet(widths, kernel=kernel, seed=3, dtype=np.float64, arch="seed").train()
-    for layer in model.param_layers:  # non-zero biases so their gradients are exercised too
-        layer.params["b"] = rng.standard_normal(layer.params["b"].shape) * 0.1
+def test_colornet_end_to_end_gradients(arch, widths, kernel, shape, rng):
+    """d MSE / d every parameter of a tiny float64 ColorNet in training mode, by the textbook's
+    backprop vs central differences: the seed autoencoder, and the U-Net (BatchNorm with the
+    batch's statistics, skips joined by Concat)."""
+    model = ColorNet(widths, kernel=kernel, seed=3, dtype=np.float64, arch=arch).train()
+    for layer in model.param_layers:  # non-zero biases and BatchNorm shifts: their gradients are exercised too
+        if "b" in layer.params:
+            layer.params["b"] = rng.standard_normal(layer.params["b"].shape) * 0.1
+        if isinstance(layer, BatchNorm2d):
+            layer.params["gamma"] = rng.uniform(0.5, 1.5, layer.params["gamma"].shape)
+            layer.params["beta"] = rng.standard_normal(layer.params["beta"].shape) * 0.1
     lightness = rng.uniform(-1, 1, shape)
     ab_true = rng.uniform(-0.5, 0.5, shape[:3] + (2,))
     loss = MSELoss()
@@ -312,8 +321,19 @@ def test_colornet_end_to_end_gradients(widths, kernel, shape, engine, rng):
     model.backward(loss.backward())
     analytic = [{name: np.array(g, copy=True) for name, g in layer.grads.items()} for layer in model.param_layers]
 
-    assert len(analytic) == 2 * len(widths)
+    blocks = 2 * len(widths) - 1  # encoder levels, bottleneck, decoder levels; then the head's conv
+    assert len(analytic) == (blocks + 1 if arch == "seed" else 2 * blocks + 1)
+    checked = 0
     for i, layer in enumerate(model.param_layers):
         for name, p in layer.params.items():
             err = relative_error(analytic[i][name], numeric_gradient(f, p))
-            assert err < GRAD_TOL, f"layer {i} d{name}: relative error {err:.2e}"
+            assert err < GRAD_TOL, f"layer {i} {type(layer).__name__} d{name}: relative error {err:.2e}"
+            checked += p.size
+    assert checked == model.num_params()
+
+
+def test_colornet_backward_needs_training_mode(rng):
+    model = ColorNet((2, 3), seed=1, dtype=np.float64, arch="unet")  # eval mode by default
+    out = model.forward(rng.uniform(-1, 1, (1, 4, 4, 1)))
+    with pytest.raises(RuntimeError, match="training mode"):
+        model.backward(out)

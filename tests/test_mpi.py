@@ -20,6 +20,7 @@ from conftest import colorful_rgb, run_script, save_image, script_env, train_cmd
 from nanocolor import distributed
 from nanocolor.distributed import DistributedError, GradientAverager, World, init_world
 from nanocolor.model import ColorNet
+from nanocolor.serialize import load_npz
 
 RUN_FILES = {"checkpoint.npz", "model.npz", "log.csv", "preview.png", "curves.png"}
 # A tiny run: 16 photos -> 13 train / 3 validation, 3 steps of 4 images per epoch.
@@ -75,21 +76,35 @@ def fill_grads(model: ColorNet, rng: np.random.Generator) -> list:
     return [layer.grads[name].copy() for layer in model.param_layers for name in layer.params]
 
 
-def test_averager_packs_every_gradient_the_loss_and_the_stop_flag_in_one_buffer(rng):
+def test_averager_packs_every_gradient_and_the_loss_in_one_buffer(rng):
     model = ColorNet((3, 5), seed=1, dtype=np.float64, arch="seed")
     mine = fill_grads(model, rng)
     other_grads = [rng.standard_normal(g.shape) for g in mine]
-    other = np.concatenate([g.ravel() for g in other_grads] + [np.array([0.5, 1.0])])  # the other rank asks to stop
+    other = np.concatenate([g.ravel() for g in other_grads] + [np.array([0.5])])  # the other rank's loss last
     averager = GradientAverager(model.param_layers, TwoRankWorld(other))
-    assert averager.nbytes == (model.num_params() + 2) * 8
+    assert averager.host.shape == (model.num_params() + 1,)  # the gradients, then the loss: nothing else
+    assert averager.nbytes == (model.num_params() + 1) * 8
     grad_arrays = [layer.grads[name] for layer in model.param_layers for name in layer.params]
-    loss = averager.average(0.25, stop=False)
+    loss = averager.reduce_gradients(0.25)
     assert loss == pytest.approx((0.25 + 0.5) / 2, abs=1e-15)
-    assert averager.stop_requested  # one rank asked: every rank learns it from the same message
     got = [layer.grads[name] for layer in model.param_layers for name in layer.params]
     for g, before, theirs, same_array in zip(got, mine, other_grads, grad_arrays):
         assert g is same_array  # averaged in place: whoever holds the grads sees the mean
         np.testing.assert_allclose(g, (before + theirs) / 2, rtol=1e-15, atol=1e-15)
+
+
+def test_averager_packs_the_unet_in_layer_order(rng):
+    """BatchNorm's gamma and beta travel too; each slot goes back to its own gradient."""
+    model = ColorNet((3, 5), seed=1, dtype=np.float64, arch="unet")
+    mine = fill_grads(model, rng)
+    offsets = np.cumsum([0] + [g.size for g in mine])
+    other = np.concatenate([np.full(g.size, float(i)) for i, g in enumerate(mine)] + [np.array([1.0])])
+    averager = GradientAverager(model.param_layers, TwoRankWorld(other))
+    assert averager.nbytes == (offsets[-1] + 1) * 8
+    assert averager.reduce_gradients(3.0) == pytest.approx(2.0, abs=1e-15)
+    got = [layer.grads[name] for layer in model.param_layers for name in layer.params]
+    for i, (g, before) in enumerate(zip(got, mine)):
+        np.testing.assert_allclose(g, (before + i) / 2, rtol=1e-15, atol=1e-15)
 
 
 def test_averager_reuses_its_buffer(rng):
@@ -98,8 +113,8 @@ def test_averager_reuses_its_buffer(rng):
     buffer = averager.host
     for _ in range(2):
         mine = fill_grads(model, rng)
-        assert averager.average(1.0) == 1.0
-        assert averager.host is buffer and not averager.stop_requested
+        assert averager.reduce_gradients(1.0) == 1.0
+        assert averager.host is buffer
         got = [layer.grads[name] for layer in model.param_layers for name in layer.params]
         assert all(np.array_equal(a, b) for a, b in zip(got, mine))
 
@@ -202,6 +217,44 @@ def test_resume_works_across_process_counts(photos, tmp_path):
     ok(run_mpi(2, "--resume", tmp_path / "mixed", "--epochs", 3, "--quiet", cwd=tmp_path))
     assert [row["epoch"] for row in log_rows(tmp_path / "mixed")] == ["1", "2", "3"]
     assert max_difference(tmp_path / "straight", tmp_path / "mixed") < 1e-10
+
+
+# train.py's main with a Trainer on_step hook by which the process of MPI rank RANK alone sends
+# itself SIGNAME just before step STEP + 1 of epoch EPOCH ($NANOCOLOR_TEST_RANK_SIGNAL =
+# "RANK,EPOCH,STEP,SIGNAME"); the arguments follow -c.
+SIGNAL_ONE_RANK = """
+import os, signal, sys
+from nanocolor.distributed import LAUNCHER_RANK_VARS
+from nanocolor.train import main
+rank, epoch, step, name = os.environ["NANOCOLOR_TEST_RANK_SIGNAL"].split(",")
+mine = next((os.environ[v] for v in LAUNCHER_RANK_VARS if os.environ.get(v, "").isdigit()), None)
+assert mine is not None, "no rank from the launcher"
+def on_step(e, s):
+    if mine == rank and (e, s) == (int(epoch), int(step)):
+        os.kill(os.getpid(), getattr(signal, name))
+sys.exit(main(sys.argv[1:], on_step=on_step))
+"""
+
+
+@needs_mpirun
+def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(photos, tmp_path):
+    """SIGTERM to rank 1 alone, before the 3rd step of epoch 2: every rank stops there (they agree
+    each step, or rank 0 would wait forever in the next Allreduce), rank 0 saves that moment and
+    says so once, and the resumed run ends with the weights of an uninterrupted one."""
+    args = ("--data", photos, *TINY, "--dtype", "float64", "--epochs", 3)
+    ok(run_script("train.py", "--out", tmp_path / "straight", *args, cwd=tmp_path))
+    command = [*MPIRUN, "-n", "2", sys.executable, "-c", SIGNAL_ONE_RANK, "--out", str(tmp_path / "split"),
+               *map(str, args)]
+    stopped = subprocess.run(command, cwd=tmp_path, env=script_env(NANOCOLOR_TEST_RANK_SIGNAL="1,2,2,SIGTERM"),
+                             capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert stopped.stderr.count("interrupted at epoch 2, step 2;") == 1, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    _, meta = load_npz(tmp_path / "split" / "checkpoint.npz")
+    assert (meta["epoch"], meta["step"]) == (1, 2)
+    ok(run_mpi(2, "--resume", tmp_path / "split", "--quiet", cwd=tmp_path))
+    assert [row["epoch"] for row in log_rows(tmp_path / "split")] == ["1", "2", "3"]
+    assert max_difference(tmp_path / "straight", tmp_path / "split") < 1e-10
 
 
 @needs_mpirun

@@ -466,11 +466,29 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# Runs nanocolor.train.main with the arguments after -c, and a Trainer on_step hook that sends
+# the process a signal at one moment ($NANOCOLOR_TEST_STEP_SIGNAL = "EPOCH,STEP,SIGNAME"): just
+# before step STEP + 1 of epoch EPOCH, as the trainer's messages count them ("epoch 2, step 5" is
+# after 5 steps of the second epoch); EPOCH 0 means while the photos load.
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from nanocolor.train import main
+epoch, step, name = os.environ["NANOCOLOR_TEST_STEP_SIGNAL"].split(",")
+def on_step(e, s):
+    if (e, s) == (int(epoch), int(step)):
+        os.kill(os.getpid(), getattr(signal, name))
+sys.exit(main(sys.argv[1:], on_step=on_step))
+"""
+
+
 def train_with_signal(*args, cwd: Path, at: str | None = None, at_rename: str | None = None):
     """train.py sending itself a signal at a chosen moment: `at` = "EPOCH,STEP,SIGNAME" (the
-    trainer's test hook), or `at_rename` = "N,SIGNAME" (just before its Nth checkpoint rename)."""
+    trainer's on_step hook), or `at_rename` = "N,SIGNAME" (just before its Nth checkpoint rename)."""
     cmd = train_cmd(*args)
-    env = {"NANOCOLOR_TEST_SIGNAL_AT": at} if at else {}
+    env = {}
+    if at:
+        cmd[1:2] = ["-c", SIGNAL_AT_STEP]
+        env["NANOCOLOR_TEST_STEP_SIGNAL"] = at
     if at_rename:
         cmd[1:2] = ["-c", SIGNAL_AT_RENAME, cmd[1]]
         env["NANOCOLOR_TEST_RENAME_SIGNAL"] = at_rename

@@ -31,9 +31,9 @@ def pictures_shown(text: str) -> list[str]:
 
 def run_walkthrough(out: Path) -> None:
     """Execute the blocks from the repository root, pictures into `out`; restore the conv engine."""
-    from nanocolor import fast
+    from nanocolor import engine
     text = DOC.read_text(encoding="utf-8")
-    engine, cwd, env = fast.get_engine(), os.getcwd(), os.environ.get("WALKTHROUGH_OUT")
+    conv, cwd, env = engine.get_conv(), os.getcwd(), os.environ.get("WALKTHROUGH_OUT")
     os.environ["WALKTHROUGH_OUT"] = str(out)
     os.chdir(REPO)
     try:
@@ -43,7 +43,7 @@ def run_walkthrough(out: Path) -> None:
             exec(compile("\n" * (line - 1) + code, str(DOC), "exec"), namespace)
     finally:
         os.chdir(cwd)
-        fast.set_engine(engine)
+        engine.set_conv(conv)
         if env is None:
             os.environ.pop("WALKTHROUGH_OUT", None)
         else:
