@@ -38,7 +38,9 @@ class BCEWithLogitsLoss:
     def backward(self):
         """d loss / d logits, the logits' shape."""
         xp = array_module(self.logits)
-        z = self.logits
-        e = xp.exp(-xp.abs(z))                                # in (0, 1]: never overflows
-        sigmoid = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))  # both forms of 1 / (1 + exp(-z))
-        return (sigmoid - self.target) * (1.0 / z.size)
+        z, y = self.logits, self.target
+        e = xp.exp(-xp.abs(z))   # in (0, 1]: never overflows
+        tail = e / (1 + e)       # sigmoid(-|z|), which no rounding turns into 0 before it is tiny
+        # sigmoid(z) - y, as (1 - y) - sigmoid(-z) for z >= 0: a real pair scored 40 still pulls
+        # by exp(-40), where 1 / (1 + exp(-40)) - 1 would round to exactly 0
+        return xp.where(z >= 0, (1 - y) - tail, tail - y) * (1.0 / z.size)
