@@ -84,9 +84,9 @@ class TrainConfig:
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
     gan: bool = False                 # adversarial fine-tuning with a PatchGAN critic (gan.py)
-    gan_lambda: float = LAMBDA    # generator loss = gan_lambda * MSE + the critic's BCE
+    gan_lambda: float = LAMBDA        # generator loss = gan_lambda * MSE + the critic's BCE
     critic_lr: float = CRITIC_LR
-    critic_warmup: int = WARMUP   # steps before the adversarial term is on
+    critic_warmup: int = WARMUP       # steps before the adversarial term is on
     critic_widths: tuple = CRITIC_WIDTHS
     progress: bool = True
     history: list = field(default_factory=list, repr=False)
