@@ -1,10 +1,10 @@
-"""Side-by-side benchmark: nanocolor against PyTorch on the reference colorization network.
+"""Side-by-side benchmark: nanocolor against PyTorch on the colorization networks and the GAN critic.
 
     python bench/bench.py                      # CPU, 2 threads, both configurations, a table
     python bench/bench.py --json --steps 3     # one JSON object per configuration
     python bench/bench.py --device gpu         # CuPy against PyTorch CUDA
     python bench/bench.py --conv im2col        # nanocolor's textbook code instead of the fast engine
-    python bench/bench.py --nets unet          # only the U-Net (default: reference and unet)
+    python bench/bench.py --nets critic --configs 64x64x32   # only the GAN's critic, 64x64 batch 32
 
 Both sides run the same network from the same initial weights, in float32:
   reference  Conv 1->64, pool, 64->128, pool, 128->256, pool, 256->512, 512->256, up, 256->128,
@@ -12,6 +12,11 @@ Both sides run the same network from the same initial weights, in float32:
   unet       ColorNet(DEFAULT_WIDTHS, arch="unet"): Conv (no bias) + BatchNorm + ReLU blocks of
              widths 32, 64, 128, 256, skip connections by concatenation, Conv 64->2 + tanh;
              BatchNorm in training mode for training steps, in eval mode for inference
+  critic     gan.PatchCritic(): the PatchGAN critic of `train.py --gan` on (L, ab) pairs, Conv 4x4
+             stride 2, 3->32, 32->64, then stride 1, 64->128, 128->1, LeakyReLU 0.2 between; its
+             training step is forward, the binary cross-entropy against "real", backward through
+             to the input (the generator's step needs d/d ab) and Adam. nanocolor runs its strided
+             convs on the textbook im2col code of layers.py, whatever the engine
 Before any timing, one batch must give the same MSE loss and the same parameter gradients on
 both sides (relative difference < 1e-3), or the run aborts.
 
@@ -51,15 +56,16 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 from nanocolor import backend, engine  # noqa: E402
-from nanocolor.layers import BatchNorm2d, Conv2d, MaxPool2d, Upsample2d  # noqa: E402
-from nanocolor.loss import MSELoss  # noqa: E402
+from nanocolor.gan import CRITIC_WIDTHS, SLOPE, PatchCritic  # noqa: E402
+from nanocolor.layers import BatchNorm2d, Conv2d, MaxPool2d, Upsample2d, conv_output_size  # noqa: E402
+from nanocolor.loss import BCEWithLogitsLoss, MSELoss  # noqa: E402
 from nanocolor.model import DEFAULT_WIDTHS, ColorNet  # noqa: E402
 from nanocolor.optim import Adam  # noqa: E402
 
 REFERENCE_WIDTHS = (64, 128, 256, 512)
 REFERENCE_PARAMS = 3_099_714
 DEFAULT_CONFIGS = ("128x128x16", "64x64x32")  # height x width x batch
-NETS = ("reference", "unet")
+NETS = ("reference", "unet", "critic")
 BLAS_KERNEL_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # override OpenBLAS's choice of kernel
 PARITY_TOL_FLOAT32 = 1e-3
 # Networks with BatchNorm are checked in float64: its backward subtracts two batch means from the
@@ -146,8 +152,24 @@ def torch_unet(widths: tuple = DEFAULT_WIDTHS, kernel: int = 3):
     return UNet()
 
 
-def nanocolor_net(net: str = "reference", dtype=np.float32, seed: int = 0) -> ColorNet:
-    """The nanocolor side of network `net` (one of NETS)."""
+def torch_critic(widths: tuple = CRITIC_WIDTHS):
+    """gan.PatchCritic(widths) in PyTorch (NCHW, on the pair concatenated along channels)."""
+    from torch import nn
+    layers, c = [], 3
+    for i, w in enumerate(widths):
+        layers += [nn.Conv2d(c, w, 4, stride=2 if i < len(widths) - 1 else 1, padding=1),
+                   nn.LeakyReLU(SLOPE, inplace=True)]
+        c = w
+    layers.append(nn.Conv2d(c, 1, 4, stride=1, padding=1))
+    critic = nn.Sequential(*layers)
+    critic.is_critic = True  # torch_forward gives it the (L, ab) pair, torch_loss scores its logits
+    return critic
+
+
+def nanocolor_net(net: str = "reference", dtype=np.float32, seed: int = 0):
+    """The nanocolor side of network `net` (one of NETS): a ColorNet, or the critic."""
+    if net == "critic":
+        return PatchCritic(dtype=dtype, seed=seed)
     if net == "unet":
         return ColorNet(DEFAULT_WIDTHS, arch="unet", dtype=dtype, seed=seed)
     return ColorNet(REFERENCE_WIDTHS, dtype=dtype, seed=seed, arch="seed")
@@ -155,13 +177,54 @@ def nanocolor_net(net: str = "reference", dtype=np.float32, seed: int = 0) -> Co
 
 def torch_net(net: str = "reference"):
     """The PyTorch side of network `net` (one of NETS)."""
-    return torch_unet() if net == "unet" else torch_reference_net()
+    return {"unet": torch_unet, "critic": torch_critic}.get(net, torch_reference_net)()
 
 
-def set_training(model: ColorNet, net, training: bool) -> None:
-    """BatchNorm in training mode (batch statistics) or eval mode (running statistics), both sides."""
-    (model.train if training else model.eval)()
-    net.train(training)
+def set_training(model, net, training: bool) -> None:
+    """BatchNorm in training mode (batch statistics) or eval mode (running statistics), both sides
+    (net None: nanocolor's alone; the critic has no BatchNorm: no modes)."""
+    if isinstance(model, ColorNet):
+        (model.train if training else model.eval)()
+    if net is not None:
+        net.train(training)
+
+
+# What one training step of each side computes: a ColorNet's MSE of its prediction; the critic's
+# binary cross-entropy of its logits for the pair (lightness, ab_true) against "real", its
+# backward reaching the input as in the generator's step.
+
+def nanocolor_forward(model, lightness, ab_true):
+    """The network's output: a ColorNet's predicted ab from the lightness, the critic's logits for the pair."""
+    if isinstance(model, PatchCritic):
+        return model.forward(lightness, ab_true)
+    return engine.network(model).forward(lightness)  # what nanocolor's commands run for this --conv
+
+
+def nanocolor_loss_and_backward(model, lightness, ab_true):
+    """Forward, the loss, backward (every grads filled); returns (loss, d loss / d ab for the critic, else None)."""
+    if isinstance(model, PatchCritic):
+        loss_fn = BCEWithLogitsLoss()
+        loss = loss_fn.forward(model.forward(lightness, ab_true), 1.0)
+        return loss, model.backward(loss_fn.backward())
+    loss_fn, net = MSELoss(), engine.network(model)  # what nanocolor's commands run for this --conv
+    loss = loss_fn.forward(net.forward(lightness), ab_true)
+    net.backward(loss_fn.backward())
+    return loss, None
+
+
+def torch_forward(net, lightness, ab_true):
+    """PyTorch's twin of nanocolor_forward, on NCHW tensors."""
+    import torch
+    return net(torch.cat([lightness, ab_true], dim=1)) if getattr(net, "is_critic", False) else net(lightness)
+
+
+def torch_loss(net, lightness, ab_true):
+    """PyTorch's twin of nanocolor_loss_and_backward's loss (call .backward() on it)."""
+    import torch
+    out = torch_forward(net, lightness, ab_true)
+    if getattr(net, "is_critic", False):
+        return torch.nn.functional.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+    return torch.nn.functional.mse_loss(out, ab_true)
 
 
 def nanocolor_convs(model: ColorNet) -> list:
@@ -235,14 +298,14 @@ def rel_diff(ours, reference) -> float:
     return float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a))
 
 
-def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarray,
-                 device: str = "cpu") -> dict:
+def check_parity(model, net, lightness: np.ndarray, ab_true: np.ndarray, device: str = "cpu") -> dict:
     """One training step on both sides from equal weights; relative differences of everything.
 
     Returns {'loss': d, 'conv<i>.W': d, 'conv<i>.b': d, 'bn<i>.gamma': d, ..., 'adam_update': d,
     'eval_output': d}: the loss, every parameter gradient, the parameter change made by one Adam
     step, and (networks with BatchNorm) the output in eval mode after that step, which runs on
-    the running statistics both sides updated in the training pass.
+    the running statistics both sides updated in the training pass; for the critic also
+    'input_grad', its gradient with respect to ab.
     """
     import torch
     dtype = torch.float64 if lightness.dtype == np.float64 else torch.float32
@@ -254,17 +317,16 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
     before = [backend.to_numpy(layer.params[key]).copy() for _, layer, key, _, _ in pairs]
     set_training(model, net, True)
 
-    loss_fn, ours_net = MSELoss(), engine.network(model)
-    ab_pred = ours_net.forward(backend.xp.asarray(lightness))
-    loss = loss_fn.forward(ab_pred, backend.xp.asarray(ab_true))
-    ours_net.backward(loss_fn.backward())
+    loss, d_ab = nanocolor_loss_and_backward(model, backend.xp.asarray(lightness), backend.xp.asarray(ab_true))
 
     net.zero_grad(set_to_none=True)
-    torch_loss = torch.nn.functional.mse_loss(net(to_nchw(lightness, torch_device)),
-                                              to_nchw(ab_true, torch_device))
-    torch_loss.backward()
+    torch_ab = to_nchw(ab_true, torch_device).requires_grad_(d_ab is not None)
+    their_loss = torch_loss(net, to_nchw(lightness, torch_device), torch_ab)
+    their_loss.backward()
 
-    diffs = {"loss": rel_diff(float(loss), torch_loss.item())}  # float(): a 0-d device array, read back
+    diffs = {"loss": rel_diff(float(loss), their_loss.item())}  # float(): a 0-d device array, read back
+    if d_ab is not None:
+        diffs["input_grad"] = rel_diff(backend.to_numpy(d_ab), torch_ab.grad.cpu().numpy().transpose(0, 2, 3, 1))
     torch_grads = [from_torch_layout(getattr(module, attr).grad.detach().cpu().numpy())
                    for _, _, _, module, attr in pairs]
     for (name, layer, key, _, _), grad in zip(pairs, torch_grads):
@@ -286,18 +348,20 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
         set_training(model, net, False)  # each side's own stepped weights and running statistics
         with torch.no_grad():
             theirs = net(to_nchw(lightness, torch_device)).cpu().numpy().transpose(0, 2, 3, 1)
-        diffs["eval_output"] = rel_diff(backend.to_numpy(ours_net.forward(backend.xp.asarray(lightness))), theirs)
+        diffs["eval_output"] = rel_diff(backend.to_numpy(nanocolor_forward(model, backend.xp.asarray(lightness), None)),
+                                        theirs)
     return diffs
 
 
 # ---------------------------------------------------------------------------------------------
 # Counting and measuring.
 
-def conv_flops_per_image(model: ColorNet, height: int, width: int) -> int:
-    """Forward multiply-add FLOPs of every conv for one image: 2*H*W*k*k*C_in*C_out each."""
+def conv_flops_per_image(model, height: int, width: int) -> int:
+    """Forward multiply-add FLOPs of every conv for one image: 2*Ho*Wo*k*k*C_in*C_out each."""
     flops, h, w = 0, height, width
     for layer in model.layers:
         if isinstance(layer, Conv2d):
+            h, w = (conv_output_size(n, layer.k, layer.stride, layer.padding) for n in (h, w))
             flops += 2 * h * w * layer.k * layer.k * layer.c_in * layer.c_out
         elif isinstance(layer, MaxPool2d):
             h, w = h // 2, w // 2
@@ -366,22 +430,21 @@ def run_nanocolor(height: int, width: int, batch: int, warmup: int, steps: int, 
     xp = backend.xp
     sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
     model = nanocolor_net(net)
-    optimizer, loss_fn = Adam(model.param_layers, lr=LR, map_tasks=engine.map_tasks()), MSELoss()
-    model = engine.network(model).train()  # what nanocolor's commands run for this --conv
+    optimizer = Adam(model.param_layers, lr=LR, map_tasks=engine.map_tasks())
     lightness, ab_true = (xp.asarray(a) for a in make_batch(height, width, batch))
     rss_before = current_rss_mb()
     reset_peak_rss()
 
     def train_step():
-        loss_fn.forward(model.forward(lightness), ab_true)
-        model.backward(loss_fn.backward())
+        nanocolor_loss_and_backward(model, lightness, ab_true)
         optimizer.step()
 
+    set_training(model, None, True)
     result = {"train_s": time_steps(train_step, sync, warmup, steps), "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         result["gpu_pool_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
-    model.eval()
-    result["infer_s"] = time_steps(lambda: model.forward(lightness), sync, warmup, steps)
+    set_training(model, None, False)
+    result["infer_s"] = time_steps(lambda: nanocolor_forward(model, lightness, ab_true), sync, warmup, steps)
     result["rss_before_mb"] = rss_before
     return result
 
@@ -409,14 +472,17 @@ def run_torch(height: int, width: int, batch: int, warmup: int, steps: int, devi
     if device == "gpu":
         torch.cuda.reset_peak_memory_stats()
 
+    ab_input = ab_true.clone().requires_grad_(getattr(net, "is_critic", False))  # the critic's d/d ab, as ours
+
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(net(lightness), ab_true).backward()
+        ab_input.grad = None
+        torch_loss(net, lightness, ab_input).backward()
         optimizer.step()
 
     def infer_step():
         with torch.inference_mode():
-            net(lightness)
+            torch_forward(net, lightness, ab_true)
 
     net.train()
     result = {"train_s": time_steps(train_step, sync, warmup, steps), "peak_rss_mb": peak_rss_mb()}

@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from nanocolor import engine
     from nanocolor.distributed import GradientAverager, init_world
     from nanocolor.loss import MSELoss
     from nanocolor.model import ColorNet
@@ -56,8 +57,9 @@ def worker(args: argparse.Namespace) -> None:
 
     world = init_world()
     widths = tuple(int(w) for w in args.widths.split(","))
-    model = ColorNet(widths, seed=0)
-    optimizer, loss_fn = Adam(model.param_layers), MSELoss()
+    model = ColorNet(widths, seed=0, arch="seed")
+    net = engine.network(model).train()  # what train.py runs
+    optimizer, loss_fn = Adam(model.param_layers, map_tasks=engine.map_tasks()), MSELoss()
     averager = GradientAverager(model.param_layers, world)
     shard = args.batch_size // world.size
     rng = np.random.default_rng(world.rank)
@@ -69,11 +71,11 @@ def worker(args: argparse.Namespace) -> None:
         if world.comm is not None:
             world.comm.Barrier()  # start every rank's step together
         t0 = time.perf_counter()
-        loss_fn.forward(model.forward(lightness), ab_true)
-        model.backward(loss_fn.backward())
+        loss_fn.forward(net.forward(lightness), ab_true)
+        net.backward(loss_fn.backward())
         t1 = time.perf_counter()
         if world.size > 1:
-            averager.average(0.0)
+            averager.reduce_gradients(0.0)
         t2 = time.perf_counter()
         optimizer.step()
         t3 = time.perf_counter()

@@ -100,13 +100,14 @@ def use_local_gpu(world: World, xp) -> None:
 class GradientAverager:
     """Averages every layer's `grads` over the world with one Allreduce per step.
 
-    The flat buffer holds all gradients in `layer.params` order, then one slot for the loss, so
-    the global loss (the mean over the ranks' equal shards) comes with the same message. With
+    The flat buffer holds all gradients in `layer.params` order, then a slot for each of the
+    `losses` numbers of a step (1: the loss; a GAN's generator step has 2), so the global losses
+    (the means over the ranks' equal shards) come with the same message. With
     CuPy the gradients are first gathered in a flat device buffer, copied to the host buffer,
     reduced there, and copied back (host memory, no CUDA-aware MPI needed).
     """
 
-    def __init__(self, layers: list, world: World):
+    def __init__(self, layers: list, world: World, losses: int = 1):
         self.world = world
         self.slots = [(layer.grads, name, layer.params[name].shape)
                       for layer in layers for name in layer.params]
@@ -114,7 +115,7 @@ class GradientAverager:
         xp = array_module(params[0])
         dtype = np.result_type(*[p.dtype for p in params])
         self.n_grads = sum(int(p.size) for p in params)
-        self.host = np.empty(self.n_grads + 1, dtype=dtype)            # grads..., loss
+        self.host = np.empty(self.n_grads + losses, dtype=dtype)       # grads..., losses...
         self.device = None if xp is np else xp.empty(self.n_grads, dtype=dtype)
         flat = self.host[:self.n_grads] if self.device is None else self.device
         self.views, offset = [], 0
@@ -128,18 +129,21 @@ class GradientAverager:
         """Bytes one process sends into the Allreduce each step."""
         return self.host.nbytes
 
-    def reduce_gradients(self, loss: float) -> float:
-        """Replace each grads[name] (in place) by its mean over all ranks; return the mean loss."""
+    def reduce_gradients(self, loss):
+        """Replace each grads[name] (in place) by its mean over all ranks; return the mean loss
+        (`loss` is a number, or a tuple of `losses` numbers: then a tuple of their means)."""
         flat = self.host[:self.n_grads] if self.device is None else self.device
         xp = array_module(flat)
         xp.concatenate([grads[name].reshape(-1) for grads, name, _ in self.slots], out=flat)
         if self.device is not None:
             self.device.get(out=self.host[:self.n_grads])
-        self.host[-1] = loss
+        losses = loss if isinstance(loss, tuple) else (loss,)
+        self.host[self.n_grads:] = [float(v) for v in losses]
         self.world.allreduce_sum_(self.host)
         self.host /= self.world.size
         if self.device is not None:
             self.device.set(self.host[:self.n_grads])
         for (grads, name, _), view in zip(self.slots, self.views):
             grads[name][...] = view
-        return float(self.host[-1])
+        means = tuple(float(v) for v in self.host[self.n_grads:])
+        return means if isinstance(loss, tuple) else means[0]

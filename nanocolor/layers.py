@@ -2,8 +2,10 @@
 
 Shape legend (channels-last, so a conv is one matrix multiply without transposes):
     N, H, W, C = batch, height, width, channels of the input
-    F          = output channels (filters) of a conv, k = its kernel size, p = k // 2 its padding
-    P          = N * H * W, the number of pixels: one row per pixel in a patch matrix
+    F          = output channels (filters) of a conv, k = its kernel size, p its padding (k // 2
+                 for 'same'), s its stride (1, or 2 to halve the size)
+    Ho, Wo     = a conv's output size, (H + 2p - k) // s + 1: H, W for a 'same' conv
+    P          = N * Ho * Wo, the number of output pixels: one row per pixel in a patch matrix
 A layer's `forward(x)` keeps in `self.cache` what its `backward(dout)` needs; `backward` returns
 dx (never changing dout in place) and writes parameter gradients into `self.grads`, beside
 `self.params`.
@@ -40,40 +42,55 @@ class Layer:
 # ---------------------------------------------------------------------------------------------
 # Convolution as one matrix multiply: im2col, and its adjoint col2im.
 
-def im2col(x_pad, k: int):
-    """(N, H+k-1, W+k-1, C) padded input -> (P, k*k*C) patch matrix, P = N*H*W.
+def conv_output_size(size: int, k: int, stride: int = 1, padding: int = 0) -> int:
+    """Output rows (or columns) of a k x k convolution over `size` input rows: the patches that fit
+    in the padded input, one every `stride` rows. (size + 2p - k) // stride + 1."""
+    return (size + 2 * padding - k) // stride + 1
 
-    Row (n, y, x) holds the k x k patch whose top-left corner is pixel (y, x) of x_pad, in the
-    order (i, j, c) of the weights (k, k, C, F). A strided view lists every patch without
-    copying (neighbouring patches share memory); the reshape makes the one copy.
+
+def im2col(x_pad, k: int, stride: int = 1):
+    """(N, H_pad, W_pad, C) padded input -> (P, k*k*C) patch matrix, P = N*Ho*Wo with
+    Ho = (H_pad - k) // stride + 1 (and Wo likewise): with stride 1, Ho = H_pad - k + 1.
+
+    Row (n, y, x) holds the k x k patch whose top-left corner is pixel (stride*y, stride*x) of
+    x_pad, in the order (i, j, c) of the weights (k, k, C, F). A strided view lists every patch
+    without copying (neighbouring patches share memory); the reshape makes the one copy.
     """
     xp = array_module(x_pad)
     N, H_pad, W_pad, C = x_pad.shape
-    H, W = H_pad - k + 1, W_pad - k + 1
+    Ho, Wo = conv_output_size(H_pad, k, stride), conv_output_size(W_pad, k, stride)
     sN, sH, sW, sC = x_pad.strides
-    # Stepping i rows down inside a patch is the same stride as stepping to the patch i rows down.
-    patches = xp.lib.stride_tricks.as_strided(x_pad, shape=(N, H, W, k, k, C), strides=(sN, sH, sW, sH, sW, sC))
-    return patches.reshape(N * H * W, k * k * C)
+    # Stepping i rows down inside a patch is one row's stride; stepping to the next patch is `stride` rows.
+    patches = xp.lib.stride_tricks.as_strided(x_pad, shape=(N, Ho, Wo, k, k, C),
+                                              strides=(sN, stride * sH, stride * sW, sH, sW, sC))
+    return patches.reshape(N * Ho * Wo, k * k * C)
 
 
-def col2im(dcols, x_pad_shape: tuple, k: int):
-    """Adjoint of im2col: (P, k*k*C) -> (N, H+k-1, W+k-1, C), every patch's gradient added back
-    where the patch came from (a pixel in several patches collects all their gradients)."""
+def col2im(dcols, x_pad_shape: tuple, k: int, stride: int = 1):
+    """Adjoint of im2col: (P, k*k*C) -> (N, H_pad, W_pad, C), every patch's gradient added back
+    where the patch came from (a pixel in several patches collects all their gradients; a pixel
+    in none, past the last patch of a strided conv, gets zero)."""
     xp = array_module(dcols)
     N, H_pad, W_pad, C = x_pad_shape
-    H, W = H_pad - k + 1, W_pad - k + 1
-    dpatches = dcols.reshape(N, H, W, k, k, C)
+    Ho, Wo = conv_output_size(H_pad, k, stride), conv_output_size(W_pad, k, stride)
+    dpatches = dcols.reshape(N, Ho, Wo, k, k, C)
     dx_pad = xp.zeros(x_pad_shape, dtype=dcols.dtype)
-    for i in range(k):  # one shifted slice-add per kernel offset, never a loop over pixels
+    rows, cols = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1  # from a patch's first pixel to the last patch's
+    for i in range(k):  # one shifted (strided) slice-add per kernel offset, never a loop over pixels
         for j in range(k):
-            dx_pad[:, i:i + H, j:j + W] += dpatches[:, :, :, i, j]
+            dx_pad[:, i:i + rows:stride, j:j + cols:stride] += dpatches[:, :, :, i, j]
     return dx_pad
 
 
 class Conv2d(Layer):
-    """k x k convolution, stride 1, 'same' zero padding, with bias: x (N, H, W, C) -> (N, H, W, F).
+    """k x k convolution with bias: x (N, H, W, C) -> (N, Ho, Wo, F).
 
-        out[n, y, x, f] = b[f] + sum over i, j, c of x_pad[n, y + i, x + j, c] * W[i, j, c, f]
+        out[n, y, x, f] = b[f] + sum over i, j, c of x_pad[n, s*y + i, s*x + j, c] * W[i, j, c, f]
+
+    x_pad is x with p rows and columns of zeros around it, s the stride, and
+    Ho = (H + 2p - k) // s + 1 (conv_output_size). By default s = 1 and p = k // 2 for an odd k:
+    'same' padding, Ho, Wo = H, W, the convs of the colorization network. A critic halves the
+    size with s = 2 (pix2pix: k = 4, p = 1, so Ho = H // 2 for an even H).
 
     Forward: im2col lays every k x k patch out as a row, so the conv is one matrix multiply,
     cols (P, k*k*C) @ W (k*k*C, F). Backward: dW = cols^T dout, db = dout summed over pixels,
@@ -82,18 +99,27 @@ class Conv2d(Layer):
     constant again; `input_grad = False` skips dx (the first layer of a network needs none).
     """
 
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, rng=None, dtype=np.float32, bias: bool = True):
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, rng=None, dtype=np.float32, bias: bool = True,
+                 stride: int = 1, padding: int | None = None):
         super().__init__()
-        if kernel % 2 != 1:
-            raise ValueError("'same' padding needs an odd kernel size")
+        if padding is None and kernel % 2 != 1:
+            raise ValueError("'same' padding needs an odd kernel size (or give the padding)")
+        if stride < 1 or (padding is not None and padding < 0):
+            raise ValueError(f"stride must be at least 1 and padding at least 0, got {stride} and {padding}")
         rng = rng if rng is not None else np.random.default_rng()
         std = np.sqrt(2.0 / (kernel * kernel * c_in))
         self.k, self.c_in, self.c_out = kernel, c_in, c_out
+        self.stride, self.padding = stride, kernel // 2 if padding is None else padding
         self.params = {"W": (rng.standard_normal((kernel, kernel, c_in, c_out)) * std).astype(dtype)}
         if bias:
             self.params["b"] = np.zeros(c_out, dtype=dtype)
         self.grads = {name: None for name in self.params}
         self.input_grad = True
+
+    @property
+    def same(self) -> bool:
+        """Stride 1 and 'same' padding: the output has the input's size (the only convs the fast engine runs)."""
+        return self.stride == 1 and self.k % 2 == 1 and self.padding == self.k // 2
 
     @property
     def bias(self):
@@ -102,22 +128,25 @@ class Conv2d(Layer):
         return self.params["b"] if "b" in self.params else array_module(w).zeros(self.c_out, dtype=w.dtype)
 
     def forward(self, x):
-        """x (N, H, W, C) -> (N, H, W, F)."""
+        """x (N, H, W, C) -> (N, Ho, Wo, F)."""
         w = self.params["W"]
         xp = array_module(x)
         N, H, W, C = x.shape
-        k, F, p = self.k, self.c_out, self.k // 2
+        k, F, p, s = self.k, self.c_out, self.padding, self.stride
+        Ho, Wo = conv_output_size(H, k, s, p), conv_output_size(W, k, s, p)
+        if Ho < 1 or Wo < 1:
+            raise ValueError(f"a {k}x{k} conv with padding {p} needs an input of at least {k - 2 * p} pixels, got {H}x{W}")
         x_pad = xp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # (N, H+2p, W+2p, C), zeros around
-        cols = im2col(x_pad, k)                               # (P, k*k*C)
+        cols = im2col(x_pad, k, s)                            # (P, k*k*C), P = N*Ho*Wo
         out = cols @ w.reshape(k * k * C, F) + self.bias      # (P, F)
         self.cache = (x.shape, cols)                          # dW needs the patches again
-        return out.reshape(N, H, W, F)
+        return out.reshape(N, Ho, Wo, F)
 
     def backward(self, dout):
-        """dout (N, H, W, F) -> dx (N, H, W, C), or None when `input_grad` is off; fills grads."""
+        """dout (N, Ho, Wo, F) -> dx (N, H, W, C), or None when `input_grad` is off; fills grads."""
         (N, H, W, C), cols = self.cache
-        k, F, p = self.k, self.c_out, self.k // 2
-        dout2d = dout.reshape(N * H * W, F)                   # (P, F)
+        k, F, p, s = self.k, self.c_out, self.padding, self.stride
+        dout2d = dout.reshape(-1, F)                          # (P, F)
         dw = cols.T @ dout2d                                  # (k*k*C, F): each weight meets every patch
         self.grads["W"] = dw.reshape(k, k, C, F)
         if "b" in self.params:
@@ -125,7 +154,7 @@ class Conv2d(Layer):
         if not self.input_grad:
             return None
         dcols = dout2d @ self.params["W"].reshape(k * k * C, F).T  # (P, k*k*C): d loss / d each patch entry
-        dx_pad = col2im(dcols, (N, H + 2 * p, W + 2 * p, C), k)     # (N, H+2p, W+2p, C)
+        dx_pad = col2im(dcols, (N, H + 2 * p, W + 2 * p, C), k, s)  # (N, H+2p, W+2p, C)
         return dx_pad[:, p:p + H, p:p + W]                          # the padding is no input
 
 
@@ -187,6 +216,27 @@ class ReLU(Layer):
     def backward(self, dout):
         """The gradient passes where the output was positive."""
         return dout * (self.cache > 0)
+
+
+class LeakyReLU(Layer):
+    """x where x > 0, slope * x elsewhere (slope 0.2, as in pix2pix's critic); any shape.
+
+    Unlike ReLU, a negative input still passes a little gradient, so a critic's units never
+    go silent for good.
+    """
+
+    def __init__(self, slope: float = 0.2):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x):
+        positive = x > 0
+        self.cache = positive
+        return array_module(x).where(positive, x, self.slope * x)
+
+    def backward(self, dout):
+        """d out / dx = 1 where x > 0, else slope."""
+        return array_module(dout).where(self.cache, dout, self.slope * dout)
 
 
 class Tanh(Layer):

@@ -38,7 +38,55 @@ def full_config(config: dict) -> dict:
     return {**CONFIG_DEFAULTS, **config}
 
 
-class ColorNet:
+class Module:
+    """A network as the list of its layers, `self.layers`, in forward order: what every network
+    (ColorNet here, the critic in gan.py) does with its parameters, whatever its forward pass."""
+
+    layers: list
+
+    @property
+    def param_layers(self) -> list:
+        return [layer for layer in self.layers if layer.params]
+
+    def num_params(self) -> int:
+        return sum(int(p.size) for layer in self.param_layers for p in layer.params.values())
+
+    def to_device(self) -> "Module":
+        """Move every parameter (and BatchNorm statistic) onto the device chosen in backend.use_device()."""
+        for layer in self.param_layers:
+            for store in _stores(layer):
+                for name, p in store.items():
+                    store[name] = backend.xp.asarray(p)
+        return self
+
+    def state_arrays(self, dtype=None, prefix: str = "") -> dict:
+        """Host copies of all parameters and BatchNorm statistics, named '<prefix>layer<i>.<name>'."""
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            for store in _stores(layer):
+                for name, p in store.items():
+                    a = to_numpy(p)
+                    arrays[f"{prefix}layer{i}.{name}"] = a.astype(dtype) if dtype else a.copy()
+        return arrays
+
+    def load_state_arrays(self, arrays: dict, source: str = "weights", prefix: str = "") -> None:
+        """Copy the arrays named as state_arrays names them into the layers (CorruptFileError for a
+        missing one, a wrong shape or a non-finite value)."""
+        for i, layer in enumerate(self.layers):
+            for store in _stores(layer):
+                for name, p in store.items():
+                    key = f"{prefix}layer{i}.{name}"
+                    if key not in arrays:
+                        raise CorruptFileError(f"{source}: missing parameter {key}")
+                    a = arrays[key]
+                    if a.shape != p.shape:
+                        raise CorruptFileError(f"{source}: {key} has shape {a.shape}, the architecture needs {p.shape}")
+                    if not np.all(np.isfinite(a)):
+                        raise CorruptFileError(f"{source}: {key} holds NaN or infinite values")
+                    store[name] = backend.xp.asarray(a.astype(p.dtype))
+
+
+class ColorNet(Module):
     def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32,
                  out_channels: int = 2, head: str = "tanh", arch: str = DEFAULT_ARCH):
         if len(widths) < 1 or any(int(w) < 1 for w in widths):
@@ -106,21 +154,6 @@ class ColorNet:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.config["widths"]) - 1)
 
-    @property
-    def param_layers(self) -> list:
-        return [layer for layer in self.layers if layer.params]
-
-    def num_params(self) -> int:
-        return sum(int(p.size) for layer in self.param_layers for p in layer.params.values())
-
-    def to_device(self) -> "ColorNet":
-        """Move every parameter (and BatchNorm statistic) onto the device chosen in backend.use_device()."""
-        for layer in self.param_layers:
-            for store in _stores(layer):
-                for name, p in store.items():
-                    store[name] = backend.xp.asarray(p)
-        return self
-
     def forward(self, lightness):
         """(N, H, W, 1) scaled lightness -> (N, H, W, 2) scaled ab (or (N, H, W, Q) bin logits)."""
         self.check_size(lightness.shape)
@@ -176,34 +209,6 @@ class ColorNet:
             raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
 
     # -- saving and loading -------------------------------------------------------------------
-    def state_arrays(self, dtype=None) -> dict:
-        """Host copies of all parameters and BatchNorm statistics, named 'layer<i>.<name>'."""
-        arrays = {}
-        for i, layer in enumerate(self.layers):
-            for store in _stores(layer):
-                for name, p in store.items():
-                    a = to_numpy(p)
-                    arrays[f"layer{i}.{name}"] = a.astype(dtype) if dtype else a.copy()
-        return arrays
-
-    def load_state_arrays(self, arrays: dict, source: str = "weights") -> None:
-        for i, layer in enumerate(self.layers):
-            for store in _stores(layer):
-                self._load_store(store, i, arrays, source)
-
-    @staticmethod
-    def _load_store(store: dict, i: int, arrays: dict, source: str) -> None:
-        for name, p in store.items():
-            key = f"layer{i}.{name}"
-            if key not in arrays:
-                raise CorruptFileError(f"{source}: missing parameter {key}")
-            a = arrays[key]
-            if a.shape != p.shape:
-                raise CorruptFileError(f"{source}: {key} has shape {a.shape}, the architecture needs {p.shape}")
-            if not np.all(np.isfinite(a)):
-                raise CorruptFileError(f"{source}: {key} holds NaN or infinite values")
-            store[name] = backend.xp.asarray(a.astype(p.dtype))
-
     def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
         """Write weights + architecture config atomically (float16 by default: half the bytes).
 

@@ -5,7 +5,9 @@ import math
 
 from typing import Callable
 
-from .backend import array_module, on_host
+import numpy as np
+
+from .backend import array_module, on_host, to_numpy
 
 
 class Adam:
@@ -65,6 +67,15 @@ class Adam:
         for i, (m, v) in enumerate(zip(self.m, self.v)):
             state[f"m{i}"], state[f"v{i}"] = m, v
         return state
+
+    def state_arrays(self, prefix: str) -> dict:
+        """state_dict() as host arrays named '<prefix><name>', for a checkpoint."""
+        return {prefix + name: to_numpy(a) if hasattr(a, "shape") else np.array(a)
+                for name, a in self.state_dict().items()}
+
+    def load_state_arrays(self, arrays: dict, prefix: str) -> None:
+        """load_state_dict from the arrays of a checkpoint whose names start with `prefix`."""
+        self.load_state_dict({name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)})
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])

@@ -44,14 +44,14 @@ def check_number(option: str, value: float | None, low: float | None = None, hig
     raise ValueError(f"{option} must be {finite}{' and '.join(b for b in bounds if b)}, got {value}")
 
 
-def parse_widths(text: str) -> tuple[int, ...]:
-    """'32,64,128' -> (32, 64, 128); ValueError for anything but positive integers."""
+def parse_widths(text: str, option: str = "--widths") -> tuple[int, ...]:
+    """'32,64,128' -> (32, 64, 128); ValueError naming `option` for anything but positive integers."""
     try:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         widths = ()
     if not widths or min(widths) < 1:
-        raise ValueError(f"--widths must be positive integers separated by commas, got {text!r}")
+        raise ValueError(f"{option} must be positive integers separated by commas, got {text!r}")
     return widths
 
 
@@ -88,7 +88,8 @@ def run_settings(run: str | os.PathLike) -> tuple[dict, int]:
 RUN_SETTINGS = (("size", "--size"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("widths", "--widths"),
                 ("loss", "--loss"), ("seed", "--seed"), ("val_fraction", "--val-fraction"),
                 ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"),
-                ("schedule", "--schedule"), ("warmup", "--warmup"))
+                ("schedule", "--schedule"), ("warmup", "--warmup"), ("gan", "--gan"), ("gan_lambda", "--gan-lambda"),
+                ("critic_lr", "--critic-lr"), ("critic_warmup", "--critic-warmup"), ("critic_widths", "--critic-widths"))
 
 
 def folders(value) -> list[str]:
@@ -116,7 +117,7 @@ def ignored_on_resume(wanted: dict, stored: dict) -> list[str]:
         if key not in wanted or key not in stored:
             continue
         given, kept = wanted[key], stored[key]
-        if key == "widths":
+        if key in ("widths", "critic_widths"):
             given, kept = tuple(given), tuple(kept)
         if given != kept:
             show = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v

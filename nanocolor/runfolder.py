@@ -2,7 +2,8 @@
 
     checkpoint.npz  weights + Adam state + position (epoch, step), what --resume reads
     model.npz       the latest weights alone (float16), what colorize.py reads
-    log.csv         one row per epoch: losses, validation PSNR, seconds
+    log.csv         one row per epoch: losses, validation PSNR, seconds (a --gan run: and the
+                    critic's and the adversarial loss)
     curves.png      the log as a picture (with matplotlib, the [plots] extra)
     preview.png     fixed validation photos: grayscale | ground truth | colorized
 A run killed while writing leaves only a temporary file beside the old one; `clean` removes it.
@@ -56,7 +57,8 @@ class RunFolder:
 
     def write_log(self, history: list[dict]) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS)
+        extra = [key for key in history[-1] if key not in LOG_FIELDS] if history else []  # a GAN's losses
+        writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS + extra)
         writer.writeheader()
         writer.writerows(history)
         atomic_write_bytes(self.path / "log.csv", buffer.getvalue().encode())

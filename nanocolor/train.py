@@ -3,6 +3,7 @@
 With no arguments it trains on the sample photos bundled in data/sample. Examples:
     python train.py --data ~/photos --epochs 50 --out runs/photos
     python train.py --resume runs/photos --epochs 80      # continue (and extend) a run
+    python train.py --init nanocolor/weights/colornet.npz --gan --lr 2e-4 --epochs 1 --out runs/gan
     mpirun -n 4 python train.py --data ~/photos --out runs/photos4   # data-parallel on 4 processes
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from nanocolor import backend, engine, options
+from nanocolor import backend, engine, gan, options
 from nanocolor.data import DataError, photo_record
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
 from nanocolor.model import ARCHS, DEFAULT_ARCH, DEFAULT_WIDTHS, full_config
@@ -72,6 +73,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", metavar="WEIGHTS",
                    help="start from these weights instead of random ones, e.g. to continue training "
                         "the shipped model (nanocolor/weights/colornet.npz) on your photos")
+    p.add_argument("--gan", action="store_true",
+                   help="adversarial fine-tuning of the --init weights: a PatchGAN critic on (L, ab) pairs, "
+                        "generator loss = LAMBDA * MSE + the critic's binary cross-entropy (pix2pix)")
+    p.add_argument("--gan-lambda", type=float, default=gan.LAMBDA, metavar="LAMBDA",
+                   help=f"--gan: weight of the regression loss (default {gan.LAMBDA:g}, pix2pix's)")
+    p.add_argument("--critic-lr", type=float, default=gan.CRITIC_LR,
+                   help=f"--gan: the critic's Adam learning rate (default {gan.CRITIC_LR:g}, beta1 0.5: pix2pix's)")
+    p.add_argument("--critic-warmup", type=int, default=gan.WARMUP, metavar="STEPS",
+                   help=f"--gan: steps in which the critic learns but the generator trains on MSE alone "
+                        f"(default {gan.WARMUP})")
+    p.add_argument("--critic-widths", default=None,
+                   help=f"--gan: channel widths of the critic's convs, comma-separated "
+                        f"(default {','.join(map(str, gan.CRITIC_WIDTHS))})")
     engine.add_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
@@ -100,13 +114,17 @@ def main(argv=None, on_step=None) -> int:
         engine.set_conv(args.conv)
         use_local_gpu(world, backend.xp)
         check_numbers(args)
+        check_gan(args)
         arch, widths = _architecture(args)
         data = [str(Path(d).resolve()) for d in args.data] if args.data else \
             (None if args.resume else str(SAMPLE))
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size,
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
                           widths=widths, arch=arch, crop_margin=args.crop_margin, loss=args.loss, limit=args.limit,
-                          init=args.init, progress=not args.quiet and world.is_root)
+                          init=args.init, progress=not args.quiet and world.is_root, gan=args.gan,
+                          gan_lambda=args.gan_lambda, critic_lr=args.critic_lr, critic_warmup=args.critic_warmup,
+                          critic_widths=options.parse_widths(args.critic_widths, "--critic-widths")
+                          if args.critic_widths else gan.CRITIC_WIDTHS)
         if args.resume:
             resume_settings(cfg, args)
         options.check_outside(out, cfg.data)
@@ -154,6 +172,27 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--seed", args.seed, low=0)
     options.check_number("--limit", args.limit, low=1)
     options.check_number("--crop-margin", args.crop_margin, low=0)
+    options.check_number("--gan-lambda", args.gan_lambda, low=0)
+    options.check_number("--critic-lr", args.critic_lr, low=0, above=True)
+    options.check_number("--critic-warmup", args.critic_warmup, low=0)
+
+
+GAN_OPTIONS = (("gan_lambda", "--gan-lambda"), ("critic_lr", "--critic-lr"), ("critic_warmup", "--critic-warmup"),
+               ("critic_widths", "--critic-widths"))
+
+
+def check_gan(args: argparse.Namespace) -> None:
+    """--gan fine-tunes trained weights (--init) with the regression loss; its options need it."""
+    if args.resume:
+        return  # the run's own settings
+    if args.gan and not args.init:
+        raise ValueError("--gan fine-tunes a trained model: give its weights with --init "
+                         "(e.g. --init nanocolor/weights/colornet.npz)")
+    if args.gan and args.loss != "mse":
+        raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
+    given = [option for dest, option in GAN_OPTIONS if dest in args.given]
+    if given and not args.gan:
+        raise ValueError(f"{', '.join(given)} only apply with --gan")
 
 
 def check_new_run_folder(out: str) -> None:

@@ -3,6 +3,9 @@ data, epochs, validation, and after every epoch the run folder's files (runfolde
 
 The order of mini-batches depends only on (seed, epoch), so --resume continues exactly.
 
+With `gan`, every step is a critic step and then a generator step (gan.py): adversarial
+fine-tuning of a trained generator with a PatchGAN critic.
+
 Data-parallel over MPI (see distributed.py): with N processes every global batch of the same
 plan is cut into N equal shards, rank r computing shard r; the averaged gradient equals the
 one-process gradient of the whole batch, so every rank takes the same Adam step. Validation is
@@ -26,6 +29,7 @@ from .classify import ClassificationLoss
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, split_indices
 from .distributed import GradientAverager, World
+from .gan import CRITIC_LR, CRITIC_WIDTHS, GAN, LAMBDA, WARMUP
 from .images import side_by_side
 from .layers import BatchNorm2d
 from .loss import MSELoss
@@ -61,6 +65,11 @@ class TrainConfig:
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
     photos: dict | None = None        # data.photo_record of `data`: --resume checks photos that moved
+    gan: bool = False                 # adversarial fine-tuning with a PatchGAN critic (gan.py)
+    gan_lambda: float = LAMBDA        # generator loss = gan_lambda * MSE + the critic's BCE
+    critic_lr: float = CRITIC_LR
+    critic_warmup: int = WARMUP       # steps before the adversarial term is on
+    critic_widths: tuple = CRITIC_WIDTHS
     progress: bool = True
     history: list = field(default_factory=list, repr=False)
 
@@ -144,6 +153,8 @@ class Trainer:
                              f"of a {len(cfg.widths)}-width network")
         if cfg.loss not in ("mse", "classify"):
             raise ValueError(f"loss must be 'mse' or 'classify', got {cfg.loss!r}")
+        if cfg.gan and cfg.loss != "mse":
+            raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
         if cfg.loss == "classify":
             if getattr(self, "class_weights", None) is None:  # estimated once, then kept in the checkpoint
                 self.class_weights = ClassificationLoss.from_training_ab(self.ab[self.train_idx]).weights
@@ -156,8 +167,13 @@ class Trainer:
             if cfg.init:
                 self._load_initial_weights(cfg.init)
             self.optimizer = Adam(self.model.param_layers, lr=cfg.lr, map_tasks=engine.map_tasks())
+            self.gan = self._new_gan()
         self.net = engine.network(self.model)  # what computes the model: the textbook or the fast engine
-        self.averager = GradientAverager(self.model.param_layers, self.world) if self.world.size > 1 else None
+        if self.gan is not None and self.gan.critic.output_size(cfg.size) < 1:
+            raise ValueError(f"--size {cfg.size} is too small for the critic's {len(cfg.critic_widths) + 1} "
+                             f"convolutions: give --size 16 or more")
+        self.averager = None if self.world.size == 1 else \
+            GradientAverager(self.model.param_layers, self.world, losses=1 if self.gan is None else 2)
         if self.world.size > 1:  # BatchNorm normalizes each shard with the whole batch's statistics
             for layer in self.model.layers:
                 if isinstance(layer, BatchNorm2d):
@@ -167,17 +183,27 @@ class Trainer:
         """Per-channel sums (k, C) of this rank's shard -> the sums over all ranks, same dtype and device."""
         return backend.xp.asarray(self.world.sum(backend.to_numpy(partial)), dtype=partial.dtype)
 
+    def _new_gan(self) -> GAN | None:
+        """The critic and its optimizer of a --gan run (fresh), else None."""
+        cfg = self.cfg
+        if not cfg.gan:
+            return None
+        return GAN(cfg.gan_lambda, cfg.critic_lr, cfg.critic_warmup, tuple(cfg.critic_widths), seed=cfg.seed,
+                       dtype=self.dtype, world=self.world)
+
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        arrays = self.model.state_arrays()
-        for name, a in self.optimizer.state_dict().items():
-            arrays[f"adam.{name}"] = backend.to_numpy(a) if hasattr(a, "shape") else np.array(a)
+        arrays = {**self.model.state_arrays(), **self.optimizer.state_arrays("adam.")}
         if getattr(self, "class_weights", None) is not None:
             arrays["class_weights"] = np.asarray(self.class_weights)
+        gan_meta = {}
+        if self.gan is not None:  # the critic, its Adam state and its epoch's loss sums too
+            arrays.update(self.gan.state_arrays())
+            gan_meta["gan_loss_sums"] = [float(total) for total in self.gan.loss_sums]
         train_config = {k: v for k, v in asdict(self.cfg).items() if k != "history"}
         self.folder.save_checkpoint(arrays, config=self.model.config, train_config=train_config, epoch=self.epoch,
                                     step=self.step, loss_sum=self.loss_sum, cpu_seconds=self.cpu_seconds,
-                                    history=self.cfg.history)
+                                    history=self.cfg.history, **gan_meta)
 
     def _load_checkpoint(self) -> None:
         arrays, meta = self.folder.load_checkpoint()
@@ -188,6 +214,10 @@ class Trainer:
         self.cfg.crop_margin = stored.get("crop_margin", 0)
         self.cfg.schedule, self.cfg.warmup = stored.get("schedule", "constant"), stored.get("warmup", 0)
         self.cfg.arch = meta["config"].get("arch", "seed")
+        self.cfg.gan = stored.get("gan", False)
+        if self.cfg.gan:
+            for key in ("gan_lambda", "critic_lr", "critic_warmup", "critic_widths"):
+                setattr(self.cfg, key, tuple(stored[key]) if key == "critic_widths" else stored[key])
         self.class_weights = arrays.pop("class_weights", None)
         self.cfg.history = meta["history"]
         if self.cfg.data is None:  # resume on the photos the run was started with
@@ -195,7 +225,11 @@ class Trainer:
         self.dtype = arrays["layer0.W"].dtype if "layer0.W" in arrays else np.dtype(np.float32)
         self.model = ColorNet.from_contents(arrays, meta, source=str(self.checkpoint_path), dtype=self.dtype)
         self.optimizer = Adam(self.model.param_layers, lr=self.cfg.lr, map_tasks=engine.map_tasks())
-        self.optimizer.load_state_dict({name[5:]: a for name, a in arrays.items() if name.startswith("adam.")})
+        self.optimizer.load_state_arrays(arrays, "adam.")
+        self.gan = self._new_gan()
+        if self.gan is not None:
+            self.gan.load_state_arrays(arrays, source=str(self.checkpoint_path))
+            self.gan.loss_sums = list(meta["gan_loss_sums"])
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.loss_sum, self.cpu_seconds = meta["loss_sum"], meta["cpu_seconds"]
 
@@ -215,11 +249,14 @@ class Trainer:
         return backend.to_numpy(self.loss.decode(out) if self.cfg.loss == "classify" else out)
 
     # -- one epoch ------------------------------------------------------------------------------
-    def train_step(self, lightness, ab_true):
-        """One Adam step on this rank's shard; returns the loss of the whole (global) batch."""
+    def train_step(self, lightness, ab_true, step: int = 0):
+        """One Adam step on this rank's shard (global step `step`: a GAN's warm-up counts them);
+        returns the loss of the whole (global) batch."""
         # Under MPI every rank joins the Allreduce, even with a diverged shard: a NaN anywhere
         # makes the reduced loss NaN everywhere, so all ranks stop together.
         reduce = None if self.averager is None else self.averager.reduce_gradients
+        if self.gan is not None:
+            return self.gan.train_step(self.net, self.loss, self.optimizer, lightness, ab_true, step, reduce)
         return train_step(self.net, self.loss, self.optimizer, lightness, ab_true, reduce)
 
     def validate(self, batch_size: int = 64) -> tuple[float, float]:
@@ -334,13 +371,13 @@ class Trainer:
                     self.save_checkpoint()
                 raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {self.step}; checkpoint saved: "
                                       f"continue with --resume {self.out}", 130)
-            self.optimizer.lr = scheduled_lr(cfg.lr, epoch * len(plan) + step, cfg.epochs * len(plan),
-                                             cfg.schedule, cfg.warmup)
+            global_step = epoch * len(plan) + step
+            self.optimizer.lr = scheduled_lr(cfg.lr, global_step, cfg.epochs * len(plan), cfg.schedule, cfg.warmup)
             crops = None if offsets is None else offsets[step * cfg.batch_size:(step + 1) * cfg.batch_size][shard]
             L, ab_true = make_batch(self.lightness, self.ab, self.train_idx[positions[shard]], flips[shard],
                                     crops, cfg.size)
             pending.append(self.train_step(backend.xp.asarray(L, dtype=self.dtype),
-                                           backend.xp.asarray(ab_true, dtype=self.dtype)))
+                                           backend.xp.asarray(ab_true, dtype=self.dtype), global_step))
             self.step += 1
             if len(pending) == sync_every:
                 self._take_losses(pending, bar)
@@ -353,6 +390,8 @@ class Trainer:
         row = {"epoch": epoch + 1, "train_loss": round(self.loss_sum / max(self.step, 1), 6),
                "val_loss": round(scores[0], 6) if scores else None,
                "val_psnr": round(scores[1], 3) if scores else None, "seconds": round(time.time() - started, 1)}
+        if self.gan is not None:  # both networks' adversarial losses, for the log and curves.png
+            row.update(self.gan.take_loss_means(self.step))
         cfg.history.append(row)
         self.epoch, self.step, self.loss_sum = epoch + 1, 0, 0.0
         if not self.world.is_root:

@@ -70,7 +70,7 @@ def save_image(path: Path, array: np.ndarray, **save_kwargs) -> Path:
 
 def make_conv(c_in: int, c_out: int, k: int = 3, seed: int = 0, dtype=np.float64) -> Conv2d:
     """A k x k Conv2d with seeded weights and a seeded non-zero bias (so its gradient is exercised).
-    The engine that computes it is the process-wide one (nanocolor.fast.use_engine)."""
+    """
     conv = Conv2d(c_in, c_out, k, rng=np.random.default_rng(seed), dtype=dtype)
     conv.params["b"] = np.random.default_rng(seed + 1).standard_normal(c_out).astype(dtype)
     return conv

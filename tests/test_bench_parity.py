@@ -108,6 +108,42 @@ def test_unet_parity_detects_swapped_skip_channels_and_eval_mode_statistics():
     assert diffs["loss"] > 1e-3
 
 
+def test_critic_twins_have_the_same_parameters_and_flops():
+    model, net = bench.nanocolor_net("critic"), bench.torch_net("critic")
+    assert sum(p.numel() for p in net.parameters()) == model.num_params() == 167_649
+    names = [name for name, *_ in bench.param_pairs(model, net)]
+    assert names == [f"conv{i}.{p}" for i in range(4) for p in "Wb"]
+    # 64x64: 32x32 x 48 x 32, 16x16 x 512 x 64, 15x15 x 1024 x 128, 14x14 x 2048 x 1 multiply-adds
+    expected = 2 * (32 * 32 * 48 * 32 + 16 * 16 * 512 * 64 + 15 * 15 * 1024 * 128 + 14 * 14 * 2048)
+    assert bench.conv_flops_per_image(model, 64, 64) == expected
+
+
+def test_float32_parity_critic():
+    torch.set_num_threads(1)
+    diffs = bench.check_parity(bench.nanocolor_net("critic"), bench.torch_net("critic"), *bench.make_batch(32, 32, 3))
+    assert len(diffs) == 1 + 1 + 2 * 4 + 1  # loss, d/d ab, W and b of 4 convs, the Adam update
+    assert max(diffs.values()) < bench.PARITY_TOL_FLOAT32, diffs
+
+
+@pytest.mark.parametrize("height, width, batch", [(16, 16, 2), (20, 28, 3), (17, 23, 1)])
+def test_float64_parity_critic_is_tight(height, width, batch):
+    """Strided convs on odd sizes too: nanocolor's textbook code and PyTorch agree to rounding."""
+    torch.set_num_threads(1)
+    model = bench.PatchCritic((4, 6, 8), seed=3, dtype=np.float64)
+    diffs = bench.check_parity(model, bench.torch_critic((4, 6, 8)),
+                               *bench.make_batch(height, width, batch, dtype=np.float64, seed=4))
+    assert max(diffs.values()) < 1e-10, diffs
+
+
+def test_critic_parity_detects_another_padding():
+    net = bench.torch_critic((4, 6, 8))
+    net[2].padding = (0, 0)  # the second strided conv without its padding: other patches, other sizes
+    net[6].padding = (2, 2)
+    diffs = bench.check_parity(bench.PatchCritic((4, 6, 8), dtype=np.float64), net,
+                               *bench.make_batch(32, 32, 2, dtype=np.float64))
+    assert diffs["loss"] > 1e-3
+
+
 def test_blas_line_names_the_kernel_and_warns_when_the_environment_forces_one(monkeypatch):
     for var in bench.BLAS_KERNEL_ENV_VARS:
         monkeypatch.delenv(var, raising=False)

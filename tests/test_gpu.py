@@ -17,7 +17,7 @@ from conftest import colorful_rgb, save_image
 from nanocolor import backend, engine, fast
 from nanocolor.fast import norm, resample
 from nanocolor.infer import colorize_array
-from nanocolor.layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
+from nanocolor.layers import BatchNorm2d, Concat, Conv2d, LeakyReLU, MaxPool2d, ReLU, Tanh, Upsample2d
 from nanocolor.model import ColorNet
 from nanocolor.optim import Adam
 from nanocolor.serialize import load_npz
@@ -84,16 +84,22 @@ def _photos(folder, count: int = 8):
 
 
 @pytest.mark.parametrize("conv", ["im2col", "auto"], ids=["textbook", "fast"])
-@pytest.mark.parametrize("arch", ["seed", "unet"])
+@pytest.mark.parametrize("arch", ["seed", "unet", "unet+gan"])
 def test_training_and_resume_across_devices_equal_the_cpu(tmp_path, device, arch, conv):
     """2 epochs on the CPU; vs 1 on the device, resumed for 1 on the CPU; vs 1 on the CPU resumed on
-    the device; with the textbook computing the network, and with the fast engine."""
+    the device; with the textbook computing the network, and with the fast engine. unet+gan:
+    adversarial fine-tuning, the critic and its Adam state travel too."""
     photos = _photos(tmp_path / "photos")
+    gan = {}
+    if arch == "unet+gan":
+        arch = "unet"
+        ColorNet((4, 8), arch=arch, seed=1).save(tmp_path / "init.npz")
+        gan = {"init": str(tmp_path / "init.npz"), "gan": True, "critic_widths": (4, 8), "critic_warmup": 1}
 
     def config(out, epochs):
         return TrainConfig(data=str(photos), out=str(tmp_path / out), epochs=epochs, batch_size=2, lr=3e-3,
                            size=8, crop_margin=2, val_fraction=0.25, seed=1, widths=(4, 8), arch=arch,
-                           progress=False)
+                           progress=False, **gan)
 
     def on(where: str) -> None:
         backend.use_device(where)
@@ -143,6 +149,8 @@ LAYERS = {
     "relu": lambda dtype: ReLU(),
     "tanh": lambda dtype: Tanh(),
     "batchnorm": lambda dtype: BatchNorm2d(5, dtype=dtype),
+    "conv4x4_stride2": lambda dtype: Conv2d(5, 6, 4, rng=np.random.default_rng(0), dtype=dtype, stride=2, padding=1),
+    "leaky_relu": lambda dtype: LeakyReLU(),
 }
 
 

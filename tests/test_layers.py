@@ -9,8 +9,9 @@ import pytest
 
 from conftest import GRAD_TOL, check_gradients, make_conv
 from nanocolor.gradcheck import numeric_gradient, relative_error
-from nanocolor.layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
-from nanocolor.loss import MSELoss
+from nanocolor.layers import (BatchNorm2d, Concat, Conv2d, LeakyReLU, MaxPool2d, ReLU, Tanh, Upsample2d,
+                              conv_output_size)
+from nanocolor.loss import BCEWithLogitsLoss, MSELoss
 from nanocolor.model import ColorNet
 
 # ---------------------------------------------------------------------------------------------
@@ -46,23 +47,24 @@ def test_conv_without_bias_has_no_bias_gradient(rng):
     assert set(conv.grads) == {"W"} and np.all(conv.bias == 0)
 
 
-def slow_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Textbook 'same' convolution (cross-correlation), zero padding, stride 1, with loops.
+def slow_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1, padding: int | None = None) -> np.ndarray:
+    """Textbook convolution (cross-correlation), zero padding ('same' by default), with loops.
 
-    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, H, W, F).
+    x (N, H, W, C), w (k, k, C, F), b (F,) -> (N, Ho, Wo, F), Ho = (H + 2p - k) // stride + 1.
     """
     N, H, W, C = x.shape
     k, F = w.shape[0], w.shape[-1]
-    p = k // 2
-    out = np.zeros((N, H, W, F))
+    p = k // 2 if padding is None else padding
+    Ho, Wo = (H + 2 * p - k) // stride + 1, (W + 2 * p - k) // stride + 1
+    out = np.zeros((N, Ho, Wo, F))
     for n in range(N):
-        for y in range(H):
-            for xx in range(W):
+        for y in range(Ho):
+            for xx in range(Wo):
                 for f in range(F):
                     total = b[f]
                     for i in range(k):
                         for j in range(k):
-                            yy, xj = y + i - p, xx + j - p
+                            yy, xj = stride * y + i - p, stride * xx + j - p
                             if 0 <= yy < H and 0 <= xj < W:
                                 for c in range(C):
                                     total += x[n, yy, xj, c] * w[i, j, c, f]
@@ -104,6 +106,64 @@ def test_conv_he_init_and_even_kernel():
     assert abs(conv.params["W"].std() / np.sqrt(2 / 576) - 1) < 0.02
     with pytest.raises(ValueError):
         Conv2d(1, 1, 4)
+    assert Conv2d(1, 1, 4, padding=1).same is False  # an even kernel needs its padding spelled out
+
+
+# ---------------------------------------------------------------------------------------------
+# Strided and non-'same' convolutions (the critic's)
+
+STRIDED_CASES = [  # (input shape, F, k, stride, padding)
+    ((2, 6, 6, 3), 4, 4, 2, 1),    # pix2pix's downsampling conv: 6x6 -> 3x3
+    ((2, 7, 5, 3), 2, 4, 2, 1),    # odd sizes: the last row of the padded input is in no patch
+    ((1, 5, 9, 2), 3, 3, 2, 1),    # 3x3 stride 2, odd sizes
+    ((1, 8, 7, 2), 2, 3, 3, 0),    # stride 3, no padding: rows and columns left over at the edge
+    ((2, 5, 4, 3), 1, 4, 1, 1),    # pix2pix's last conv: 4x4 stride 1 pad 1, one output channel
+    ((1, 3, 4, 2), 2, 4, 2, 1),    # one row of patches: the kernel spans the padded input
+    ((1, 4, 4, 1), 2, 2, 2, 0),    # 2x2 stride 2 without padding: the patches tile the input
+    ((1, 3, 3, 2), 2, 5, 1, 1),    # kernel larger than the input: one patch, partly padding
+]
+
+
+@pytest.mark.parametrize("shape,c_out,k,stride,padding", STRIDED_CASES)
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_strided_conv_gradients(shape, c_out, k, stride, padding, input_grad, rng):
+    """The strided (and any non-'same') conv against central differences."""
+    conv = Conv2d(shape[-1], c_out, k, rng=np.random.default_rng(0), dtype=np.float64, stride=stride, padding=padding)
+    conv.params["b"] = rng.standard_normal(c_out)
+    conv.input_grad = input_grad
+    dx = check_gradients(conv, rng.standard_normal(shape), rng)
+    assert not conv.same
+    assert (dx is not None) == input_grad
+    Ho, Wo = conv_output_size(shape[1], k, stride, padding), conv_output_size(shape[2], k, stride, padding)
+    assert conv.forward(rng.standard_normal(shape)).shape == (shape[0], Ho, Wo, c_out)
+
+
+@pytest.mark.parametrize("shape,c_out,k,stride,padding", STRIDED_CASES[:5])
+def test_strided_conv_forward_matches_loop_reference(shape, c_out, k, stride, padding, rng):
+    conv = Conv2d(shape[-1], c_out, k, rng=np.random.default_rng(0), dtype=np.float64, stride=stride, padding=padding)
+    conv.params["b"] = rng.standard_normal(c_out)
+    x = rng.standard_normal(shape)
+    np.testing.assert_allclose(conv.forward(x), slow_conv(x, conv.params["W"], conv.params["b"], stride, padding),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_strided_conv_gives_no_gradient_to_pixels_in_no_patch(rng):
+    """Stride 3 over 8 rows without padding reads rows 0..5 only: rows 6 and 7 get zero gradient."""
+    conv = Conv2d(1, 1, 3, rng=np.random.default_rng(0), dtype=np.float64, stride=3, padding=0)
+    x = rng.standard_normal((1, 8, 8, 1))
+    dx = conv.backward(np.ones_like(conv.forward(x)))
+    assert np.all(dx[:, 6:] == 0) and np.all(dx[:, :, 6:] == 0) and np.all(dx[:, :6, :6] != 0)
+
+
+def test_conv_output_size_and_too_small_inputs():
+    assert conv_output_size(64, 4, 2, 1) == 32 and conv_output_size(63, 4, 2, 1) == 31
+    assert conv_output_size(16, 4, 1, 1) == 15 and conv_output_size(9, 3) == 7
+    assert [conv_output_size(n, 3, 1, 1) for n in (1, 5, 8)] == [1, 5, 8]  # 'same'
+    conv = Conv2d(1, 1, 4, stride=1, padding=0)
+    with pytest.raises(ValueError, match="at least 4 pixels"):
+        conv.forward(np.zeros((1, 3, 8, 1), dtype=np.float32))
+    with pytest.raises(ValueError):
+        Conv2d(1, 1, 3, stride=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +238,19 @@ def test_relu_gradients(shape, rng):
 def test_relu_forward(rng):
     x = away_from_zero((2, 3, 3, 2), rng)
     np.testing.assert_array_equal(ReLU().forward(x), np.where(x > 0, x, 0))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
+@pytest.mark.parametrize("slope", [0.2, 0.01])
+def test_leaky_relu_gradients(shape, slope, rng):
+    check_gradients(LeakyReLU(slope), away_from_zero(shape, rng), rng)
+
+
+def test_leaky_relu_forward(rng):
+    x = away_from_zero((2, 3, 3, 2), rng)
+    out = LeakyReLU().forward(x)
+    np.testing.assert_array_equal(out, np.where(x > 0, x, 0.2 * x))
+    assert LeakyReLU().forward(x.astype(np.float32)).dtype == np.float32
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 7, 1)])
@@ -259,6 +332,47 @@ def test_mse_loss_value_and_gradient(shape, rng):
     assert relative_error(dpred, numeric) < GRAD_TOL
 
 
+def naive_bce(logits: np.ndarray, target) -> float:
+    """The textbook formula, -y log p - (1 - y) log(1 - p) with p = sigmoid(z): fine for moderate z."""
+    p = 1 / (1 + np.exp(-logits))
+    return float(np.mean(-target * np.log(p) - (1 - target) * np.log(1 - p)))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 1), (1, 1, 1, 1), (3, 2, 2, 1)])
+@pytest.mark.parametrize("target", ["ones", "zeros", "soft", "per_image"])
+def test_bce_with_logits_value_and_gradient(shape, target, rng):
+    logits = 3 * rng.standard_normal(shape)
+    y = {"ones": 1.0, "zeros": 0.0, "soft": rng.uniform(0, 1, shape),
+         "per_image": (np.arange(shape[0]) % 2).astype(np.float64).reshape(-1, 1, 1, 1)}[target]
+    loss = BCEWithLogitsLoss()
+    assert loss.forward(logits, y) == pytest.approx(naive_bce(logits, y), rel=1e-12)
+    dlogits = loss.backward()
+    assert dlogits.shape == logits.shape
+    numeric = numeric_gradient(lambda: BCEWithLogitsLoss().forward(logits, y), logits)
+    assert relative_error(dlogits, numeric) < GRAD_TOL
+
+
+def test_bce_with_logits_is_stable_for_huge_logits():
+    """+-1000 overflows exp in the naive formula; here: finite, the exact limits, no overflow."""
+    logits = np.array([[-1000.0, -40.0, 40.0, 1000.0]]).reshape(1, 1, 4, 1)
+    loss = BCEWithLogitsLoss()
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is the right answer
+        right = loss.forward(logits, np.array([0.0, 0.0, 1.0, 1.0]).reshape(1, 1, 4, 1))
+        assert right == pytest.approx(np.exp(-40) / 2, rel=1e-6)  # the two +-1000 terms are exactly 0
+        np.testing.assert_allclose(loss.backward().ravel(), [0, np.exp(-40) / 4, -np.exp(-40) / 4, 0], atol=1e-30)
+        wrong = loss.forward(logits, 1.0)  # every pair called real
+        assert wrong == pytest.approx((1000 + 40 + 0 + 0) / 4, rel=1e-12)
+        np.testing.assert_allclose(loss.backward().ravel(), [-0.25, -0.25, 0, 0], atol=1e-17)
+    assert BCEWithLogitsLoss().forward(np.zeros((2, 2, 2, 1)), 1.0) == pytest.approx(np.log(2), rel=1e-15)
+
+
+def test_bce_with_logits_keeps_float32(rng):
+    logits = rng.standard_normal((2, 3, 3, 1)).astype(np.float32)
+    loss = BCEWithLogitsLoss()
+    loss.forward(logits, 1.0)
+    assert loss.backward().dtype == np.float32
+
+
 def test_mse_loss_is_zero_for_equal_inputs(rng):
     x = rng.standard_normal((2, 2, 2, 2))
     loss = MSELoss()
@@ -276,7 +390,9 @@ def test_mse_loss_is_zero_for_equal_inputs(rng):
     (ReLU, (2, 5, 3, 2)),
     (Tanh, (2, 5, 3, 2)),
     (lambda: BatchNorm2d(2, dtype=np.float64), (2, 5, 3, 2)),
-], ids=["conv", "maxpool", "upsample", "relu", "tanh", "batchnorm"])
+    (lambda: Conv2d(2, 3, 4, dtype=np.float64, stride=2, padding=1), (2, 5, 3, 2)),
+    (LeakyReLU, (2, 5, 3, 2)),
+], ids=["conv", "maxpool", "upsample", "relu", "tanh", "batchnorm", "strided_conv", "leaky_relu"])
 def test_backward_does_not_modify_dout(make_layer, shape, rng):
     layer = make_layer()
     x = rng.standard_normal(shape)

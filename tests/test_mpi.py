@@ -107,6 +107,17 @@ def test_averager_packs_the_unet_in_layer_order(rng):
         np.testing.assert_allclose(g, (before + i) / 2, rtol=1e-15, atol=1e-15)
 
 
+def test_averager_carries_several_losses(rng):
+    """A GAN's generator step reduces two losses (regression, adversarial) with its gradients."""
+    model = ColorNet((3, 5), seed=1, dtype=np.float64)
+    mine = fill_grads(model, rng)
+    other = np.concatenate([np.zeros(sum(g.size for g in mine)), [0.5, 3.0]])
+    averager = GradientAverager(model.param_layers, TwoRankWorld(other), losses=2)
+    assert averager.nbytes == (model.num_params() + 2) * 8
+    assert averager.reduce_gradients((0.25, 1.0)) == pytest.approx(((0.25 + 0.5) / 2, (1.0 + 3.0) / 2), abs=1e-15)
+    np.testing.assert_allclose(model.param_layers[0].grads["W"], mine[0] / 2, rtol=1e-15)
+
+
 def test_averager_reuses_its_buffer(rng):
     model = ColorNet((3, 5), seed=1, arch="seed")
     averager = GradientAverager(model.param_layers, World())
@@ -196,6 +207,23 @@ def test_two_processes_train_the_same_weights_as_one(photos, tmp_path):
     for row_one, row_two in zip(rows_one, rows_two):
         for key in ("train_loss", "val_loss", "val_psnr"):
             assert float(row_two[key]) == pytest.approx(float(row_one[key]), abs=2e-6), key
+
+
+@needs_mpirun
+def test_two_processes_train_the_same_gan_as_one(photos, tmp_path):
+    """--gan: the generator's and the critic's gradients are both averaged over the ranks, so two
+    processes end with one process's generator, critic and both Adam states, and log its losses."""
+    ColorNet((4, 8), arch="unet", seed=1).save(tmp_path / "init.npz", train_size=16)
+    gan = ("--init", tmp_path / "init.npz", "--gan", "--critic-widths", "4,8,8", "--critic-warmup", 2)
+    common = ("--data", photos, "--epochs", 2, *TINY, *gan, "--dtype", "float64")
+    ok(run_script("train.py", "--out", tmp_path / "one", *common, cwd=tmp_path))
+    ok(run_mpi(2, "--out", tmp_path / "two", *common, cwd=tmp_path))
+    arrays = checkpoint_arrays(tmp_path / "two")
+    assert "critic.adam.m0" in arrays and arrays["critic.layer0.W"].dtype == np.float64
+    assert max_difference(tmp_path / "one", tmp_path / "two") < 1e-10
+    for row_one, row_two in zip(log_rows(tmp_path / "one"), log_rows(tmp_path / "two")):
+        for key in ("train_loss", "val_loss", "critic_loss", "adv_loss"):
+            assert float(row_two[key]) == pytest.approx(float(row_one[key]), abs=1e-9), key
 
 
 @needs_mpirun

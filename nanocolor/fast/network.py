@@ -38,8 +38,8 @@ class Block:
         rest = list(layers[1:])
         take = lambda kind: rest.pop(0) if rest and isinstance(rest[0], kind) else None
         self.conv, self.bn, self.relu, self.tanh = layers[0], take(BatchNorm2d), take(ReLU), take(Tanh)
-        if not isinstance(self.conv, Conv2d) or rest:
-            raise ValueError(f"the fast engine runs Conv2d (+ BatchNorm2d) (+ ReLU) (+ Tanh) blocks, got {layers}")
+        if not isinstance(self.conv, Conv2d) or not self.conv.same or rest:
+            raise ValueError(f"the fast engine runs 'same' Conv2d (+ BatchNorm2d) (+ ReLU) (+ Tanh) blocks, got {layers}")
 
     def _weights(self) -> tuple:
         """(W, b, the BatchNorm2d to run after the conv or None): in inference BatchNorm folds into W, b."""
