@@ -1,0 +1,438 @@
+"""Colorizing videos: frames streamed through the network one at a time, colors held steady.
+
+A video is read with PyAV (the optional extra `nanocolor[video]`; its wheels carry FFmpeg) one
+frame at a time. Each frame is colorized as infer.py colorizes a photo (the network at the small
+working size, its a*b* upsampled and joined with the frame's own full-resolution L*) and encoded
+before the next one is decoded, so memory does not grow with the length. Audio packets are copied
+unchanged; size, frame rate, frame count and timestamps are kept. The output goes to a temp file
+beside its final name and is renamed only when complete.
+
+Steady colors: colorizing each frame alone makes colors flicker, because the network's guess for
+a wall changes with small changes of its input. Only a*b* needs to be steady (L* is the input's),
+and at the working size a*b* is smooth, so ChromaSmoother keeps a running average of the predicted
+a*b* there. Before each frame the average is moved by the global motion between the frames (phase
+correlation of L*), it is trusted only where the moved L* matches the new frame's, and it starts
+afresh at a scene cut (a large change of L* after alignment).
+
+Shapes: frames are RGB (H, W, 3) uint8 and their L* (H, W); at the working size L* is (h, w) and
+a*b* (h, w, 2), in LAB units. Arrays are NumPy or CuPy (backend.array_module), except the frames.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .backend import array_module
+from .data import ImageError
+from .images import OUTPUT_KEY
+from .infer import check_not_input, full_lightness, join_color, predict_working_ab, working_lightness
+from .model import ColorNet
+from .progress import progress_bar
+
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".flv",
+                    ".ogv", ".3gp"}
+
+MEMORY = 0.85   # share of the moved running average kept at each frame: a memory of about 7 frames
+MATCH_L = 12.0  # L* mismatch (moved history vs new frame) at which the history's weight falls to 1/e
+CUT_L = 12.0    # mean |L* change| after alignment that starts a new scene (measured: pans <= 5, cuts >= 18)
+MIN_OVERLAP = 0.5  # a motion that leaves less of the frame covered by the last one is a cut too
+
+
+class VideoError(ImageError):
+    """A video input that cannot be colorized: missing, not a video, no video stream, truncated,
+    an unsupported codec, no frames, or PyAV not installed. The message is one line naming the file."""
+
+
+def require_av():
+    """The PyAV module, or VideoError with the command that installs it."""
+    try:
+        import av
+    except ImportError:
+        raise VideoError("colorizing video needs PyAV: pip install 'nanocolor[video]'", "missing module") from None
+    return av
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    """Whether a path names a video, by its extension."""
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def is_video_output(path: str | os.PathLike) -> bool:
+    """Whether `path` is a video that colorize_video wrote (its comment starts with OUTPUT_KEY)."""
+    if not is_video(path) or not Path(path).is_file():
+        return False
+    try:
+        av = require_av()
+        with av.open(str(path)) as container:
+            return container.metadata.get("comment", "").startswith(OUTPUT_KEY)
+    except Exception:  # unreadable, not a video, no PyAV: not ours
+        return False
+
+
+# -- steady colors ---------------------------------------------------------------------------------
+
+def estimate_shift(prev, cur) -> tuple[float, float]:
+    """Global motion (dy, dx) in pixels between two L* images (h, w): cur(y, x) ~ prev(y - dy, x - dx).
+
+    Phase correlation: the inverse FFT of the cross-power spectrum, normalized to unit magnitude,
+    peaks at the shift; a parabola through the peak and its neighbours gives the fraction of a pixel.
+    """
+    xp = array_module(prev)
+    h, w = prev.shape
+    window = xp.outer(xp.hanning(h), xp.hanning(w))  # tapered borders: their wrap-around would pull toward 0
+    pair = xp.stack([prev, cur]).astype(xp.float64)
+    spectra = xp.fft.rfft2((pair - pair.mean(axis=(1, 2), keepdims=True)) * window)
+    cross = spectra[1] * xp.conj(spectra[0])
+    corr = xp.fft.irfft2(cross / (xp.abs(cross) + 1e-9), s=(h, w))
+    py, px = (int(v) for v in xp.unravel_index(int(xp.argmax(corr)), corr.shape))
+
+    def refine(before: float, at: float, after: float) -> float:
+        curvature = before - 2 * at + after
+        return 0.0 if curvature >= 0 else float(np.clip(0.5 * (before - after) / curvature, -0.5, 0.5))
+
+    dy = py + refine(float(corr[py - 1, px]), float(corr[py, px]), float(corr[(py + 1) % h, px]))
+    dx = px + refine(float(corr[py, px - 1]), float(corr[py, px]), float(corr[py, (px + 1) % w]))
+    return (dy - h if dy > h / 2 else dy), (dx - w if dx > w / 2 else dx)
+
+
+def sample(image, ys, xs):
+    """Bilinear samples of image (h, w, ...) at float pixel coordinates ys, xs (equal shapes S),
+    clamped to the edges -> (*S, ...)."""
+    xp = array_module(image)
+    h, w = image.shape[:2]
+    ys, xs = xp.clip(ys, 0, h - 1), xp.clip(xs, 0, w - 1)
+    y0, x0 = xp.floor(ys).astype(xp.int64), xp.floor(xs).astype(xp.int64)
+    y1, x1 = xp.minimum(y0 + 1, h - 1), xp.minimum(x0 + 1, w - 1)
+    fy, fx = ys - y0, xs - x0
+    if image.ndim == 3:  # weights broadcast over the channels
+        fy, fx = fy[..., None], fx[..., None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(image.dtype, copy=False)
+
+
+def shift_image(image, dy: float, dx: float):
+    """image (h, w, ...) moved by (dy, dx) pixels (bilinear) -> (moved, inside): inside (h, w) is
+    True where the moved pixel came from within the image (elsewhere the edge is repeated)."""
+    xp = array_module(image)
+    h, w = image.shape[:2]
+    ys = xp.arange(h, dtype=xp.float32)[:, None] - dy + xp.zeros((1, w), xp.float32)
+    xs = xp.arange(w, dtype=xp.float32)[None, :] - dx + xp.zeros((h, 1), xp.float32)
+    inside = (ys >= 0) & (ys <= h - 1) & (xs >= 0) & (xs <= w - 1)
+    return sample(image, ys, xs), inside
+
+
+class ChromaSmoother:
+    """A running average of predicted a*b* at the working size: moved with the motion, trusted where
+    the scene still matches, restarted at scene cuts. Call it once per frame, in order."""
+
+    def __init__(self, memory: float = MEMORY):
+        self.memory = memory
+        self.L = self.ab = None
+        self.cuts = 0  # scene cuts seen (the first frame not counted)
+
+    def __call__(self, L, ab):
+        """L* (h, w) and the network's a*b* (h, w, 2) of the next frame -> its steady a*b* (h, w, 2)."""
+        xp = array_module(ab)
+        if self.L is not None and self.L.shape == L.shape:
+            dy, dx = estimate_shift(self.L, L)
+            moved_L, inside = shift_image(self.L, dy, dx)
+            change = xp.abs(L - moved_L)
+            if is_scene_cut(change, inside):
+                self.cuts += 1
+            else:
+                keep = (self.memory * inside * xp.exp(-(change / MATCH_L) ** 2)).astype(ab.dtype)[..., None]
+                ab = keep * shift_image(self.ab, dy, dx)[0] + (1 - keep) * ab
+        self.L, self.ab = L, ab
+        return ab
+
+
+def is_scene_cut(change, inside) -> bool:
+    """Whether |L* change| (h, w) after alignment, over the pixels `inside` both frames, says a new scene."""
+    covered = float(inside.mean())
+    return covered < MIN_OVERLAP or float((change * inside).sum()) > CUT_L * float(inside.sum())
+
+
+def colorize_frame(model: ColorNet, rgb: np.ndarray, work_size: int,
+                   smoother: ChromaSmoother | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """RGB frame (H, W, 3) uint8 (its color ignored) -> (its L* (H, W) float32, colorized RGB (H, W, 3)
+    uint8); with a smoother, the frame's a*b* is steadied by the frames before it."""
+    L = full_lightness(rgb)
+    small = working_lightness(model, L, work_size)
+    ab = predict_working_ab(model, small)
+    if smoother is not None:
+        ab = smoother(small, ab)
+    return L, join_color(L, ab, np.uint8)
+
+
+def colorize_frames(model: ColorNet, frames: Iterable[np.ndarray], work_size: int,
+                    smooth: bool = True) -> Iterator[np.ndarray]:
+    """RGB frames (H, W, 3) uint8 of one clip, in order -> colorized frames, one for one (streamed)."""
+    smoother = ChromaSmoother() if smooth else None
+    for rgb in frames:
+        yield colorize_frame(model, rgb, work_size, smoother)[1]
+
+
+# -- reading and writing ---------------------------------------------------------------------------
+
+def open_video(path: str | os.PathLike):
+    """An open PyAV input container whose first video stream can be decoded, or VideoError."""
+    av, path = require_av(), Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: no such file" if not path.exists() else f"{path}: not a file", "missing")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: empty file (0 bytes)", "empty")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError, ValueError) as err:
+        raise VideoError(f"{path}: not a readable video ({_reason(err)})", "not a video") from None
+    if not container.streams.video:
+        container.close()
+        kind = "only audio" if container.streams.audio else "no video stream"
+        raise VideoError(f"{path}: has {kind}; nothing to colorize", "not a video")
+    stream = container.streams.video[0]
+    if stream.codec_context is None or not stream.codec_context.width:
+        name = stream.codec_context.name if stream.codec_context is not None else "unknown"
+        container.close()
+        raise VideoError(f"{path}: its video codec ({name}) cannot be decoded here", "unsupported")
+    stream.thread_type = "AUTO"  # FFmpeg's own decoding threads
+    return container
+
+
+def _reason(err: Exception) -> str:
+    text = getattr(err, "strerror", None) or str(err) or err.__class__.__name__
+    return " ".join(str(text).split())
+
+
+def decoded_frames(container, path: Path, on_audio) -> Iterator:
+    """The first video stream's frames (PyAV VideoFrames), in order; audio packets go to on_audio(packet)
+    as they are read. Demuxing or decoding errors (truncated, corrupt data) become VideoError."""
+    av = require_av()
+    video, audio = container.streams.video[0], list(container.streams.audio)
+    packets = container.demux(video, *audio)
+    while True:
+        try:
+            packet = next(packets)
+            frames = packet.decode() if packet.stream is video else ()
+        except StopIteration:
+            return
+        except av.error.FFmpegError as err:
+            raise VideoError(f"{path}: truncated or corrupt video data ({_reason(err)})") from None
+        if packet.stream is not video:
+            if packet.dts is not None:  # the demuxer's empty end-of-stream packets are not data
+                on_audio(packet)
+            continue
+        yield from frames
+
+
+def frames_expected(container) -> int:
+    """Frame count the container declares or its duration implies (0: unknown), for progress."""
+    stream = container.streams.video[0]
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and rate:
+        return int(round(float(stream.duration * stream.time_base * rate)))
+    if container.duration and rate:
+        return int(round(container.duration / 1e6 * float(rate)))
+    return 0
+
+
+class VideoWriter:
+    """A video file written through a temp file beside `path`: renamed into place by finish(),
+    removed by discard() (and when the with-block ends in an exception). H.264 where the container
+    holds it, else the input's codec, else MPEG-4 part 2. Audio streams given as templates get
+    their packets copied unchanged by copy()."""
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, rate: Fraction, time_base: Fraction,
+                 codec: str | None = None, audio: Iterable = (), note: str | None = None):
+        av = require_av()
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.{secrets.token_hex(4)}.tmp{self.path.suffix}")
+        self.container = av.open(str(self.tmp), "w")
+        try:
+            self.video = self.container.add_stream(self._encoder(codec), rate=rate)
+            context = self.video.codec_context
+            context.width, context.height, context.time_base = width, height, time_base
+            odd = width % 2 or height % 2  # 4:2:0 needs even sides; 4:4:4 keeps the exact size
+            context.pix_fmt = "yuv444p" if odd else "yuv420p"
+            if context.name == "libx264":
+                context.options = {"crf": "18", "preset": "veryfast"}
+            else:
+                context.bit_rate = 8 * width * height * int(max(1, float(rate)))  # ~1 bit/pixel: looks clean
+            self.video.time_base = time_base
+            self.audio = {stream: self.container.add_stream_from_template(stream) for stream in audio}
+            if note:
+                self.container.metadata["comment"] = f"{OUTPUT_KEY}: {note}"
+        except BaseException:
+            self.discard()
+            raise
+        self.time_base = time_base
+
+    def _encoder(self, codec: str | None) -> str:
+        av = require_av()
+        if "h264" in self.container.supported_codecs:
+            return "libx264"
+        for name in (codec, "mpeg4"):
+            try:
+                if name and name in self.container.supported_codecs and av.codec.Codec(name, "w"):
+                    return name
+            except av.codec.codec.UnknownCodecError:
+                continue
+        return "mpeg4"
+
+    def write(self, rgb: np.ndarray, pts: int) -> None:
+        """Encode one RGB frame (H, W, 3) uint8 shown at pts (in time_base units)."""
+        av = require_av()
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = pts, self.time_base
+        self.container.mux(self.video.encode(frame))
+
+    def copy(self, packet) -> None:
+        """Mux an input packet of one of the template audio streams, unchanged."""
+        packet.stream = self.audio[packet.stream]
+        self.container.mux(packet)
+
+    def finish(self) -> None:
+        """Flush the encoder, close the file, make it durable and rename it into place."""
+        self.container.mux(self.video.encode(None))
+        self.container.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        try:
+            self.container.close()
+        except Exception:  # a half-written file: its trailer may not be writable, and it is deleted anyway
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, kind, err, trace) -> None:
+        if kind is not None:
+            self.discard()
+
+
+def writer_like(container, path: str | os.PathLike, width: int | None = None, audio: bool = True,
+                note: str | None = None) -> VideoWriter:
+    """A VideoWriter with the input's size (or `width`), frame rate, time base and codec, and a
+    copy of its audio streams."""
+    stream = container.streams.video[0]
+    context = stream.codec_context
+    rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+    return VideoWriter(path, width or context.width, context.height, rate, stream.time_base, context.name,
+                       container.streams.audio if audio else (), note)
+
+
+def colorize_video(model: ColorNet, path: str | os.PathLike, out_path: str | os.PathLike, work_size: int,
+                   compare_path: str | os.PathLike | None = None, smooth: bool = True,
+                   progress: bool = True) -> int:
+    """Colorize a video file into out_path (same container; audio copied; same size, frame count and
+    timestamps) and optionally gray | colorized side by side into compare_path (no audio). Returns the
+    frame count. Raises VideoError for an input that cannot be read (nothing is written then) and
+    OSError for an output that cannot; no partial output is ever left, Ctrl-C included."""
+    path = Path(path)
+    check_not_input(path, out_path, compare_path)
+    with open_video(path) as container, \
+            writer_like(container, out_path, note=f"colorized from {path.name}") as writer:
+        compare = writer_like(container, compare_path, 2 * container.streams.video[0].codec_context.width,
+                              audio=False) if compare_path else None
+        try:
+            count = _stream_frames(model, container, path, writer, compare, work_size, smooth, progress)
+            writer.finish()
+            if compare:
+                compare.finish()
+        except BaseException:
+            if compare:
+                compare.discard()
+            raise
+    return count
+
+
+def _stream_frames(model, container, path, writer, compare, work_size, smooth, progress) -> int:
+    """Decode, colorize and encode every frame; returns the count (VideoError when there are none)."""
+    stream = container.streams.video[0]
+    smoother = ChromaSmoother() if smooth else None
+    bar = progress_bar(frames_expected(container), path.name, "frames", progress)
+    count, last_pts = 0, None
+    try:
+        for frame in decoded_frames(container, path, writer.copy):
+            L, colorized = colorize_frame(model, frame.to_ndarray(format="rgb24"), work_size, smoother)
+            pts = _frame_pts(frame, last_pts, stream)
+            writer.write(colorized, pts)
+            if compare:
+                gray = join_color(L, np.zeros((1, 1, 2), np.float32), np.uint8)
+                compare.write(np.concatenate([gray, colorized], axis=1), pts)
+            count, last_pts = count + 1, pts
+            bar.update(1)
+    finally:
+        bar.close()
+    if count == 0:
+        raise VideoError(f"{path}: holds no video frames", "empty")
+    return count
+
+
+def _frame_pts(frame, last_pts: int | None, stream) -> int:
+    """The frame's own timestamp; one frame duration after the last where it has none."""
+    if frame.pts is not None:
+        return int(frame.pts)
+    if last_pts is None:
+        return 0
+    rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+    return last_pts + max(1, int(round(1 / (rate * stream.time_base))))
+
+
+# -- measuring steadiness on clips with known truth --------------------------------------------------
+
+def render_shot(photo: np.ndarray, windows: list[tuple[float, float, float, float]],
+                size: tuple[int, int]) -> list[np.ndarray]:
+    """A shot filmed from a still photo (H0, W0, 3) uint8: one frame (height, width, 3) uint8 per crop
+    window (y, x, h, w) in photo pixels, resized (bicubic) to size = (width, height)."""
+    img = Image.fromarray(photo)
+    return [np.asarray(img.resize(size, Image.Resampling.BICUBIC, box=(x, y, x + w, y + h)))
+            for y, x, h, w in windows]
+
+
+def pan_windows(photo_shape: tuple[int, ...], frames: int, aspect: float, zoom: float = 1.0,
+                travel: float = 0.25) -> list[tuple[float, float, float, float]]:
+    """Crop windows (y, x, h, w) of a slow pan across a photo (H0, W0, ...): the largest window of
+    `aspect` (width / height) that fits, shrunk by `zoom` over the shot (1: no zoom), moving
+    diagonally over `travel` of the room it has to move."""
+    H0, W0 = photo_shape[:2]
+    h_full = min(H0, W0 / aspect)
+    windows = []
+    for t in np.linspace(0.0, 1.0, frames):
+        h = h_full * (1 - (1 - 1 / zoom) * t)
+        w = h * aspect
+        windows.append(((H0 - h) * t * travel, (W0 - w) * t * travel, h, w))
+    return windows
+
+
+def flicker(ab_frames: list[np.ndarray], windows: list[tuple[float, float, float, float]]) -> float:
+    """Mean |change of a*b*| at the same scene point between consecutive frames of one shot.
+
+    ab_frames: a*b* (H, W, 2) of each frame; windows: the crop window (y, x, h, w) each frame was
+    filmed through (render_shot). Each pixel of a frame is followed into the next frame through the
+    two windows (bilinear), where it is still in view; 0 for a perfectly steady shot.
+    """
+    H, W = ab_frames[0].shape[:2]
+    changes = []
+    for (a, (y0, x0, h0, w0)), (b, (y1, x1, h1, w1)) in zip(zip(ab_frames, windows), zip(ab_frames[1:], windows[1:])):
+        ys = y0 + (np.arange(H)[:, None] + 0.5) * h0 / H  # scene coordinates of frame a's pixel centres
+        xs = x0 + (np.arange(W)[None, :] + 0.5) * w0 / W
+        v = (ys - y1) * H / h1 - 0.5 + np.zeros((1, W))  # where the next frame shows them
+        u = (xs - x1) * W / w1 - 0.5 + np.zeros((H, 1))
+        seen = (v >= 0) & (v <= H - 1) & (u >= 0) & (u <= W - 1)
+        change = np.linalg.norm(sample(b.astype(np.float64), v, u) - a, axis=-1)
+        changes.append(change[seen].mean())
+    return float(np.mean(changes))
