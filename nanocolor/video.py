@@ -49,12 +49,13 @@ class VideoError(ImageError):
     an unsupported codec, no frames, or PyAV not installed. The message is one line naming the file."""
 
 
-def require_av():
-    """The PyAV module, or VideoError with the command that installs it."""
+def require_av(path: str | os.PathLike | None = None):
+    """The PyAV module, or VideoError (naming `path`, if given) with the command that installs it."""
     try:
         import av
     except ImportError:
-        raise VideoError("colorizing video needs PyAV: pip install 'nanocolor[video]'", "missing module") from None
+        where = f"{path}: " if path is not None else ""
+        raise VideoError(f"{where}colorizing video needs PyAV: pip install 'nanocolor[video]'", "missing module") from None
     return av
 
 
@@ -117,15 +118,60 @@ def sample(image, ys, xs):
     return (top * (1 - fy) + bottom * fy).astype(image.dtype, copy=False)
 
 
-def shift_image(image, dy: float, dx: float):
-    """image (h, w, ...) moved by (dy, dx) pixels (bilinear) -> (moved, inside): inside (h, w) is
-    True where the moved pixel came from within the image (elsewhere the edge is repeated)."""
-    xp = array_module(image)
+def _source_points(motion, h: int, w: int):
+    """Where each pixel (y, x) of an (h, w) frame came from in the frame before: (qy, qx), each (h, w).
+
+    motion = (a, b, ty, tx), a similarity about the centre c: q - c = [[1 + a, b], [-b, 1 + a]] (p - c) + t
+    in (y, x) order, i.e. a zoom by 1 + a, a small turn b and a shift t."""
+    a, b, ty, tx = (motion[i] for i in range(4))
+    py, px = _centred_grid(array_module(motion), h, w)
+    return (1 + a) * py + b * px + ty + (h - 1) / 2, (1 + a) * px - b * py + tx + (w - 1) / 2
+
+
+def _centred_grid(xp, h: int, w: int):
+    """Pixel coordinates (py, px), each (h, w) float64, measured from the frame's centre."""
+    py = xp.arange(h, dtype=xp.float64)[:, None] - (h - 1) / 2
+    px = xp.arange(w, dtype=xp.float64)[None, :] - (w - 1) / 2
+    return py + 0 * px, px + 0 * py
+
+
+def warp_image(image, motion):
+    """image (h, w, ...) of the frame before, moved onto the next frame by `motion` (bilinear) ->
+    (moved, inside): inside (h, w) is True where the moved pixel came from within the image."""
     h, w = image.shape[:2]
-    ys = xp.arange(h, dtype=xp.float32)[:, None] - dy + xp.zeros((1, w), xp.float32)
-    xs = xp.arange(w, dtype=xp.float32)[None, :] - dx + xp.zeros((h, 1), xp.float32)
-    inside = (ys >= 0) & (ys <= h - 1) & (xs >= 0) & (xs <= w - 1)
-    return sample(image, ys, xs), inside
+    qy, qx = _source_points(motion, h, w)
+    inside = (qy >= 0) & (qy <= h - 1) & (qx >= 0) & (qx <= w - 1)
+    return sample(image, qy, qx), inside
+
+
+def estimate_motion(prev, cur, steps: int = 4):
+    """Global motion between two L* images (h, w) as _source_points' similarity (a, b, ty, tx), float64.
+
+    The shift from phase correlation, then `steps` Gauss-Newton steps (Lucas-Kanade) on all four
+    parameters over the pixels in view in both; kept only where they lower the mean |L* error|.
+    """
+    xp = array_module(prev)
+    h, w = prev.shape
+    prev, cur = prev.astype(xp.float64), cur.astype(xp.float64)
+    dy, dx = estimate_shift(prev, cur)
+    start = xp.asarray([0.0, 0.0, -dy, -dx])
+    grad_y, grad_x = xp.gradient(prev)
+    py, px = _centred_grid(xp, h, w)
+
+    def error(motion) -> float:
+        moved, inside = warp_image(prev, motion)
+        return float((xp.abs(moved - cur) * inside).sum() / max(int(inside.sum()), 1))
+
+    motion = start
+    for _ in range(steps):
+        moved, inside = warp_image(prev, motion)
+        gy, gx = (warp_image(g, motion)[0] for g in (grad_y, grad_x))
+        # d(moved)/d(a, b, ty, tx) by the chain rule through q(p)
+        jacobian = xp.stack([gy * py + gx * px, gy * px - gx * py, gy, gx], axis=-1)[inside]
+        residual = (moved - cur)[inside]
+        normal = jacobian.T @ jacobian + 1e-6 * xp.eye(4)
+        motion = motion - xp.linalg.solve(normal, jacobian.T @ residual)
+    return motion if error(motion) < error(start) else start
 
 
 class ChromaSmoother:
@@ -141,14 +187,14 @@ class ChromaSmoother:
         """L* (h, w) and the network's a*b* (h, w, 2) of the next frame -> its steady a*b* (h, w, 2)."""
         xp = array_module(ab)
         if self.L is not None and self.L.shape == L.shape:
-            dy, dx = estimate_shift(self.L, L)
-            moved_L, inside = shift_image(self.L, dy, dx)
+            motion = estimate_motion(self.L, L)
+            moved_L, inside = warp_image(self.L, motion)
             change = xp.abs(L - moved_L)
             if is_scene_cut(change, inside):
                 self.cuts += 1
             else:
                 keep = (self.memory * inside * xp.exp(-(change / MATCH_L) ** 2)).astype(ab.dtype)[..., None]
-                ab = keep * shift_image(self.ab, dy, dx)[0] + (1 - keep) * ab
+                ab = keep * warp_image(self.ab, motion)[0] + (1 - keep) * ab
         self.L, self.ab = L, ab
         return ab
 
@@ -183,7 +229,7 @@ def colorize_frames(model: ColorNet, frames: Iterable[np.ndarray], work_size: in
 
 def open_video(path: str | os.PathLike):
     """An open PyAV input container whose first video stream can be decoded, or VideoError."""
-    av, path = require_av(), Path(path)
+    av, path = require_av(path), Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: no such file" if not path.exists() else f"{path}: not a file", "missing")
     if path.stat().st_size == 0:
@@ -193,8 +239,8 @@ def open_video(path: str | os.PathLike):
     except (av.error.FFmpegError, OSError, ValueError) as err:
         raise VideoError(f"{path}: not a readable video ({_reason(err)})", "not a video") from None
     if not container.streams.video:
-        container.close()
         kind = "only audio" if container.streams.audio else "no video stream"
+        container.close()
         raise VideoError(f"{path}: has {kind}; nothing to colorize", "not a video")
     stream = container.streams.video[0]
     if stream.codec_context is None or not stream.codec_context.width:
@@ -379,6 +425,8 @@ def _stream_frames(model, container, path, writer, compare, work_size, smooth, p
         bar.close()
     if count == 0:
         raise VideoError(f"{path}: holds no video frames", "empty")
+    if count < stream.frames:  # the demuxer stops quietly at the end of a cut-off file
+        raise VideoError(f"{path}: truncated: {count} of the {stream.frames} frames it declares could be read")
     return count
 
 
