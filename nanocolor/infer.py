@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import backend
-from .color import fit_to_gamut, lab_to_rgb, lightness, scale_lightness, unscale_ab
+from .color import fitted_rgb, lightness, scale_lightness, unscale_ab
 from .data import HIGH_BIT_MODES, ImageError, alpha_channel, open_image, rgb_array, to_rgb
 from .fast import parallel
 from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side, to_uint8
@@ -133,7 +133,7 @@ def join_color(L: np.ndarray, ab_small: np.ndarray, out_dtype=np.float64) -> np.
 
     def band(y0: int, y1: int) -> None:
         ab = _resize_channels(ab_small, H, W, rows=(y0, y1)).astype(work, copy=False)
-        colors = lab_to_rgb(fit_to_gamut(np.concatenate([L[y0:y1, :, None], ab], axis=-1)))
+        colors = fitted_rgb(np.concatenate([L[y0:y1, :, None], ab], axis=-1))
         out[y0:y1] = to_uint8(colors) if out.dtype == np.uint8 else colors
 
     _over_bands(band, H, W)

@@ -144,34 +144,32 @@ def warp_image(image, motion):
     return sample(image, qy, qx), inside
 
 
-def estimate_motion(prev, cur, steps: int = 4):
+def estimate_motion(prev, cur, steps: int = 3):
     """Global motion between two L* images (h, w) as _source_points' similarity (a, b, ty, tx), float64.
 
     The shift from phase correlation, then `steps` Gauss-Newton steps (Lucas-Kanade) on all four
-    parameters over the pixels in view in both; kept only where they lower the mean |L* error|.
+    parameters over the pixels in view in both; of these motions, the one with the least mean
+    |L* error| is kept.
     """
     xp = array_module(prev)
     h, w = prev.shape
     prev, cur = prev.astype(xp.float64), cur.astype(xp.float64)
     dy, dx = estimate_shift(prev, cur)
-    start = xp.asarray([0.0, 0.0, -dy, -dx])
-    grad_y, grad_x = xp.gradient(prev)
+    stacked = xp.stack([prev, *xp.gradient(prev)], axis=-1)  # L* and its slopes, moved together
     py, px = _centred_grid(xp, h, w)
-
-    def error(motion) -> float:
-        moved, inside = warp_image(prev, motion)
-        return float((xp.abs(moved - cur) * inside).sum() / max(int(inside.sum()), 1))
-
-    motion = start
-    for _ in range(steps):
-        moved, inside = warp_image(prev, motion)
-        gy, gx = (warp_image(g, motion)[0] for g in (grad_y, grad_x))
-        # d(moved)/d(a, b, ty, tx) by the chain rule through q(p)
-        jacobian = xp.stack([gy * py + gx * px, gy * px - gx * py, gy, gx], axis=-1)[inside]
-        residual = (moved - cur)[inside]
+    motion, tried = xp.asarray([0.0, 0.0, -dy, -dx]), []
+    for step in range(steps + 1):
+        moved, inside = warp_image(stacked, motion)
+        residual = (moved[..., 0] - cur)[inside]
+        tried.append((float(xp.abs(residual).mean()) if residual.size else float("inf"), motion))
+        if step == steps:
+            break
+        gy, gx = moved[..., 1][inside], moved[..., 2][inside]
+        # d(moved L*)/d(a, b, ty, tx) by the chain rule through q(p)
+        jacobian = xp.stack([gy * py[inside] + gx * px[inside], gy * px[inside] - gx * py[inside], gy, gx], axis=-1)
         normal = jacobian.T @ jacobian + 1e-6 * xp.eye(4)
         motion = motion - xp.linalg.solve(normal, jacobian.T @ residual)
-    return motion if error(motion) < error(start) else start
+    return min(tried, key=lambda pair: pair[0])[1]
 
 
 class ChromaSmoother:
