@@ -464,21 +464,27 @@ def pan_windows(photo_shape: tuple[int, ...], frames: int, aspect: float, zoom: 
     return windows
 
 
-def flicker(ab_frames: list[np.ndarray], windows: list[tuple[float, float, float, float]]) -> float:
-    """Mean |change of a*b*| at the same scene point between consecutive frames of one shot.
+def flicker_map(ab: np.ndarray, ab_next: np.ndarray, window, window_next) -> tuple[np.ndarray, np.ndarray]:
+    """|change of a*b*| (H, W) from one frame to the next at the scene point each pixel of the first
+    shows, and where that point is still in view (H, W) bool. ab, ab_next: a*b* (H, W, 2) of frames
+    filmed through crop windows (y, x, h, w) of the same photo (render_shot)."""
+    H, W = ab.shape[:2]
+    y0, x0, h0, w0 = window
+    y1, x1, h1, w1 = window_next
+    ys = y0 + (np.arange(H)[:, None] + 0.5) * h0 / H  # scene coordinates of the first frame's pixel centres
+    xs = x0 + (np.arange(W)[None, :] + 0.5) * w0 / W
+    v = (ys - y1) * H / h1 - 0.5 + np.zeros((1, W))  # where the next frame shows them
+    u = (xs - x1) * W / w1 - 0.5 + np.zeros((H, 1))
+    seen = (v >= 0) & (v <= H - 1) & (u >= 0) & (u <= W - 1)
+    return np.linalg.norm(sample(ab_next.astype(np.float64), v, u) - ab, axis=-1), seen
 
-    ab_frames: a*b* (H, W, 2) of each frame; windows: the crop window (y, x, h, w) each frame was
-    filmed through (render_shot). Each pixel of a frame is followed into the next frame through the
-    two windows (bilinear), where it is still in view; 0 for a perfectly steady shot.
-    """
-    H, W = ab_frames[0].shape[:2]
+
+def flicker(ab_frames: list[np.ndarray], windows: list[tuple[float, float, float, float]]) -> float:
+    """Mean |change of a*b*| at the same scene point between consecutive frames of one shot: 0 for a
+    perfectly steady shot. ab_frames: a*b* (H, W, 2) of each frame; windows: the crop window
+    (y, x, h, w) each was filmed through (render_shot); pixels are followed while in view (bilinear)."""
     changes = []
-    for (a, (y0, x0, h0, w0)), (b, (y1, x1, h1, w1)) in zip(zip(ab_frames, windows), zip(ab_frames[1:], windows[1:])):
-        ys = y0 + (np.arange(H)[:, None] + 0.5) * h0 / H  # scene coordinates of frame a's pixel centres
-        xs = x0 + (np.arange(W)[None, :] + 0.5) * w0 / W
-        v = (ys - y1) * H / h1 - 0.5 + np.zeros((1, W))  # where the next frame shows them
-        u = (xs - x1) * W / w1 - 0.5 + np.zeros((H, 1))
-        seen = (v >= 0) & (v <= H - 1) & (u >= 0) & (u <= W - 1)
-        change = np.linalg.norm(sample(b.astype(np.float64), v, u) - a, axis=-1)
+    for i in range(len(ab_frames) - 1):
+        change, seen = flicker_map(ab_frames[i], ab_frames[i + 1], windows[i], windows[i + 1])
         changes.append(change[seen].mean())
     return float(np.mean(changes))
