@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(ROOT / "data" / "sample"), help="folder of color photos")
     parser.add_argument("--photos", type=int, default=6, help="shots (one photo each, spread over the folder)")
     parser.add_argument("--frames", type=int, default=16, help="frames per shot")
-    parser.add_argument("--size", default="192x112", help="frame size WIDTHxHEIGHT")
+    parser.add_argument("--size", default="160x96", help="frame size WIDTHxHEIGHT")
     parser.add_argument("--out", default=str(ROOT / "docs" / "video_strip.png"))
     parser.add_argument("--show", type=int, default=6, help="frames of the first shot in the picture")
     args = parser.parse_args(argv)
