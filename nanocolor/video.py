@@ -254,9 +254,9 @@ def _reason(err: Exception) -> str:
     return " ".join(str(text).split())
 
 
-def decoded_frames(container, path: Path, on_audio) -> Iterator:
-    """The first video stream's frames (PyAV VideoFrames), in order; audio packets go to on_audio(packet)
-    as they are read. Demuxing or decoding errors (truncated, corrupt data) become VideoError."""
+def demuxed(container, path: Path) -> Iterator:
+    """The first video stream's decoded frames (PyAV VideoFrames) and the audio streams' packets, in
+    the order the file holds them. Demuxing or decoding errors (truncated, corrupt data) become VideoError."""
     av = require_av()
     video, audio = container.streams.video[0], list(container.streams.audio)
     packets = container.demux(video, *audio)
@@ -270,7 +270,7 @@ def decoded_frames(container, path: Path, on_audio) -> Iterator:
             raise VideoError(f"{path}: truncated or corrupt video data ({_reason(err)})") from None
         if packet.stream is not video:
             if packet.dts is not None:  # the demuxer's empty end-of-stream packets are not data
-                on_audio(packet)
+                yield packet
             continue
         yield from frames
 
@@ -292,10 +292,10 @@ class VideoWriter:
     """A video file written through a temp file beside `path`: renamed into place by finish(),
     removed by discard() (and when the with-block ends in an exception). H.264 where the container
     holds it, else the input's codec, else MPEG-4 part 2. Audio streams given as templates get
-    their packets copied unchanged by copy()."""
+    their packets copied unchanged by copy(); `rotation` (degrees, counter-clockwise) is stored for players."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, rate: Fraction, time_base: Fraction,
-                 codec: str | None = None, audio: Iterable = (), note: str | None = None):
+                 codec: str | None = None, audio: Iterable = (), note: str | None = None, rotation: float = 0):
         av = require_av()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +312,8 @@ class VideoWriter:
             else:
                 context.bit_rate = 8 * width * height * int(max(1, float(rate)))  # ~1 bit/pixel: looks clean
             self.video.time_base = time_base
+            if rotation:  # a phone's upright display, as the input's display matrix said
+                self.video.set_display_rotation(rotation)
             self.audio = {stream: self.container.add_stream_from_template(stream) for stream in audio}
             if note:
                 self.container.metadata["comment"] = f"{OUTPUT_KEY}: {note}"
@@ -367,15 +369,15 @@ class VideoWriter:
             self.discard()
 
 
-def writer_like(container, path: str | os.PathLike, width: int | None = None, audio: bool = True,
+def writer_like(container, path: str | os.PathLike, first_frame, width: int | None = None, audio: bool = True,
                 note: str | None = None) -> VideoWriter:
-    """A VideoWriter with the input's size (or `width`), frame rate, time base and codec, and a
-    copy of its audio streams."""
+    """A VideoWriter with the input's size (or `width`), frame rate, time base, codec and display
+    rotation (read from its first decoded frame), and a copy of its audio streams."""
     stream = container.streams.video[0]
     context = stream.codec_context
     rate = stream.average_rate or stream.guessed_rate or Fraction(25)
     return VideoWriter(path, width or context.width, context.height, rate, stream.time_base, context.name,
-                       container.streams.audio if audio else (), note)
+                       container.streams.audio if audio else (), note, first_frame.rotation)
 
 
 def colorize_video(model: ColorNet, path: str | os.PathLike, out_path: str | os.PathLike, work_size: int,
@@ -387,40 +389,50 @@ def colorize_video(model: ColorNet, path: str | os.PathLike, out_path: str | os.
     OSError for an output that cannot; no partial output is ever left, Ctrl-C included."""
     path = Path(path)
     check_not_input(path, out_path, compare_path)
-    with open_video(path) as container, \
-            writer_like(container, out_path, note=f"colorized from {path.name}") as writer:
-        compare = writer_like(container, compare_path, 2 * container.streams.video[0].codec_context.width,
-                              audio=False) if compare_path else None
+    writers: list[VideoWriter] = []  # opened at the first frame, which carries the display rotation
+    with open_video(path) as container:
+        bar = progress_bar(frames_expected(container), path.name, "frames", progress)
         try:
-            count = _stream_frames(model, container, path, writer, compare, work_size, smooth, progress)
-            writer.finish()
-            if compare:
-                compare.finish()
+            count = _stream_frames(model, container, path, writers, (out_path, compare_path), work_size,
+                                   ChromaSmoother() if smooth else None, bar)
+            for writer in writers:
+                writer.finish()
         except BaseException:
-            if compare:
-                compare.discard()
+            for writer in writers:
+                writer.discard()
             raise
+        finally:
+            bar.close()
     return count
 
 
-def _stream_frames(model, container, path, writer, compare, work_size, smooth, progress) -> int:
-    """Decode, colorize and encode every frame; returns the count (VideoError when there are none)."""
-    stream = container.streams.video[0]
-    smoother = ChromaSmoother() if smooth else None
-    bar = progress_bar(frames_expected(container), path.name, "frames", progress)
+def _stream_frames(model, container, path, writers, outputs, work_size, smoother, bar) -> int:
+    """Decode, colorize and encode every frame into the writers (appended to `writers` at the first
+    frame: output, then compare); returns the frame count, or raises VideoError when frames are missing."""
+    av = require_av()
+    stream, waiting = container.streams.video[0], []  # waiting: audio read before the outputs exist
     count, last_pts = 0, None
-    try:
-        for frame in decoded_frames(container, path, writer.copy):
-            L, colorized = colorize_frame(model, frame.to_ndarray(format="rgb24"), work_size, smoother)
-            pts = _frame_pts(frame, last_pts, stream)
-            writer.write(colorized, pts)
-            if compare:
-                gray = join_color(L, np.zeros((1, 1, 2), np.float32), np.uint8)
-                compare.write(np.concatenate([gray, colorized], axis=1), pts)
-            count, last_pts = count + 1, pts
-            bar.update(1)
-    finally:
-        bar.close()
+    for item in demuxed(container, path):
+        if not isinstance(item, av.VideoFrame):  # an audio packet
+            if writers:
+                writers[0].copy(item)
+            else:
+                waiting.append(item)
+            continue
+        if not writers:
+            writers.append(writer_like(container, outputs[0], item, note=f"colorized from {path.name}"))
+            if outputs[1]:
+                writers.append(writer_like(container, outputs[1], item, 2 * stream.codec_context.width, audio=False))
+            for packet in waiting:
+                writers[0].copy(packet)
+        L, colorized = colorize_frame(model, item.to_ndarray(format="rgb24"), work_size, smoother)
+        pts = _frame_pts(item, last_pts, stream)
+        writers[0].write(colorized, pts)
+        if outputs[1]:
+            gray = join_color(L, np.zeros((1, 1, 2), np.float32), np.uint8)
+            writers[1].write(np.concatenate([gray, colorized], axis=1), pts)
+        count, last_pts = count + 1, pts
+        bar.update(1)
     if count == 0:
         raise VideoError(f"{path}: holds no video frames", "empty")
     if count < stream.frames:  # the demuxer stops quietly at the end of a cut-off file

@@ -183,6 +183,23 @@ def test_round_trip_keeps_size_rate_frames_timestamps_and_audio(tmp_path, capsys
 
 
 @needs_av
+def test_a_phones_display_rotation_is_kept(tmp_path, capsys):
+    import av
+    with av.open(str(tmp_path / "phone.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for i in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(colorful_rgb(48, 64, seed=i), format="rgb24")))
+        out.mux(stream.encode(None))
+    code, _, err = run_colorize(capsys, tmp_path / "phone.mp4")
+    assert code == 0, err
+    with av.open(str(tmp_path / "phone_color.mp4")) as result:
+        frame = next(result.decode(video=0))
+        assert (frame.rotation, frame.width, frame.height) == (90, 64, 48)
+
+
+@needs_av
 def test_odd_frame_size_is_kept(tmp_path, capsys):
     clip = write_clip(tmp_path / "odd.mkv", [colorful_rgb(37, 51, seed=i) for i in range(3)], audio=False,
                       pix_fmt="yuv444p")
