@@ -50,7 +50,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
-from nanocolor import backend, fast  # noqa: E402
+from nanocolor import backend, engine  # noqa: E402
 from nanocolor.layers import BatchNorm2d, Conv2d, MaxPool2d, Upsample2d  # noqa: E402
 from nanocolor.loss import MSELoss  # noqa: E402
 from nanocolor.model import DEFAULT_WIDTHS, ColorNet  # noqa: E402
@@ -150,7 +150,7 @@ def nanocolor_net(net: str = "reference", dtype=np.float32, seed: int = 0) -> Co
     """The nanocolor side of network `net` (one of NETS)."""
     if net == "unet":
         return ColorNet(DEFAULT_WIDTHS, arch="unet", dtype=dtype, seed=seed)
-    return ColorNet(REFERENCE_WIDTHS, dtype=dtype, seed=seed)
+    return ColorNet(REFERENCE_WIDTHS, dtype=dtype, seed=seed, arch="seed")
 
 
 def torch_net(net: str = "reference"):
@@ -254,10 +254,10 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
     before = [backend.to_numpy(layer.params[key]).copy() for _, layer, key, _, _ in pairs]
     set_training(model, net, True)
 
-    loss_fn = MSELoss()
-    ab_pred = model.forward(backend.xp.asarray(lightness))
+    loss_fn, ours_net = MSELoss(), engine.network(model)
+    ab_pred = ours_net.forward(backend.xp.asarray(lightness))
     loss = loss_fn.forward(ab_pred, backend.xp.asarray(ab_true))
-    model.backward(loss_fn.backward())
+    ours_net.backward(loss_fn.backward())
 
     net.zero_grad(set_to_none=True)
     torch_loss = torch.nn.functional.mse_loss(net(to_nchw(lightness, torch_device)),
@@ -286,7 +286,7 @@ def check_parity(model: ColorNet, net, lightness: np.ndarray, ab_true: np.ndarra
         set_training(model, net, False)  # each side's own stepped weights and running statistics
         with torch.no_grad():
             theirs = net(to_nchw(lightness, torch_device)).cpu().numpy().transpose(0, 2, 3, 1)
-        diffs["eval_output"] = rel_diff(backend.to_numpy(model.forward(backend.xp.asarray(lightness))), theirs)
+        diffs["eval_output"] = rel_diff(backend.to_numpy(ours_net.forward(backend.xp.asarray(lightness))), theirs)
     return diffs
 
 
@@ -365,8 +365,9 @@ def run_nanocolor(height: int, width: int, batch: int, warmup: int, steps: int, 
     backend.use_device(device)
     xp = backend.xp
     sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
-    model = nanocolor_net(net).train()
-    optimizer, loss_fn = Adam(model.param_layers, lr=LR), MSELoss()
+    model = nanocolor_net(net)
+    optimizer, loss_fn = Adam(model.param_layers, lr=LR, map_tasks=engine.map_tasks()), MSELoss()
+    model = engine.network(model).train()  # what nanocolor's commands run for this --conv
     lightness, ab_true = (xp.asarray(a) for a in make_batch(height, width, batch))
     rss_before = current_rss_mb()
     reset_peak_rss()
@@ -678,9 +679,9 @@ def main(argv: list | None = None) -> int:
                         help="gpu: nanocolor on CuPy against PyTorch CUDA")
     parser.add_argument("--torch-channels-last", action="store_true",
                         help="run PyTorch in channels_last memory format (default: its NCHW default)")
-    parser.add_argument("--conv", choices=fast.ENGINES, default="auto",
-                        help="nanocolor's engine (nanocolor.fast.set_engine): auto (default), the textbook "
-                             "im2col, gemm or winograd")
+    parser.add_argument("--conv", choices=engine.CONVS, default="auto",
+                        help="nanocolor's conv algorithm (nanocolor/engine.py): auto (default), the textbook "
+                             "im2col, gemm, winograd or winograd4")
     parser.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS),
                         help="networks to race: reference (the 3.1M-parameter autoencoder) and unet "
                              "(ColorNet(DEFAULT_WIDTHS, arch='unet'), BatchNorm); default both")
@@ -691,7 +692,7 @@ def main(argv: list | None = None) -> int:
         parse_config(config)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1:
         parser.error("--steps, --rounds and --threads must be at least 1, --warmup at least 0")
-    fast.set_engine(args.conv)  # for the parity check here and in each nanocolor worker
+    engine.set_conv(args.conv)  # for the parity check here and in each nanocolor worker
 
     if args.worker:
         print(json.dumps(run_worker(args)))

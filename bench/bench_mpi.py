@@ -10,7 +10,7 @@ B/N share of a synthetic global batch B: forward, MSE loss, backward, one Allred
 gradient buffer (N > 1), Adam. Rank 0 reports the median step time over --steps timed steps after
 --warmup untimed ones, split into compute and Allreduce, and the median time of --reduce-repeats
 bare Allreduces of the gradient buffer. Then it prints the ring-allreduce scaling model of
-the README's scaling model, fed with the measured compute time per image.
+docs/distributed.md, fed with the measured compute time per image.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import sys
 from typing import Callable
 
 from . import __version__
+from .pipes import ends_quietly_on_closed_stdout
 
 COMMANDS = {
     "colorize": "colorize photos and videos (writes <name>_color.png or .mp4 beside each input, or into --output)",
@@ -50,6 +51,7 @@ def command_main(command: str) -> Callable[[list[str]], int]:
         raise
 
 
+@ends_quietly_on_closed_stdout
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `nanocolor COMMAND ARGS...`; returns the command's exit code (2 for bad usage)."""
     argv = sys.argv[1:] if argv is None else list(argv)

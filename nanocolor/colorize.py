@@ -2,29 +2,35 @@
 
 Writes <name>_color.png beside each input, or OUT/<name>.png with --output OUT (folders are
 searched recursively and their subfolders mirrored under OUT); the output has the input's exact
-size and lightness, and keeps its alpha channel. A video (.mp4, .mkv, .mov, ...; needs
-nanocolor[video]) gives <name>_color.mp4 (its own container) with steady colors and its audio.
-No input and no file colorize.py did not write is ever replaced: a name that is taken gets a distinct one (<name>_<ext>.png, then a number).
+size and lightness, and keeps its alpha channel. No input and no file colorize.py did not write
+is ever replaced: a name that is taken gets a distinct one (<name>_<ext>.png, then a number).
 Outputs of earlier runs found in a folder are recognised and skipped. `-` reads one image from
-stdin and writes the PNG to stdout (or to the file --output names). Examples:
+stdin and writes the PNG to stdout (or to the file --output names, which replaces an existing
+file only with --overwrite, and never the input itself). Examples:
     python colorize.py old_photo.jpg               # or: nanocolor colorize old_photo.jpg
     python colorize.py scans/ --output colorized/ --compare
     python colorize.py film.mp4                    # film_color.mp4; --no-smooth: each frame alone
     cat scan.jpg | nanocolor colorize - > scan_color.png
+
+A video (.mp4, .mkv, .mov, ...; needs nanocolor[video]) gives <name>_color.mp4, in its own
+container, with steady colors and its audio (nanocolor/video.py).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanocolor import backend, fast, options
+from nanocolor import backend, engine, options
 from nanocolor.data import IMAGE_EXTENSIONS, ImageError, decode_image, photo_arrays
-from nanocolor.infer import (MAX_WORK_SIZE, colorize_array, colorize_file, encode_png, frame_count,
-                             is_colorize_output, load_colorizer)
+from nanocolor.infer import (MAX_WORK_SIZE, check_work_size, colorize_array, colorize_file, compare_png,
+                             encode_png, frame_count, is_colorize_output, load_colorizer)
+from nanocolor.pipes import ends_quietly_on_closed_stdout, print_listing
 from nanocolor.serialize import atomic_write_bytes
 from nanocolor.video import VIDEO_EXTENSIONS, colorize_video, is_video, is_video_output
 
@@ -47,9 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", metavar="DIR",
                    help="write DIR/<subfolders>/<name>.png instead of <name>_color.png beside the input "
                         "(with -: the PNG file to write instead of stdout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with - and --output FILE: replace FILE (and FILE's _compare.png) if it exists; "
+                        "the input itself is never replaced")
     p.add_argument("--compare", action="store_true",
                    help="also write <name>_compare.png: grayscale | original | colorized "
-                        "(for a video <name>_compare.mp4: grayscale | colorized)")
+                        "(with -: beside the --output FILE; for a video, <name>_compare.mp4: "
+                        "grayscale | colorized)")
     p.add_argument("--no-smooth", action="store_true",
                    help="videos: colorize every frame alone (colors flicker; for comparison)")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
@@ -57,29 +67,65 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side, in pixels, at which the network predicts color "
                         f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
-    p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
-    p.add_argument("--conv", choices=fast.ENGINES, default="auto",
-                   help="how layers are computed: im2col is the textbook code of nanocolor/layers.py; gemm and "
-                        "winograd are the fast engine of nanocolor/fast; auto picks the fastest (default)")
+    engine.add_options(p)
     return p.parse_args(argv)
 
 
 def check_options(args: argparse.Namespace) -> None:
     """ValueError or OSError, one line each, for settings that would fail every image."""
-    options.check_number("--work-size", args.work_size, low=1)
-    if args.work_size is not None and args.work_size > MAX_WORK_SIZE:
-        raise ValueError(f"--work-size must be at most {MAX_WORK_SIZE}, got {args.work_size}: the network's "
-                         f"memory grows with its square (about 1 GB at {MAX_WORK_SIZE})")
+    check_work_size(args.work_size)
+    if args.inputs == ["-"]:  # one image from stdin: --output is the file to write
+        check_stdin_outputs(args)
+        return
+    if args.overwrite:
+        raise ValueError("--overwrite is for - (stdin) with --output FILE; outputs of files and folders "
+                         "get distinct names and never replace a file")
     if args.output is None:
         return
     output = Path(args.output)
-    if args.inputs == ["-"]:  # one image from stdin: --output is the file to write
-        options.check_output_folder(output.parent)
-        return
     options.check_output_folder(output)
     if not output.is_dir() and output.suffix.lower() in FOLDER_EXTENSIONS:
         raise ValueError(f"--output {output} looks like a file name; --output takes a folder "
                          f"(each output is named after its input)")
+
+
+def stdin_outputs(output: str | None, compare: bool) -> tuple[Path | None, Path | None]:
+    """Where `-` writes: the --output file (None: stdout) and, with --compare, <stem>_compare.png beside it."""
+    if output is None:
+        return None, None
+    out = Path(output)
+    return out, (out.with_name(f"{out.stem}_compare.png") if compare else None)
+
+
+def replaceable(path: Path) -> bool:
+    """Whether colorize may write `path`: nothing is there, or an earlier output of colorize.py."""
+    return not path.exists() or earlier_output(path)
+
+
+def check_stdin_outputs(args: argparse.Namespace) -> None:
+    """`-` writes no file but the ones it was asked to: the user's files only with --overwrite, the input never."""
+    if args.compare and args.output is None:
+        raise ValueError("--compare with - needs --output FILE: stdout takes the colorized PNG alone")
+    out, compare = stdin_outputs(args.output, args.compare)
+    for path in filter(None, (out, compare)):
+        options.check_output_folder(path.parent)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder; with -, --output names the PNG file to write",
+                                    str(path))
+        if is_stdin(path):
+            raise FileExistsError(errno.EEXIST, "it is the input itself (stdin); refusing to overwrite it",
+                                  str(path))
+        if not (args.overwrite or replaceable(path)):
+            raise FileExistsError(errno.EEXIST, "exists and colorize.py did not write it; "
+                                                "--overwrite replaces it", str(path))
+
+
+def is_stdin(path: Path) -> bool:
+    """Whether `path` is the very file stdin reads (`< photo.png`)."""
+    try:
+        return path.exists() and os.path.samestat(os.fstat(sys.stdin.fileno()), os.stat(path))
+    except (AttributeError, ValueError, OSError):  # stdin is a pipe, closed, or not a file at all
+        return False
 
 
 def find_inputs(inputs: list[str], report) -> tuple[list[tuple[Path, Path]], int]:
@@ -127,7 +173,7 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str | None, compare: b
         numbered = (f"{names[-1]}_{k}" for k in itertools.count(2))
         for name in itertools.chain(names, numbered):
             candidate = folder / f"{name}{suffix}"
-            if candidate.resolve() not in taken and (not candidate.exists() or earlier_output(candidate)):
+            if candidate.resolve() not in taken and replaceable(candidate):
                 taken.add(candidate.resolve())
                 return candidate
 
@@ -161,53 +207,79 @@ def failure_reason(err: Exception, job: Job) -> str:
     return f"{job.path}: failed ({err.__class__.__name__}: {err})"
 
 
-def colorize_stdin(model, work_size: int, output: str | None) -> int:
-    """One image from stdin -> its colorized PNG on stdout, or in the file `output` (atomically)."""
+def colorize_stdin(model, work_size: int, output: Path | None, compare: Path | None) -> int:
+    """One image from stdin -> its colorized PNG on stdout, or in the file `output` (atomically),
+    and the compare picture in the file `compare`. A closed stdout is left to the caller."""
     try:
         rgb, alpha = photo_arrays(decode_image(sys.stdin.buffer.read(), "stdin"), "stdin")
-        png = encode_png(colorize_array(model, rgb, work_size), alpha, "colorized from stdin")
+        colorized = colorize_array(model, rgb, work_size)
+        png = encode_png(colorized, alpha, "colorized from stdin")
         if output:
             atomic_write_bytes(output, png)
         else:
             sys.stdout.buffer.write(png)
             sys.stdout.buffer.flush()
+        if compare:
+            atomic_write_bytes(compare, compare_png(rgb, colorized, "stdin"))
+    except BrokenPipeError:
+        raise
     except (ImageError, OSError) as err:
-        error(f"{output}: {err.strerror}" if isinstance(err, OSError) and err.strerror else err)
+        error(f"{err.filename or output}: {err.strerror}" if isinstance(err, OSError) and err.strerror else err)
         return 1
     return 0
 
 
+def refused_folders(jobs: list[Job]) -> dict[Path, str]:
+    """The output folders that cannot take a file, each with one line on why (checked once per folder;
+    a compare picture goes beside its output)."""
+    refused = {}
+    for folder in sorted({job.out.parent for job in jobs}):
+        try:
+            options.check_output_folder(folder)
+        except OSError as err:
+            refused[folder] = f"{err.filename}: {err.strerror}"
+    return refused
+
+
+@ends_quietly_on_closed_stdout
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_options(args)
         backend.use_device(args.device)
-        fast.set_engine(args.conv)
+        engine.set_conv(args.conv)
         model, work_size = load_colorizer(args.weights)
     except (ValueError, OSError, backend.DeviceError) as err:  # CorruptFileError is a ValueError
         error(f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else err)
         return 2
     work_size = args.work_size or work_size
     if args.inputs == ["-"]:
-        return colorize_stdin(model, work_size, args.output)
+        return colorize_stdin(model, work_size, *stdin_outputs(args.output, args.compare))
     if "-" in args.inputs:
         error("- (stdin) must be the only input")
         return 2
     folder_errors = []
     inputs, skipped = find_inputs(args.inputs, lambda line: (folder_errors.append(line), error(line)))
     if skipped:
-        print(f"skipped {skipped} earlier output{'s' * (skipped > 1)} of colorize.py")
+        print_listing(f"skipped {skipped} earlier output{'s' * (skipped > 1)} of colorize.py")
     if not inputs:
         error("no image files found in the given folders")
         return 1
     failures = len(folder_errors)
-    for done, job in enumerate(plan_outputs(inputs, args.output, args.compare)):
+    jobs = plan_outputs(inputs, args.output, args.compare)
+    refused = refused_folders(jobs)
+    for reason, count in Counter(refused[job.out.parent] for job in jobs if job.out.parent in refused).items():
+        error(f"{reason}; {count} input{'s' * (count > 1)} not colorized")
+    for done, job in enumerate(jobs):
+        if job.out.parent in refused:
+            failures += 1
+            continue
         try:
             if is_video(job.path):
                 colorize_video(model, job.path, job.out, work_size, job.compare, smooth=not args.no_smooth)
             else:
                 colorize_file(model, job.path, job.out, work_size, job.compare)
-            print(f"{job.path} -> {job.out}")
+            print_listing(f"{job.path} -> {job.out}")
             frames = frame_count(job.path)
             if frames > 1:
                 print(f"colorize.py: warning: {job.path} has {frames} frames; only the first was colorized",

@@ -7,6 +7,7 @@ window of each (and a mirror image half the time), so the network sees many view
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -156,6 +157,17 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     if (root / "color").is_dir():
         root = root / "color"  # the `gray/` twin holds the same photos without their color
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def photo_record(roots: list) -> dict:
+    """What tells a run's photos apart when their folders move: the number of image files under
+    `roots` and a digest of each one's folder number, name below that folder, and size in bytes."""
+    digest, count = hashlib.sha256(), 0
+    for index, root in enumerate(roots):
+        for path in find_images(root):
+            digest.update(f"{index}|{path.relative_to(root).as_posix()}|{path.stat().st_size}\n".encode())
+            count += 1
+    return {"count": count, "sha256": digest.hexdigest()}
 
 
 def lab_pair(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

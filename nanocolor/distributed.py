@@ -100,9 +100,8 @@ def use_local_gpu(world: World, xp) -> None:
 class GradientAverager:
     """Averages every layer's `grads` over the world with one Allreduce per step.
 
-    The flat buffer holds all gradients in `layer.params` order, then one slot for the loss and
-    one for a stop request, so the global loss (the mean over the ranks' equal shards) and
-    "some rank was asked to stop" come with the same message. With
+    The flat buffer holds all gradients in `layer.params` order, then one slot for the loss, so
+    the global loss (the mean over the ranks' equal shards) comes with the same message. With
     CuPy the gradients are first gathered in a flat device buffer, copied to the host buffer,
     reduced there, and copied back (host memory, no CUDA-aware MPI needed).
     """
@@ -115,8 +114,7 @@ class GradientAverager:
         xp = array_module(params[0])
         dtype = np.result_type(*[p.dtype for p in params])
         self.n_grads = sum(int(p.size) for p in params)
-        self.host = np.empty(self.n_grads + 2, dtype=dtype)            # grads..., loss, stop
-        self.stop_requested = False  # after average(): whether any rank asked to stop
+        self.host = np.empty(self.n_grads + 1, dtype=dtype)            # grads..., loss
         self.device = None if xp is np else xp.empty(self.n_grads, dtype=dtype)
         flat = self.host[:self.n_grads] if self.device is None else self.device
         self.views, offset = [], 0
@@ -130,23 +128,18 @@ class GradientAverager:
         """Bytes one process sends into the Allreduce each step."""
         return self.host.nbytes
 
-    def average(self, loss: float, stop: bool = False) -> float:
-        """Replace each grads[name] (in place) by its mean over all ranks; return the mean loss.
-
-        `stop` is this rank's stop request; afterwards `self.stop_requested` is True on every
-        rank if any rank asked, so all ranks stop after the same step.
-        """
+    def reduce_gradients(self, loss: float) -> float:
+        """Replace each grads[name] (in place) by its mean over all ranks; return the mean loss."""
         flat = self.host[:self.n_grads] if self.device is None else self.device
         xp = array_module(flat)
         xp.concatenate([grads[name].reshape(-1) for grads, name, _ in self.slots], out=flat)
         if self.device is not None:
             self.device.get(out=self.host[:self.n_grads])
-        self.host[-2:] = loss, float(stop)
+        self.host[-1] = loss
         self.world.allreduce_sum_(self.host)
-        self.stop_requested = bool(self.host[-1] > 0)
         self.host /= self.world.size
         if self.device is not None:
             self.device.set(self.host[:self.n_grads])
         for (grads, name, _), view in zip(self.slots, self.views):
             grads[name][...] = view
-        return float(self.host[-2])
+        return float(self.host[-1])

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import backend, options
+from . import backend, engine, options
 from .data import DataError, ImageError, find_images, is_grayscale, read_photo
 from .images import gray_of, side_by_side, to_uint8, write_png
-from .infer import MAX_WORK_SIZE, colorize_array, load_colorizer
+from .infer import check_work_size, colorize_array, load_colorizer
 from .progress import progress_bar
 from .metrics import colorfulness, colorization_scores, summarize
+from .pipes import ends_quietly_on_closed_stdout
 from .model import ColorNet
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
@@ -174,18 +175,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="multiply the predicted a*b* by G instead of the weights' own gain; several values: "
                         "one row each (the first is the model's row, of the gallery and per-folder tables)")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
-    p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
+    engine.add_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
+@ends_quietly_on_closed_stdout
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         options.check_number("--limit", args.limit, low=1)
         options.check_number("--gallery-every", args.gallery_every, low=1)
-        options.check_number("--work-size", args.work_size, low=1, high=MAX_WORK_SIZE)
+        check_work_size(args.work_size)
         backend.use_device(args.device)
+        engine.set_conv(args.conv)
         for gain in args.chroma_gain or ():
             options.check_number("--chroma-gain", gain, low=0, high=10, above=True)
         model, work_size = load_colorizer(args.weights)

@@ -8,7 +8,7 @@ L* is the input's, up to 8-bit rounding. Pictures and PNG bytes are made by imag
 
 Only the network works at the small size; everything at full resolution (lightness, upsampling
 a*b*, gamut fitting, sRGB, 8 bits, PNG compression) runs in row bands of BAND_PIXELS pixels over
-the CPU workers of nanocolor.fast.parallel, in float32, so memory beyond the photo's own pixels
+the CPU workers (engine.map_tasks), in float32, so memory beyond the photo's own pixels
 is a few bytes per pixel plus a few bands: 8-bit input (3 bytes a pixel), its L* (4), the 8-bit
 output (3) and its PNG.
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import backend
+from . import backend, engine
 from .color import fitted_rgb, lightness, scale_lightness, unscale_ab
 from .data import HIGH_BIT_MODES, ImageError, alpha_channel, open_image, rgb_array, to_rgb
-from .fast import parallel
 from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side, to_uint8
 from .model import ColorNet
+from .options import check_number
 from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 
 
@@ -35,9 +35,18 @@ from .serialize import CorruptFileError, atomic_write_bytes, load_npz
 MAX_WORK_SIZE = 1024
 
 
+def check_work_size(work_size: int | None) -> None:
+    """ValueError unless work_size is None (the model's default) or 1 to MAX_WORK_SIZE."""
+    check_number("--work-size", work_size, low=1)
+    if work_size is not None and work_size > MAX_WORK_SIZE:
+        raise ValueError(f"--work-size must be at most {MAX_WORK_SIZE}, got {work_size}: the network's "
+                         f"memory grows with its square (about 1 GB at {MAX_WORK_SIZE})")
+
+
 def working_shape(height: int, width: int, work_size: int, factor: int) -> tuple[int, int]:
-    """(h, w) with the longer side near work_size, aspect kept, both multiples of factor."""
-    scale = work_size / max(height, width)
+    """(h, w) with the longer side near work_size, aspect kept, both multiples of factor (at least
+    factor); never above the photo's own size, up to that rounding: more pixels add no detail."""
+    scale = min(work_size, max(height, width)) / max(height, width)
     h = max(factor, int(round(height * scale / factor)) * factor)
     w = max(factor, int(round(width * scale / factor)) * factor)
     return h, w
@@ -61,7 +70,7 @@ def _over_bands(task, height: int, width: int) -> None:
     """task(y0, y1) for bands of about BAND_PIXELS pixels covering rows 0..height, on the CPU workers."""
     step = max(1, BAND_PIXELS // max(width, 1))
     bands = [(y, min(height, y + step)) for y in range(0, height, step)]
-    parallel.run(lambda i: task(*bands[i]), len(bands))
+    engine.map_tasks()(lambda i: task(*bands[i]), len(bands))
 
 
 def working_lightness(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
@@ -80,7 +89,7 @@ def predict_small_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarr
 def predict_working_ab(model: ColorNet, small: np.ndarray) -> np.ndarray:
     """L* (h, w) already at the working size -> predicted a*b* (h, w, 2) in LAB units (chroma gain applied)."""
     lightness_in = backend.xp.asarray(scale_lightness(small)[None, ..., None].astype(np.float32))
-    out = model.forward(lightness_in)
+    out = engine.network(model).forward(lightness_in)
     if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
         from .classify import annealed_mean
         ab = backend.to_numpy(annealed_mean(out))[0]
@@ -157,8 +166,6 @@ def read_pixels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
 def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     """A model for colorize_array from a weights file or checkpoint, and its default work size
     (twice its training size). Raises CorruptFileError, naming the file, for anything unusable."""
-    if Path(path).is_dir():
-        raise CorruptFileError(f"{path}: is a folder; weights are a .npz file (a run's model.npz or checkpoint.npz)")
     try:
         arrays, meta = load_npz(path)
         model = ColorNet.from_contents(arrays, meta, source=str(path))
@@ -225,8 +232,13 @@ def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.P
     note = f"colorized from {path.name}"
     atomic_write_bytes(out_path, encode_png(colorized, alpha, note))
     if compare_path:
-        rgb = rgb / 255.0 if rgb.dtype == np.uint8 else rgb
-        picture = side_by_side([(gray_of(rgb), rgb, colorized)])
-        atomic_write_bytes(compare_path, png_bytes(picture, f"gray | original | colorized of {path.name}"))
+        atomic_write_bytes(compare_path, compare_png(rgb, colorized, path.name))
+
+
+def compare_png(rgb: np.ndarray, colorized: np.ndarray, name: str) -> bytes:
+    """The PNG bytes of grayscale | original | colorized, for an input (uint8 or in [0, 1]) called `name`."""
+    rgb = rgb / 255.0 if rgb.dtype == np.uint8 else rgb
+    picture = side_by_side([(gray_of(rgb), rgb, colorized)])
+    return png_bytes(picture, f"gray | original | colorized of {name}")
 
 

@@ -8,15 +8,15 @@ A layer's `forward(x)` keeps in `self.cache` what its `backward(dout)` needs; `b
 dx (never changing dout in place) and writes parameter gradients into `self.grads`, beside
 `self.params`.
 
-Each layer here is the plain NumPy (or CuPy) reference. The same numbers come sooner from the
-fast engine in nanocolor/fast (Winograd, GEMMs split over CPU threads, reused buffers), which
-the layers hand their work to unless `nanocolor.fast.set_engine("im2col")` asks for this code.
+Each layer here is the plain NumPy (or CuPy) reference and knows nothing of speed. The fast
+engine in nanocolor/fast computes the same numbers sooner (Winograd, GEMMs split over CPU
+threads, reused buffers) from the layers' params and buffers alone; nanocolor/engine.py picks
+which one runs.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import fast
 from .backend import array_module
 
 
@@ -104,41 +104,29 @@ class Conv2d(Layer):
     def forward(self, x):
         """x (N, H, W, C) -> (N, H, W, F)."""
         w = self.params["W"]
-        path = fast.conv2d_path(x, w)
-        if path != "im2col":  # the same numbers, sooner: nanocolor/fast
-            out, self.cache = fast.conv2d_forward(x, w, self.bias, path)
-            return out
         xp = array_module(x)
         N, H, W, C = x.shape
         k, F, p = self.k, self.c_out, self.k // 2
         x_pad = xp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # (N, H+2p, W+2p, C), zeros around
         cols = im2col(x_pad, k)                               # (P, k*k*C)
         out = cols @ w.reshape(k * k * C, F) + self.bias      # (P, F)
-        self.cache = ("im2col", x.shape, cols)                # dW needs the patches again
+        self.cache = (x.shape, cols)                          # dW needs the patches again
         return out.reshape(N, H, W, F)
 
     def backward(self, dout):
         """dout (N, H, W, F) -> dx (N, H, W, C), or None when `input_grad` is off; fills grads."""
-        if self.cache[0] != "im2col":
-            dx, dw, db = fast.conv2d_backward(dout, self.params["W"], self.cache, self.input_grad)
-            self._store_grads(dw, db)
-            return dx
-        _, (N, H, W, C), cols = self.cache
+        (N, H, W, C), cols = self.cache
         k, F, p = self.k, self.c_out, self.k // 2
         dout2d = dout.reshape(N * H * W, F)                   # (P, F)
         dw = cols.T @ dout2d                                  # (k*k*C, F): each weight meets every patch
-        self._store_grads(dw.reshape(k, k, C, F), dout2d.sum(axis=0))
+        self.grads["W"] = dw.reshape(k, k, C, F)
+        if "b" in self.params:
+            self.grads["b"] = dout2d.sum(axis=0)
         if not self.input_grad:
             return None
         dcols = dout2d @ self.params["W"].reshape(k * k * C, F).T  # (P, k*k*C): d loss / d each patch entry
         dx_pad = col2im(dcols, (N, H + 2 * p, W + 2 * p, C), k)     # (N, H+2p, W+2p, C)
         return dx_pad[:, p:p + H, p:p + W]                          # the padding is no input
-
-    def _store_grads(self, dw, db) -> None:
-        """dW (k, k, C, F) and, for a conv with a bias, db (F,)."""
-        self.grads["W"] = dw
-        if "b" in self.params:
-            self.grads["b"] = db
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,22 +141,17 @@ class MaxPool2d(Layer):
 
     def forward(self, x):
         """x (N, H, W, C) -> (N, H//2, W//2, C)."""
-        if fast.enabled():
-            out, self.cache = fast.maxpool2d_forward(x)
-            return out
         N, H, W, C = x.shape
         H2, W2 = H // 2, W // 2
         windows = x[:, :2 * H2, :2 * W2].reshape(N, H2, 2, W2, 2, C)
         windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(N, H2, W2, C, 4)  # each window's 4 values last
-        self.cache = ("textbook", x.shape, windows.argmax(axis=-1))           # winner (N, H2, W2, C): 0..3
+        self.cache = (x.shape, windows.argmax(axis=-1))                       # winner (N, H2, W2, C): 0..3
         return windows.max(axis=-1)
 
     def backward(self, dout):
         """dout (N, H//2, W//2, C) -> dx (N, H, W, C)."""
-        if self.cache[0] == "fast":
-            return fast.maxpool2d_backward(dout, self.cache)
         xp = array_module(dout)
-        _, (N, H, W, C), winner = self.cache
+        (N, H, W, C), winner = self.cache
         H2, W2 = H // 2, W // 2
         dwindows = (winner[..., None] == xp.arange(4)) * dout[..., None]  # (N, H2, W2, C, 4): the winner's only
         dx = xp.zeros((N, H, W, C), dtype=dout.dtype)
@@ -182,16 +165,10 @@ class Upsample2d(Layer):
 
     def forward(self, x):
         """x (N, H, W, C) -> (N, 2H, 2W, C)."""
-        if fast.enabled():
-            out, self.cache = fast.upsample2d_forward(x)
-            return out
-        self.cache = ("textbook",)
         return x.repeat(2, axis=1).repeat(2, axis=2)
 
     def backward(self, dout):
         """dout (N, 2H, 2W, C) -> dx (N, H, W, C): the sum of the gradients of each pixel's 4 copies."""
-        if self.cache[0] == "fast":
-            return fast.upsample2d_backward(dout, self.cache)
         N, H2, W2, C = dout.shape
         return dout.reshape(N, H2 // 2, 2, W2 // 2, 2, C).sum(axis=(2, 4))
 
@@ -203,18 +180,13 @@ class ReLU(Layer):
     """max(x, 0), elementwise, any shape."""
 
     def forward(self, x):
-        if fast.enabled():
-            out, self.cache = fast.relu_forward(x)
-            return out
         out = array_module(x).maximum(x, 0)
-        self.cache = ("textbook", out)
+        self.cache = out
         return out
 
     def backward(self, dout):
         """The gradient passes where the output was positive."""
-        if self.cache[0] == "fast":
-            return fast.relu_backward(dout, self.cache)
-        return dout * (self.cache[1] > 0)
+        return dout * (self.cache > 0)
 
 
 class Tanh(Layer):
@@ -266,14 +238,12 @@ class BatchNorm2d(Layer):
 
     def forward(self, x):
         """x (N, H, W, C) -> (N, H, W, C)."""
-        if fast.enabled() and x.ndim == 4:  # the same numbers, split over the CPU workers
-            return fast.batchnorm2d_forward(self, x)
         C = x.shape[-1]
         rows = x.reshape(-1, C)  # (P, C): one row per pixel
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not self.training:
             scale = gamma / (self.buffers["running_var"] + self.eps) ** 0.5
-            self.cache = ("eval",)
+            self.cache = None
             return (rows * scale + (beta - self.buffers["running_mean"] * scale)).reshape(x.shape)
         P = rows.shape[0] * self.shards  # pixels in the whole batch
         mean = self._batch_sums(rows.sum(axis=0))[0] / P
@@ -284,16 +254,14 @@ class BatchNorm2d(Layer):
         m = self.momentum  # the running variance is the unbiased estimate, as PyTorch keeps it
         self.buffers["running_mean"] = (1 - m) * self.buffers["running_mean"] + m * mean
         self.buffers["running_var"] = (1 - m) * self.buffers["running_var"] + m * var * (P / max(P - 1, 1))
-        self.cache = ("train", x_hat, inv_std, P)
+        self.cache = (x_hat, inv_std, P)
         return (x_hat * gamma + beta).reshape(x.shape)
 
     def backward(self, dout):
         """dout (N, H, W, C) -> dx (N, H, W, C); fills grads of gamma and beta."""
-        if self.cache[0] == "fast":
-            return fast.batchnorm2d_backward(self, dout)
-        if self.cache[0] != "train":
+        if self.cache is None:
             raise RuntimeError("BatchNorm2d.backward needs a forward pass in training mode")
-        _, x_hat, inv_std, P = self.cache
+        x_hat, inv_std, P = self.cache
         d = dout.reshape(-1, dout.shape[-1])
         self.grads["beta"] = d.sum(axis=0)
         self.grads["gamma"] = (d * x_hat).sum(axis=0)
@@ -316,13 +284,9 @@ class Concat(Layer):
 
     def forward(self, a, b):
         self.split = a.shape[-1]
-        if fast.enabled() and a.ndim == 4:
-            return fast.concat_forward(a, b)
         return array_module(a).concatenate([a, b], axis=-1)
 
     def backward(self, dout):
         """dout (N, H, W, Ca + Cb) -> (da, db)."""
-        if fast.enabled() and dout.ndim == 4:
-            return fast.concat_backward(dout, self.split)
         xp = array_module(dout)
         return (xp.ascontiguousarray(dout[..., :self.split]), xp.ascontiguousarray(dout[..., self.split:]))

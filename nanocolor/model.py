@@ -21,13 +21,14 @@ import os
 
 import numpy as np
 
-from . import backend, fast
+from . import backend
 from .backend import to_numpy
 from .layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
 from .serialize import CorruptFileError, load_npz, save_npz
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
 ARCHS = ("seed", "unet")
+DEFAULT_ARCH = "unet"  # what a new model is, in every command and in TrainConfig
 # What a config written before a key existed meant: old weight files load with these.
 CONFIG_DEFAULTS = {"arch": "seed", "kernel": 3, "out_channels": 2, "head": "tanh"}
 
@@ -39,7 +40,7 @@ def full_config(config: dict) -> dict:
 
 class ColorNet:
     def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32,
-                 out_channels: int = 2, head: str = "tanh", arch: str = "seed"):
+                 out_channels: int = 2, head: str = "tanh", arch: str = DEFAULT_ARCH):
         if len(widths) < 1 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be positive channel counts, got {widths}")
         if head not in ("tanh", "logits"):
@@ -93,9 +94,8 @@ class ColorNet:
         return self
 
     def eval(self) -> "ColorNet":
-        """Inference mode (the default): BatchNorm uses its running statistics (the fast engine folds
-        it into the conv before it); forward need not keep anything for a backward (the fast
-        engine's fused blocks keep nothing), and `backward` refuses to run."""
+        """Inference mode (the default): BatchNorm uses its running statistics, and `backward`
+        refuses to run."""
         self.training = False
         for layer in self.layers:
             if isinstance(layer, BatchNorm2d):
@@ -123,40 +123,57 @@ class ColorNet:
 
     def forward(self, lightness):
         """(N, H, W, 1) scaled lightness -> (N, H, W, 2) scaled ab (or (N, H, W, Q) bin logits)."""
-        N, H, W, _ = lightness.shape
-        f = self.downsample_factor
-        if H % f or W % f:
-            raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
-        inference = not self.training
+        self.check_size(lightness.shape)
         x, skips = lightness, []
         for block, pool in self.down:
-            x = _forward(block, x, inference)
+            for layer in block:
+                x = layer.forward(x)
             skips.append(x)  # the U-Net's decoder reads it again at this size
             x = pool.forward(x)
-        x, before = _forward(self.bottleneck, x, inference), None
+        for layer in self.bottleneck:
+            x = layer.forward(x)
         for (block, up, cat), skip in zip(self.up, reversed(skips)):
-            x = _forward_after(before, block, x, inference)
-            before = (up, cat, skip if cat else None)  # runs as part of the next block
-        return _forward_after(before, self.head, x, inference)
+            for layer in block:
+                x = layer.forward(x)
+            x = up.forward(x)
+            if cat:
+                x = cat.forward(x, skip)
+        for layer in self.head:
+            x = layer.forward(x)
+        return x
 
     __call__ = forward
 
     def backward(self, d_ab) -> None:
         """Backpropagate dloss/d(ab) (N, H, W, 2) through the last forward pass, which ran in
-        training mode (`train()`); fills every layer's grads."""
+        training mode (`train()`); fills every layer's grads. The forward's loops, reversed."""
         if not self.training:
             raise RuntimeError("backward needs a forward pass in training mode: call model.train() first "
                                "(in eval mode forward keeps nothing for a backward)")
-        blocks = [block for block, _, _ in self.up] + [self.head]
-        befores = [None] + [(up, cat) for _, up, cat in self.up]  # what ran before each block
         d, d_skips = d_ab, []
-        for layers, before in zip(reversed(blocks), reversed(befores)):
-            d, d_skip = _backward_after(before, layers, d)
-            if before is not None:
+        for layer in reversed(self.head):
+            d = layer.backward(d)
+        for block, up, cat in reversed(self.up):
+            if cat:
+                d, d_skip = cat.backward(d)
                 d_skips.append(d_skip)
-        d = _backward(self.bottleneck, d)
-        for (block, pool), d_skip in zip(reversed(self.down), reversed(d_skips)):
-            d = _backward_down(block, pool, d, d_skip)
+            d = up.backward(d)
+            for layer in reversed(block):
+                d = layer.backward(d)
+        for layer in reversed(self.bottleneck):
+            d = layer.backward(d)
+        for block, pool in reversed(self.down):
+            d = pool.backward(d)
+            if d_skips:  # the encoder's map fed both the pool and the skip: their gradients add
+                d = d + d_skips.pop()
+            for layer in reversed(block):
+                d = layer.backward(d)
+
+    def check_size(self, shape: tuple) -> None:
+        """ValueError unless an input of `shape` (N, H, W, 1) has sides that divide by the downsampling factor."""
+        H, W, f = shape[1], shape[2], self.downsample_factor
+        if H % f or W % f:
+            raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
 
     # -- saving and loading -------------------------------------------------------------------
     def state_arrays(self, dtype=None) -> dict:
@@ -230,67 +247,3 @@ def _stores(layer) -> list:
     """The arrays a layer keeps across steps: its parameters, and BatchNorm's running statistics."""
     return [layer.params] + ([layer.buffers] if hasattr(layer, "buffers") else [])
 
-
-def _forward(layers: list, x, inference: bool):
-    fused = fast.fused_block_forward(layers, x, inference)  # a Conv (+ BatchNorm) + ReLU block as one conv
-    if fused is not None:
-        return fused
-    for layer in layers:
-        x = layer.forward(x)
-    return x
-
-
-def _forward_after(before, layers: list, x, inference: bool):
-    """The block `layers` on x, after the Upsample2d (then Concat with skip) of `before` =
-    (up, cat or None, skip or None) when it is not None. The fast engine may run them as one,
-    the block's conv at x's resolution (fast.upsampled_block_forward); else the layers run in turn."""
-    if before is None:
-        return _forward(layers, x, inference)
-    up, cat, skip = before
-    out = fast.upsampled_block_forward(up, cat, layers, x, skip, inference)  # the conv at x's size
-    if out is not None:
-        return out
-    if cat:
-        joined = fast.upsample_concat_forward(up, cat, x, skip)  # both layers in one pass over the joined map
-        x = joined if joined is not None else cat.forward(up.forward(x), skip)
-    else:
-        x = up.forward(x)
-    return _forward(layers, x, inference)
-
-
-def _backward_after(before, layers: list, d) -> tuple:
-    """Backward of _forward_after, before = (up, cat or None) or None: (gradient of its x, of
-    its skip or None)."""
-    if before is None:
-        return _backward(layers, d), None
-    grads = fast.upsampled_block_backward(layers, d)
-    if grads is not None:
-        return grads
-    up, cat = before
-    d, d_skip = _backward(layers, d), None
-    if cat:
-        d, d_skip = cat.backward(d)
-    return up.backward(d), d_skip
-
-
-def _backward_down(block: list, pool, d, d_skip):
-    """Backward of an encoder level: the pool's (plus the skip's gradient), then the block's."""
-    if d_skip is None:  # the block's last ReLU masks at the pooled size, in the pool's pass
-        d_block = fast.maxpool_relu_backward(pool, block[-1], d)
-        if d_block is not None:
-            return _backward(block[:-1], d_block)
-        return _backward(block, pool.backward(d))
-    # The encoder's map fed both the pool and the skip: gradients add (in the pool's pass, if fast).
-    d_block = fast.maxpool_backward_plus(pool, d, d_skip)
-    if d_block is None:
-        d_block = pool.backward(d)
-        d_block += d_skip
-    return _backward(block, d_block)
-
-
-def _backward(layers: list, d):
-    if fast.fused_in_training(layers):  # Conv + BatchNorm + ReLU ran as one: so does its backward
-        return fast.fused_block_backward(layers, d)
-    for layer in reversed(layers):
-        d = layer.backward(d)
-    return d

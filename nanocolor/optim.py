@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 from .backend import array_module, on_host
-from .fast import parallel
 
 
 class Adam:
-    """One optimizer for all layers: it walks each layer's `params` and `grads` dicts."""
+    """One optimizer for all layers: it walks each layer's `params` and `grads` dicts.
 
-    def __init__(self, layers: list, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+    `map_tasks(task, n)` runs task(0) .. task(n - 1), one per parameter array: in turn by default,
+    or over CPU threads (engine.map_tasks()) for parameters on the host.
+    """
+
+    def __init__(self, layers: list, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 map_tasks: Callable[[Callable[[int], None], int], None] | None = None):
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.map_tasks = map_tasks
         self.slots = [(layer.params, layer.grads, name) for layer in layers for name in layer.params]
         self.m = [array_module(p[name]).zeros_like(p[name]) for p, _, name in self.slots]
         self.v = [array_module(p[name]).zeros_like(p[name]) for p, _, name in self.slots]
@@ -47,8 +54,8 @@ class Adam:
             tmp *= step_size
             params[name] -= tmp
 
-        if all(on_host(m) for m in self.m):  # parameters side by side on the CPU workers
-            parallel.run(update, len(self.slots))
+        if self.map_tasks is not None and all(on_host(m) for m in self.m):  # threads for host arrays only
+            self.map_tasks(update, len(self.slots))
         else:
             for i in range(len(self.slots)):
                 update(i)

@@ -75,24 +75,37 @@ def check_output_folder(folder: str | os.PathLike) -> None:
         raise OSError(err.errno, f"cannot write there ({err.strerror})", str(existing)) from None
 
 
-def run_settings(run: str | os.PathLike) -> dict:
-    """The training settings stored in a run folder's checkpoint (CorruptFileError if unusable)."""
+def run_settings(run: str | os.PathLike) -> tuple[dict, int]:
+    """The training settings stored in a run folder's checkpoint and the epochs it has finished
+    (CorruptFileError if unusable)."""
     _, meta = load_npz(Path(run) / "checkpoint.npz", kinds=("checkpoint",))
-    return meta.get("train_config") or {}
+    return meta.get("train_config") or {}, int(meta.get("epoch") or 0)
 
 
 # Settings a run keeps for life: (TrainConfig field, option); resuming with another value of one
-# would change the data split, the batches or the model under the saved state.
+# would change the data split, the batches or the model under the saved state. (--data may name
+# the run's photos' new place: train.py checks that they are the same photos.)
 RUN_SETTINGS = (("size", "--size"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("widths", "--widths"),
-                ("data", "--data"), ("loss", "--loss"), ("seed", "--seed"), ("val_fraction", "--val-fraction"),
+                ("loss", "--loss"), ("seed", "--seed"), ("val_fraction", "--val-fraction"),
                 ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"),
                 ("schedule", "--schedule"), ("warmup", "--warmup"))
 
 
-def _folders(value) -> list[str] | None:
+def folders(value) -> list[str]:
+    """A data setting (one folder or a list of them) as a list of absolute folder names."""
     if value is None:
-        return None
+        return []
     return [str(Path(v).resolve()) for v in ([value] if isinstance(value, (str, os.PathLike)) else value)]
+
+
+def check_outside(out: str | os.PathLike, data) -> None:
+    """ValueError when the run folder `out` is one of the data folders or lies inside one: the next
+    run on that data would train on this run's preview.png."""
+    place = Path(out).resolve()
+    for folder in folders(data):
+        if place == Path(folder) or Path(folder) in place.parents:
+            raise ValueError(f"--out {out} is inside the data folder {folder}: later runs on it would train "
+                             f"on this run's preview.png; pick an --out outside it")
 
 
 def ignored_on_resume(wanted: dict, stored: dict) -> list[str]:
@@ -105,8 +118,6 @@ def ignored_on_resume(wanted: dict, stored: dict) -> list[str]:
         given, kept = wanted[key], stored[key]
         if key == "widths":
             given, kept = tuple(given), tuple(kept)
-        elif key == "data":
-            given, kept = _folders(given), _folders(kept)
         if given != kept:
             show = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
             ignored.append(f"{option} {show(given)} (the run has {show(kept)})")

@@ -6,6 +6,7 @@ returns None and training goes on without the picture.
 from __future__ import annotations
 
 import io
+import math
 
 
 def have_matplotlib() -> bool:
@@ -18,7 +19,8 @@ def have_matplotlib() -> bool:
 
 def curves_png(history: list[dict], title: str = "") -> bytes | None:
     """PNG bytes of two panels from a run's log rows (epoch, train_loss, val_loss, val_psnr), or
-    None when matplotlib is missing or there is nothing to draw."""
+    None when matplotlib is missing or there is nothing to draw. A run without a validation set
+    (val_loss None) gets one panel: its training loss."""
     if not history or not have_matplotlib():
         return None
     import matplotlib
@@ -26,16 +28,19 @@ def curves_png(history: list[dict], title: str = "") -> bytes | None:
     from matplotlib.figure import Figure
 
     epochs = [int(row["epoch"]) for row in history]
-    column = lambda key: [float(row[key]) for row in history]
-    fig = Figure(figsize=(9, 3.4), dpi=100)
-    loss_ax, psnr_ax = fig.subplots(1, 2)
+    column = lambda key: [math.nan if row.get(key) is None else float(row[key]) for row in history]
+    validated = any(math.isfinite(v) for v in column("val_loss"))  # a run without a validation set has none
+    fig = Figure(figsize=(9 if validated else 4.8, 3.4), dpi=100)
+    axes = fig.subplots(1, 2) if validated else [fig.subplots(1, 1)]
+    loss_ax = axes[0]
     loss_ax.plot(epochs, column("train_loss"), "o-", label="train")
-    loss_ax.plot(epochs, column("val_loss"), "s-", label="validation")
+    if validated:
+        loss_ax.plot(epochs, column("val_loss"), "s-", label="validation")
+        axes[1].plot(epochs, column("val_psnr"), "s-", color="tab:green")
+        axes[1].set(xlabel="epoch", ylabel="dB", title="validation PSNR (RGB)")
     loss_ax.set(xlabel="epoch", ylabel="MSE of scaled a*b*", title="loss")
     loss_ax.legend()
-    psnr_ax.plot(epochs, column("val_psnr"), "s-", color="tab:green")
-    psnr_ax.set(xlabel="epoch", ylabel="dB", title="validation PSNR (RGB)")
-    for ax in (loss_ax, psnr_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:

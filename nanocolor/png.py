@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from .fast import parallel
+from . import engine
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BAND_BYTES = 1 << 22  # raw bytes per band: big enough for deflate, small enough to spread
@@ -79,7 +79,7 @@ def encode(pixels: np.ndarray, text: dict | None = None, level: int = LEVEL) -> 
             piece = b"\x78\x01" + piece  # zlib header: deflate, 32 KiB window
         pieces[i] = (chunk(b"IDAT", piece), zlib.adler32(data), filtered.size)
 
-    parallel.run(deflate, len(bands))
+    engine.map_tasks()(deflate, len(bands))
     adler = 1
     for _, piece_adler, size in pieces:
         adler = adler32_combine(adler, piece_adler, size)

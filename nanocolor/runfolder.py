@@ -19,7 +19,7 @@ from PIL import Image
 from .images import write_png
 from .model import ColorNet
 from .plots import curves_png
-from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz
+from .serialize import atomic_write_bytes, load_npz, remove_stale_temp_files, save_npz, temp_files
 
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_psnr", "seconds"]
 FILES = ("checkpoint.npz", "model.npz", "log.csv", "curves.png", "preview.png")
@@ -35,6 +35,14 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         for name in FILES:
             remove_stale_temp_files(self.path / name)
+
+    def other_entries(self) -> list[str]:
+        """The sorted names in the folder but the temporary files of a killed run: what a new run must
+        not mix with."""
+        if not self.path.is_dir():
+            return []
+        left = {p.name for name in FILES for p in temp_files(self.path / name)}
+        return sorted(p.name for p in self.path.iterdir() if p.name not in left)
 
     def save_checkpoint(self, arrays: dict, **meta) -> None:
         save_npz(self.checkpoint, arrays, kind="checkpoint", **meta)

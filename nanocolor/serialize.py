@@ -41,6 +41,16 @@ def _temp_pattern(path: Path) -> tuple[str, str]:
     return f".{path.name}.", ".tmp"
 
 
+def _about(err: OSError, path: Path) -> OSError:
+    """The same error naming `path` where it named a temporary file of `path` (a name that means
+    nothing to the user)."""
+    prefix, suffix = _temp_pattern(path)
+    name = Path(err.filename).name if isinstance(err.filename, str) else ""
+    if err.errno and name.startswith(prefix) and name.endswith(suffix):
+        return OSError(err.errno, err.strerror, str(path))
+    return err
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers only ever see the old or the complete new file.
 
@@ -50,17 +60,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
     prefix, suffix = _temp_pattern(path)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
         os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _about(err, path) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -69,14 +82,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def temp_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of writes of `path` lying beside it (left by a killed process, or in progress)."""
+    path = Path(path)
+    prefix, suffix = _temp_pattern(path)
+    return [p for p in path.parent.glob(f"{glob.escape(prefix)}*{suffix}") if p.is_file()]
+
+
 def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     """Delete temp files that writes of `path` left behind when their process was killed.
 
     Call it only while no other process writes `path` (e.g. when a training run starts).
     """
-    path = Path(path)
-    prefix, suffix = _temp_pattern(path)
-    stale = [p for p in path.parent.glob(f"{glob.escape(prefix)}*{suffix}") if p.is_file()]
+    stale = temp_files(path)
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -94,6 +112,8 @@ def save_npz(path: str | os.PathLike, arrays: dict, kind: str, **meta) -> None:
 def load_npz(path: str | os.PathLike, kinds: tuple = ("weights", "checkpoint")) -> tuple[dict, dict]:
     """Read and verify a file written by save_npz: returns (arrays, meta) or raises CorruptFileError."""
     path = Path(path)
+    if path.is_dir():
+        raise CorruptFileError(f"{path}: is a folder; weights are a .npz file (a run's model.npz or checkpoint.npz)")
     if not path.is_file():
         raise CorruptFileError(f"{path}: no such file")
     try:

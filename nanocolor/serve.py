@@ -22,10 +22,13 @@ How it stays responsive and bounded:
   more gets 503 at once. Uploads are kept in memory, never on disk, and cut off at
   `--max-upload-mb`; images above `--max-megapixels` are refused from their header, before
   decoding. Memory is therefore bounded by about queue x upload size + jobs x one photo's work.
+- An upload must arrive within `--upload-timeout` seconds plus one second per `--min-upload-rate`
+  KiB received; a client that stalls or trickles gets 408 and its place in the queue is freed.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
 import socket
 import sys
@@ -48,10 +51,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from . import __version__, backend
+from . import __version__, backend, engine, options
 from .data import ImageError, photo_arrays
 from .data import decode_image as decode_image_file
-from .infer import MAX_WORK_SIZE, colorize_array, encode_png, load_colorizer
+from .infer import MAX_WORK_SIZE, check_work_size, colorize_array, encode_png, load_colorizer
+from .pipes import ends_quietly_on_closed_stdout
 from .serialize import CorruptFileError
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
@@ -83,6 +87,8 @@ class Limits:
     max_upload_mb: float = 50.0
     jobs: int = 2
     queue: int = 32
+    upload_seconds: float = 30.0   # an upload may take this long, plus one second per min_upload_kib received
+    min_upload_kib: float = 64.0
 
     @property
     def max_pixels(self) -> int:
@@ -147,10 +153,22 @@ class InMemoryMultiPartParser(MultiPartParser):
     spool_max_size = 1 << 62
 
 
-async def capped_body(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
-    """The request body in chunks, raising UploadError(413) as soon as it passes max_bytes."""
-    received = 0
-    async for chunk in request.stream():
+async def capped_body(request: Request, max_bytes: int, limits: Limits) -> AsyncIterator[bytes]:
+    """The request body in chunks, raising UploadError(413) as soon as it passes max_bytes, and
+    UploadError(408) when it falls behind: each chunk must come within limits.upload_seconds of
+    the start plus one second per limits.min_upload_kib KiB received before it."""
+    received, start, chunks = 0, time.monotonic(), request.stream().__aiter__()
+    while True:
+        deadline = start + limits.upload_seconds + received / (limits.min_upload_kib * 1024)
+        with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as waited:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+        if waited.cancelled_caught:  # a stalled or trickling client must not keep its place in the queue
+            raise UploadError(408, f"upload too slow: {received:,} bytes after {time.monotonic() - start:.0f} s "
+                                   f"(this server waits {limits.upload_seconds:g} s plus 1 s per "
+                                   f"{limits.min_upload_kib:g} KiB)")
         received += len(chunk)
         if received > max_bytes:
             raise UploadError(413, f"upload is above this server's limit of {max_bytes / 2**20:g} MiB")
@@ -165,7 +183,8 @@ async def read_upload(request: Request, limits: Limits) -> tuple[bytes, str | No
         raise UploadError(413, f"upload is above this server's limit of {limits.max_upload_mb:g} MiB")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UploadError(400, "send the photo as a multipart/form-data form with a 'file' field")
-    parser = InMemoryMultiPartParser(request.headers, capped_body(request, max_bytes), max_files=1, max_fields=4)
+    parser = InMemoryMultiPartParser(request.headers, capped_body(request, max_bytes, limits), max_files=1,
+                                     max_fields=4)
     try:
         form = await parser.parse()
     except MultiPartException as err:
@@ -270,25 +289,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"photos decoded and colorized at once (default {Limits.jobs})")
     p.add_argument("--queue", type=int, default=Limits.queue,
                    help=f"colorize requests admitted at once, more get 503 (default {Limits.queue})")
+    p.add_argument("--upload-timeout", type=float, default=Limits.upload_seconds, metavar="SECONDS",
+                   help=f"an upload may take SECONDS plus 1 s per --min-upload-rate KiB; slower or stalled "
+                        f"clients get 408 and free their place in the queue (default {Limits.upload_seconds:g})")
+    p.add_argument("--min-upload-rate", type=float, default=Limits.min_upload_kib, metavar="KIB_PER_S",
+                   help=f"see --upload-timeout (default {Limits.min_upload_kib:g} KiB/s)")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side at which the network predicts color "
                         f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
-    p.add_argument("--device", default=None, help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
+    engine.add_options(p)
     return p.parse_args(argv)
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option in range, before anything is loaded (ValueError naming the option)."""
+    for option, value in (("--max-megapixels", args.max_megapixels), ("--max-upload-mb", args.max_upload_mb),
+                          ("--upload-timeout", args.upload_timeout), ("--min-upload-rate", args.min_upload_rate)):
+        options.check_number(option, value, low=0, above=True)
+    options.check_number("--jobs", args.jobs, low=1)
+    options.check_number("--queue", args.queue, low=1)
+    options.check_number("--port", args.port, low=0, high=65535)
+    check_work_size(args.work_size)
+
+
+def reachable_warning(host: str) -> str | None:
+    """A warning when the server listens on `host` (a bound address) beyond this machine: it has no login."""
+    if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+        return None
+    return (f"nanocolor serve: warning: listening on {host}, not only on this machine; there is no login, "
+            f"so anyone who can reach it on the network can use it")
+
+
+@ends_quietly_on_closed_stdout
 def main(argv: list[str] | None = None) -> int:
     """Run the server until Ctrl-C; 2 for bad settings, weights or an address in use."""
     args = parse_args(argv)
-    limits = Limits(args.max_megapixels, args.max_upload_mb, args.jobs, args.queue)
+    limits = Limits(args.max_megapixels, args.max_upload_mb, args.jobs, args.queue, args.upload_timeout,
+                    args.min_upload_rate)
     try:
-        for option, value in (("--max-megapixels", limits.max_megapixels), ("--max-upload-mb", limits.max_upload_mb),
-                              ("--jobs", limits.jobs), ("--queue", limits.queue), ("--work-size", args.work_size or 1)):
-            if value <= 0:
-                raise ValueError(f"{option} must be positive")
-        if args.work_size and args.work_size > MAX_WORK_SIZE:
-            raise ValueError(f"--work-size must be at most {MAX_WORK_SIZE}, got {args.work_size}")
+        check_numbers(args)
         backend.use_device(args.device)
+        engine.set_conv(args.conv)
         colorizers = load_colorizers(args.weights, args.work_size)
         sock = listening_socket(args.host, args.port)
     except (ValueError, backend.DeviceError, CorruptFileError) as err:  # CorruptFileError is a ValueError
@@ -301,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"nanocolor serve: http://{shown}:{port}/  ({len(colorizers)} model(s); Ctrl-C stops)", flush=True)
+    warning = reachable_warning(host)
+    if warning:
+        print(warning, file=sys.stderr)
     # Ctrl-C means stop, even when started from a script in the background (which ignores SIGINT):
     # uvicorn shuts down on it, then raises it again through this handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -14,11 +14,13 @@ import time
 import warnings
 from pathlib import Path
 
-from nanocolor import backend, fast, options
-from nanocolor.data import DataError
+from nanocolor import backend, engine, options
+from nanocolor.data import DataError, photo_record
 from nanocolor.distributed import DistributedError, World, init_world, use_local_gpu
-from nanocolor.model import DEFAULT_WIDTHS, full_config
+from nanocolor.model import ARCHS, DEFAULT_ARCH, DEFAULT_WIDTHS, full_config
 from nanocolor.optim import SCHEDULES
+from nanocolor.pipes import ends_quietly_on_closed_stdout
+from nanocolor.runfolder import RunFolder
 from nanocolor.serialize import CorruptFileError, load_npz
 from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
 
@@ -32,46 +34,45 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder(s) of color photos, searched recursively; a Kaggle-style folder with "
                         "color/ and gray/ trains on color/ (default: the run's own folders with "
                         "--resume, else the bundled sample)")
-    p.add_argument("--out", help="run folder for checkpoint, weights, log and preview "
-                                 "(default: runs/<date-time>)")
+    p.add_argument("--out", help="run folder for checkpoint, weights, log and preview: a new or empty "
+                                 "folder outside the data folders (default: runs/<date-time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its checkpoint (its settings are kept; "
-                        "--epochs may extend it)")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs to train (default 50)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="images per mini-batch (default 16); under mpirun the global batch, "
-                        "split evenly over the processes")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="continue the run in RUN_DIR from its checkpoint, writing there (its settings are "
+                        "kept; --epochs may extend it; --data may give its photos' new place)")
+    p.add_argument("--epochs", type=int, default=None, help=f"total epochs to train (default {TrainConfig.epochs})")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"images per mini-batch (default {TrainConfig.batch_size}); under mpirun the global "
+                        "batch, split evenly over the processes")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help=f"Adam's (peak) learning rate (default {TrainConfig.lr:g})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=TrainConfig.schedule,
                    help="learning rate over the run: constant, or cosine from --lr down to 1%% of it at the "
-                        "last step of --epochs (default constant)")
-    p.add_argument("--warmup", type=int, default=0,
-                   help="steps of linear warm-up from 0 to --lr at the start (default 0)")
-    p.add_argument("--loss", choices=("mse", "classify"), default="mse",
-                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing (default mse)")
-    p.add_argument("--size", type=int, default=64,
-                   help="training images are center-cropped and resized to SIZE x SIZE (default 64)")
-    p.add_argument("--arch", choices=("unet", "seed"), default=None,
+                        f"last step of --epochs (default {TrainConfig.schedule})")
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup,
+                   help=f"steps of linear warm-up from 0 to --lr at the start (default {TrainConfig.warmup})")
+    p.add_argument("--loss", choices=("mse", "classify"), default=TrainConfig.loss,
+                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing "
+                        f"(default {TrainConfig.loss})")
+    p.add_argument("--size", type=int, default=TrainConfig.size,
+                   help=f"training images are center-cropped and resized to SIZE x SIZE (default {TrainConfig.size})")
+    p.add_argument("--arch", choices=ARCHS, default=None,
                    help="unet: BatchNorm and skip connections; seed: the plain autoencoder "
-                        "(default unet, or that of the --init weights)")
+                        f"(default {DEFAULT_ARCH}, or that of the --init weights)")
     p.add_argument("--crop-margin", type=int, default=None,
                    help="photos are resized to SIZE + MARGIN and every batch takes random SIZE x SIZE crops "
                         "(default SIZE / 4; 0: the whole photo at SIZE)")
     p.add_argument("--widths", default=None,
                    help="channel widths of the encoder levels, comma-separated "
                         f"(default {','.join(map(str, DEFAULT_WIDTHS))}, or those of the --init weights)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of photos held out for validation (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, split and batch order (default 0)")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help=f"share of photos held out for validation (default {TrainConfig.val_fraction})")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed,
+                   help=f"seed for init, split and batch order (default {TrainConfig.seed})")
     p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     p.add_argument("--init", metavar="WEIGHTS",
                    help="start from these weights instead of random ones, e.g. to continue training "
                         "the shipped model (nanocolor/weights/colornet.npz) on your photos")
-    p.add_argument("--conv", choices=fast.ENGINES, default="auto",
-                   help="how layers are computed: im2col is the textbook code of nanocolor/layers.py; gemm and "
-                        "winograd are the fast engine of nanocolor/fast; auto picks the fastest (default)")
-    p.add_argument("--device", default=None,
-                   help="cpu or gpu (CuPy); default $NANOCOLOR_DEVICE or cpu")
+    engine.add_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help=argparse.SUPPRESS)  # float64 parameters: only for exactness checks
@@ -84,6 +85,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"train.py: warning: {message}", file=sys.stderr)  # one line, no source echo
 
 
+@ends_quietly_on_closed_stdout
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.showwarning = _show_warning
@@ -93,25 +95,28 @@ def main(argv=None) -> int:
     try:
         world = init_world()
         backend.use_device(args.device)
-        fast.set_engine(args.conv)
+        engine.set_conv(args.conv)
         use_local_gpu(world, backend.xp)
         check_numbers(args)
         arch, widths = _architecture(args)
         data = [str(Path(d).resolve()) for d in args.data] if args.data else \
             (None if args.resume else str(SAMPLE))
-        crop_margin = args.size // 4 if args.crop_margin is None else args.crop_margin
-        cfg = TrainConfig(data=data, out=out, epochs=args.epochs or 50, batch_size=args.batch_size,
+        cfg = TrainConfig(data=data, out=out, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size,
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          widths=widths, arch=arch, crop_margin=crop_margin, loss=args.loss, limit=args.limit,
+                          widths=widths, arch=arch, crop_margin=args.crop_margin, loss=args.loss, limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root)
-        if not args.resume and (Path(out) / "checkpoint.npz").exists():
-            raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
         if args.resume:
             resume_settings(cfg, args)
-        if world.is_root:
-            options.check_output_folder(out)  # before the photos are read
+        options.check_outside(out, cfg.data)
+        if world.is_root:  # before the photos are read
+            if not args.resume:
+                check_new_run_folder(out)
+            options.check_output_folder(out)
+        cfg.photos = cfg.photos or photo_record(options.folders(cfg.data))
         trainer = Trainer(cfg, resume=bool(args.resume), world=world, dtype=args.dtype)
         last = trainer.run()
+    except BrokenPipeError:
+        raise  # a closed stdout: the wrapper ends quietly, the last checkpoint kept
     except KeyboardInterrupt:
         print(f"train.py: {_rank_tag(world)}interrupted; nothing more was saved", file=sys.stderr)
         return 130
@@ -130,8 +135,9 @@ def main(argv=None) -> int:
         return 2
     if not world.is_root:
         return 0
-    print(f"done: {cfg.epochs} epochs, val PSNR {last.get('val_psnr', float('nan'))} dB; "
-          f"weights in {Path(out) / 'model.npz'}")
+    score = f"val PSNR {last['val_psnr']} dB" if last.get("val_psnr") is not None else \
+        f"train loss {last.get('train_loss')}"  # a run without a validation set
+    print(f"done: {cfg.epochs} epochs, {score}; weights in {Path(out) / 'model.npz'}")
     return 0
 
 
@@ -148,21 +154,79 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--crop-margin", args.crop_margin, low=0)
 
 
+def check_new_run_folder(out: str) -> None:
+    """A new run goes into a folder train.py creates, or an empty one: never over the user's files."""
+    folder = RunFolder(out)
+    if folder.checkpoint.exists():
+        raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+    found = folder.other_entries()
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(f"{out} already holds files ({shown}) and no run of train.py: pick a new or empty --out")
+
+
+def check_resume_options(args: argparse.Namespace) -> None:
+    """--resume continues a run where it is, from its own weights: --out elsewhere and --init are refused."""
+    if args.init:
+        raise ValueError(f"--init and --resume do not go together: --resume {args.resume} continues that run "
+                         f"from its checkpoint; --init starts a new run from other weights")
+    if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ValueError(f"--out {args.out} with --resume {args.resume}: a run is continued in its own folder "
+                         f"(to branch it, copy {args.resume} to {args.out} and resume the copy)")
+
+
 def resume_settings(cfg: TrainConfig, args: argparse.Namespace) -> None:
     """--resume continues the run with its own settings: its epoch count unless --epochs is
-    given, its data folders; options that the run cannot change are named in one warning."""
-    stored = options.run_settings(cfg.out)
+    given, its data folders (or their new place, --data); options that the run cannot change
+    are named in one warning."""
+    check_resume_options(args)
+    stored, done = options.run_settings(cfg.out)
     wanted = {key: getattr(cfg, key) for key, _ in options.RUN_SETTINGS if key in args.given}
     ignored = options.ignored_on_resume(wanted, stored)
     if ignored:
         warnings.warn(f"--resume continues {cfg.out} with its own settings; ignored: {', '.join(ignored)}")
     cfg.epochs = args.epochs or stored.get("epochs", cfg.epochs)
-    cfg.data = None  # the trainer reads the run's own data folders from its checkpoint
+    if cfg.epochs < done:
+        raise ValueError(f"{cfg.out} has already trained {done} epochs: --epochs {cfg.epochs} leaves nothing "
+                         f"to do (give more than {done} to train on)")
+    cfg.data = run_data(cfg, stored) if "data" in args.given else stored_data(cfg.out, stored)
+    cfg.photos = stored.get("photos")
+
+
+def stored_data(run: str, stored: dict) -> list[str]:
+    """The run's own data folders; DataError saying what to do when they are gone."""
+    data = options.folders(stored.get("data"))
+    missing = [folder for folder in data if not Path(folder).is_dir()]
+    if missing:
+        raise DataError(f"the photos of {run} are no longer in {missing[0]}: if they moved, give their "
+                        f"new place with --resume {run} --data FOLDER")
+    return data
+
+
+def run_data(cfg: TrainConfig, stored: dict) -> list[str]:
+    """The --data given on --resume: the run's folders, or their new place if it holds the same
+    photos (count, names and sizes, as far as the checkpoint recorded them; said in a warning)."""
+    data, old = options.folders(cfg.data), options.folders(stored.get("data"))
+    if data == old:
+        return data
+    record, now = stored.get("photos"), photo_record(data)
+    shown, was = ", ".join(data), ", ".join(old)
+    if record is None:
+        warnings.warn(f"--resume reads the photos of {cfg.out} from {shown} instead of {was}; its checkpoint does "
+                      f"not record them, so make sure they are the same ({now['count']} image files)")
+    elif now != record:
+        raise DataError(f"--data {shown} holds {now['count']} image files that are not the {record['count']} "
+                        f"{cfg.out} was trained on (in {was}; names or sizes differ): --resume needs the same "
+                        f"photos")
+    else:
+        warnings.warn(f"--resume reads the photos of {cfg.out} from their new place, {shown}: the same "
+                      f"{now['count']} image files (names and sizes) as were in {was}")
+    return data
 
 
 def _architecture(args: argparse.Namespace) -> tuple[str, tuple]:
     """--arch and --widths as given; what is not given comes from the --init weights, else the defaults."""
-    config = {"arch": "unet", "widths": DEFAULT_WIDTHS}
+    config = {"arch": DEFAULT_ARCH, "widths": DEFAULT_WIDTHS}
     if args.init:
         config = full_config(load_npz(args.init)[1].get("config") or {})
     arch = args.arch or config["arch"]

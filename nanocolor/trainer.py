@@ -11,17 +11,17 @@ split across ranks and its sums reduced; only rank 0 writes files and shows prog
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from . import backend
+from . import backend, engine
 from .classify import ClassificationLoss
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, split_indices
@@ -30,7 +30,7 @@ from .images import side_by_side
 from .layers import BatchNorm2d
 from .loss import MSELoss
 from .metrics import psnr
-from .model import DEFAULT_WIDTHS, ColorNet, full_config
+from .model import DEFAULT_ARCH, DEFAULT_WIDTHS, ColorNet, full_config
 from .optim import Adam, scheduled_lr
 from .progress import progress_bar
 from .runfolder import RunFolder
@@ -40,25 +40,6 @@ PREVIEW_IMAGES = 4
 # On a GPU the per-step losses stay on the device and are read back (one host sync) every this
 # many steps; on the CPU every step's loss is checked at once.
 SYNC_EVERY_ON_DEVICE = 32
-# Tests only: "EPOCH,STEP,SIGNAME" makes the trainer send itself SIGNAME at a chosen moment (scheduled_test_signal).
-TEST_SIGNAL_ENV = "NANOCOLOR_TEST_SIGNAL_AT"
-
-
-def scheduled_test_signal() -> tuple[int, int, int] | None:
-    """(epoch, step, signal number) from $NANOCOLOR_TEST_SIGNAL_AT, or None when it is unset.
-
-    The trainer signals itself just before step STEP + 1 of epoch EPOCH (both as its messages
-    count them: "epoch 2, step 5" is after 5 steps of the second epoch); EPOCH 0 means while the
-    photos load. Tests use it to stop or kill a real run at a moment they choose, on any machine.
-    """
-    value = os.environ.get(TEST_SIGNAL_ENV)
-    if not value:
-        return None
-    try:
-        epoch, step, name = value.split(",")
-        return int(epoch), int(step), int(getattr(signal, name.strip().upper()))
-    except (ValueError, AttributeError):
-        raise ValueError(f"${TEST_SIGNAL_ENV} must be EPOCH,STEP,SIGNAME (e.g. 2,5,SIGINT), got {value!r}") from None
 
 
 @dataclass
@@ -74,13 +55,18 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     widths: tuple = DEFAULT_WIDTHS
-    arch: str = "seed"                # 'seed' (plain autoencoder) or 'unet' (BatchNorm + skips), see model.py
-    crop_margin: int = 0              # photos stored at size + margin; each batch takes random size x size crops
+    arch: str = DEFAULT_ARCH          # 'unet' (BatchNorm + skips) or 'seed' (plain autoencoder), see model.py
+    crop_margin: int | None = None    # photos stored at size + margin (None: size // 4); batches take random size x size crops
     loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
+    photos: dict | None = None        # data.photo_record of `data`: --resume checks photos that moved
     progress: bool = True
     history: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.crop_margin is None:
+            self.crop_margin = self.size // 4
 
 
 class TrainingStopped(RuntimeError):
@@ -98,17 +84,18 @@ def lab_to_rgb_batch(lightness, ab) -> np.ndarray:
     return lab_to_rgb(lab)
 
 
-def train_step(model: ColorNet, loss_fn, optimizer: Adam, lightness, ab_true, average=None):
+def train_step(net, loss_fn, optimizer: Adam, lightness, ab_true, reduce_gradients=None):
     """One step of gradient descent on a batch; returns its loss (before the step).
 
-    lightness (N, H, W, 1) and ab_true (N, H, W, 2), scaled to [-1, 1]. With data parallelism,
-    `average(loss)` replaces every gradient (and the loss) by its mean over all processes.
+    net: a ColorNet, or what engine.network made of one. lightness (N, H, W, 1) and ab_true
+    (N, H, W, 2), scaled to [-1, 1]. With data parallelism, `reduce_gradients(loss)` replaces
+    every gradient (and the loss) by its mean over all processes.
     """
-    ab_pred = model.train().forward(lightness)   # (N, H, W, 2)
+    ab_pred = net.train().forward(lightness)     # (N, H, W, 2)
     loss = loss_fn.forward(ab_pred, ab_true)
-    model.backward(loss_fn.backward())           # fills every layer's grads
-    if average is not None:
-        loss = average(loss)
+    net.backward(loss_fn.backward())             # fills every layer's grads
+    if reduce_gradients is not None:
+        loss = reduce_gradients(loss)
     optimizer.step()                             # one Adam update of every parameter
     return loss
 
@@ -117,10 +104,13 @@ class Trainer:
     """Trains one model, alone or as one rank of an MPI `world`.
 
     dtype is the parameter precision of a new run (float64 only for exactness checks); a resumed
-    run keeps its checkpoint's precision.
+    run keeps its checkpoint's precision. `on_step(epoch, step)`, if given, is called before each
+    step (epoch 1-based, steps done in it so far) and with (0, 0) before the photos load: tests
+    use it to act at an exact moment of a run.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, world: World | None = None, dtype=np.float32):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, world: World | None = None, dtype=np.float32,
+                 on_step: Callable[[int, int], None] | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
         self.world = world or World()
         self.progress = cfg.progress and self.world.is_root  # the other ranks stay quiet
@@ -128,19 +118,23 @@ class Trainer:
         self.checkpoint_path = self.folder.checkpoint
         self.epoch, self.step, self.loss_sum, self.cpu_seconds = 0, 0, 0.0, 0.0
         self.dtype = np.dtype(dtype)
-        self._signal_at = scheduled_test_signal()
+        self.on_step = on_step or (lambda epoch, step: None)
         if resume:
             self._load_checkpoint()
         if cfg.batch_size % self.world.size:
             raise ValueError(f"batch size {cfg.batch_size} must divide by the {self.world.size} processes: "
                              f"each takes an equal share of every batch")
-        self._test_signal(0, 0)
+        self.on_step(0, 0)
         with warnings.catch_warnings():
             if not self.world.is_root:
                 warnings.simplefilter("ignore")  # rank 0 already reports skipped images
             self.lightness, self.ab = load_dataset(cfg.data, cfg.size + cfg.crop_margin, limit=cfg.limit,
                                                    progress=self.progress)
         self.train_idx, self.val_idx = split_indices(len(self.lightness), cfg.val_fraction, cfg.seed)
+        if len(self.val_idx) == 0 and self.world.is_root:
+            count = len(self.lightness)
+            warnings.warn(f"no validation set ({count} photo{'s' * (count != 1)}, --val-fraction "
+                          f"{cfg.val_fraction:g}): each epoch reports the training loss alone")
         if len(self.train_idx) < cfg.batch_size:
             raise DataError(f"batch size {cfg.batch_size} is larger than the {len(self.train_idx)} "
                             f"training images: lower --batch-size or add photos")
@@ -161,7 +155,8 @@ class Trainer:
             self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, arch=cfg.arch, **head)
             if cfg.init:
                 self._load_initial_weights(cfg.init)
-            self.optimizer = Adam(self.model.param_layers, lr=cfg.lr)
+            self.optimizer = Adam(self.model.param_layers, lr=cfg.lr, map_tasks=engine.map_tasks())
+        self.net = engine.network(self.model)  # what computes the model: the textbook or the fast engine
         self.averager = GradientAverager(self.model.param_layers, self.world) if self.world.size > 1 else None
         if self.world.size > 1:  # BatchNorm normalizes each shard with the whole batch's statistics
             for layer in self.model.layers:
@@ -199,7 +194,7 @@ class Trainer:
             self.cfg.data = stored["data"]
         self.dtype = arrays["layer0.W"].dtype if "layer0.W" in arrays else np.dtype(np.float32)
         self.model = ColorNet.from_contents(arrays, meta, source=str(self.checkpoint_path), dtype=self.dtype)
-        self.optimizer = Adam(self.model.param_layers, lr=self.cfg.lr)
+        self.optimizer = Adam(self.model.param_layers, lr=self.cfg.lr, map_tasks=engine.map_tasks())
         self.optimizer.load_state_dict({name[5:]: a for name, a in arrays.items() if name.startswith("adam.")})
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.loss_sum, self.cpu_seconds = meta["loss_sum"], meta["cpu_seconds"]
@@ -216,18 +211,16 @@ class Trainer:
     def predict_scaled_ab(self, lightness) -> np.ndarray:
         """Scaled lightness (N, H, W, 1) -> the model's scaled a*b* (N, H, W, 2) on the host
         (bin logits decoded by the annealed mean)."""
-        out = self.model.eval().forward(backend.xp.asarray(lightness, dtype=self.dtype))
+        out = self.net.eval().forward(backend.xp.asarray(lightness, dtype=self.dtype))
         return backend.to_numpy(self.loss.decode(out) if self.cfg.loss == "classify" else out)
 
     # -- one epoch ------------------------------------------------------------------------------
     def train_step(self, lightness, ab_true):
         """One Adam step on this rank's shard; returns the loss of the whole (global) batch."""
-        if self.averager is None:
-            return train_step(self.model, self.loss, self.optimizer, lightness, ab_true)
-        # Every rank joins the Allreduce, even with a diverged shard: a NaN anywhere makes the
-        # reduced loss NaN everywhere, so all ranks stop together.
-        average = lambda loss: self.averager.average(loss, stop=self._stop_signal is not None)
-        return train_step(self.model, self.loss, self.optimizer, lightness, ab_true, average)
+        # Under MPI every rank joins the Allreduce, even with a diverged shard: a NaN anywhere
+        # makes the reduced loss NaN everywhere, so all ranks stop together.
+        reduce = None if self.averager is None else self.averager.reduce_gradients
+        return train_step(self.net, self.loss, self.optimizer, lightness, ab_true, reduce)
 
     def validate(self, batch_size: int = 64) -> tuple[float, float]:
         """Mean validation MSE (scaled ab) and mean PSNR (dB, 8-bit RGB) over the validation set.
@@ -285,22 +278,11 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_signal = signum
 
-    def _test_signal(self, epoch: int, step: int) -> None:
-        """Send the signal of $NANOCOLOR_TEST_SIGNAL_AT when (epoch, step) is its moment."""
-        if self._signal_at is not None and self._signal_at[:2] == (epoch, step):
-            os.kill(os.getpid(), self._signal_at[2])
-
-    def _stop_requested(self, in_epoch: bool = False) -> bool:
-        """Whether a stop signal arrived (on any rank: all ranks must stop at the same step).
-
-        Within an epoch the ranks agree through the stop slot of the last step's gradient
-        Allreduce, so stopping costs no extra message per step.
-        """
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived (on any rank: all ranks must stop at the same step)."""
         asked = self._stop_signal is not None
         if self.world.size == 1:
             return asked
-        if in_epoch:
-            return self.averager.stop_requested
         return bool(self.world.sum([float(asked)])[0] > 0)
 
     def _take_losses(self, pending: list, bar) -> None:
@@ -341,8 +323,8 @@ class Trainer:
         sync_every = 1 if backend.xp is np else SYNC_EVERY_ON_DEVICE
         pending: list = []  # losses of the steps since the last read back to the host
         for step, (positions, flips) in enumerate(plan[self.step:], start=self.step):
-            self._test_signal(epoch + 1, self.step)
-            if self._stop_requested(in_epoch=True):  # checked between steps, so every update is whole
+            self.on_step(epoch + 1, self.step)
+            if self._stop_requested():  # checked between steps, so every update is whole
                 self._take_losses(pending, bar)
                 bar.close()
                 self.cpu_seconds += time.process_time() - cpu_started
@@ -366,11 +348,11 @@ class Trainer:
         bar.close()
         if not self._weights_finite():  # the last step's update is seen by no loss
             raise self._diverged(f"the weights are NaN or infinite at epoch {epoch + 1}, step {self.step}")
-        val_loss, val_psnr = self.validate()
+        scores = self.validate() if len(self.val_idx) else None  # None: no validation set, no scores
         self.cpu_seconds += float(self.world.sum([time.process_time() - cpu_started])[0])  # all ranks' CPU
         row = {"epoch": epoch + 1, "train_loss": round(self.loss_sum / max(self.step, 1), 6),
-               "val_loss": round(val_loss, 6), "val_psnr": round(val_psnr, 3),
-               "seconds": round(time.time() - started, 1)}
+               "val_loss": round(scores[0], 6) if scores else None,
+               "val_psnr": round(scores[1], 3) if scores else None, "seconds": round(time.time() - started, 1)}
         cfg.history.append(row)
         self.epoch, self.step, self.loss_sum = epoch + 1, 0, 0.0
         if not self.world.is_root:
@@ -382,7 +364,7 @@ class Trainer:
         if not self.folder.write_curves(cfg.history) and self.progress and len(cfg.history) == 1:
             tqdm.write("no curves.png: matplotlib is not installed (pip install 'nanocolor[plots]')")
         if self.progress:
-            tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  "
-                       f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  "
+            val = f"val loss {row['val_loss']:.5f}  val PSNR {row['val_psnr']:.2f} dB  " if scores else ""
+            tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.5f}  {val}"
                        f"({row['seconds']:.0f} s)")
 

@@ -144,6 +144,24 @@ def run_script(script: str, *args, cwd: Path = REPO, timeout: float = 120, **env
                           capture_output=True, text=True, timeout=timeout)
 
 
+def with_closed_stdout(command: list, buffered: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run this Python with `command` (a script and its arguments, or -m ...), stdout a pipe whose
+    reader has already gone (`| head -1` at its first write), env as script_env; stderr is captured.
+    buffered: stdout as Python sets up a pipe (a write fails at the flush), else as with
+    $PYTHONUNBUFFERED (it fails at the write)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = script_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    try:
+        return subprocess.run([sys.executable, *map(str, command)], stdout=write_end, stderr=subprocess.PIPE,
+                              env=env, text=True, timeout=120, **kwargs)
+    finally:
+        os.close(write_end)
+
+
 def train_cmd(*args) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *map(str, args)]
 
@@ -173,5 +191,5 @@ def run_colorize(capsys, *args) -> tuple[int, str, list[str]]:
 
 def tiny_weights(path: Path, widths=(4, 8), seed: int = 0) -> Path:
     """A tiny untrained model file, saved as train.py saves one (training size 8)."""
-    ColorNet(widths, seed=seed).save(path, train_size=8)
+    ColorNet(widths, seed=seed, arch="seed").save(path, train_size=8)
     return path

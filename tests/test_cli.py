@@ -130,7 +130,7 @@ def test_train_on_a_folder_without_images_fails_cleanly(tmp_path):
 def weights(tmp_path_factory):
     """A tiny untrained model file, as train.py writes it (float16, with its training size)."""
     path = tmp_path_factory.mktemp("weights") / "tiny.npz"
-    ColorNet((4, 8), seed=0).save(path, train_size=16)
+    ColorNet((4, 8), seed=0, arch="seed").save(path, train_size=16)
     return path
 
 
@@ -288,7 +288,7 @@ def test_train_refuses_a_non_positive_learning_rate(tmp_path):
 
 def test_init_starts_from_given_weights_and_rejects_another_architecture(tmp_path):
     common = [*TINY_RUN, "--lr", "1e-9"]  # a negligible step: the result stays at the initial weights
-    start = ColorNet((4, 8), seed=7)
+    start = ColorNet((4, 8), seed=7, arch="seed")
     start.save(tmp_path / "start.npz", dtype=np.float32)
     result = run_script("train.py", *common, "--init", tmp_path / "start.npz", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr

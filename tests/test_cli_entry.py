@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, colorful_rgb, run_script, save_image
+from conftest import REPO, colorful_rgb, run_script, save_image, tiny_weights, with_closed_stdout
 from nanocolor import __version__, cli
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "nanocolor"
@@ -101,3 +101,36 @@ def test_colorize_reads_stdin_and_writes_a_png_to_stdout(tmp_path):
     bad = subprocess.run(command, input=b"not an image", capture_output=True, cwd=REPO)
     assert bad.returncode == 1 and bad.stdout == b""
     assert bad.stderr.decode().count("\n") == 1 and "stdin: not an image" in bad.stderr.decode()
+
+
+def closed_stdout_commands(tmp_path: Path) -> dict[str, tuple[list, Path | None]]:
+    """Every command, each as it writes to stdout: its help, and its work (with stdin where it reads one)."""
+    photos = tmp_path / "photos"
+    for i in range(4):
+        save_image(photos / f"{i}.png", colorful_rgb(16, 16, seed=i))
+    weights = str(tiny_weights(tmp_path / "w.npz"))
+    tiny_run = ["--data", photos, "--size", "8", "--batch-size", "2", "--widths", "4,8", "--epochs", "1", "--quiet"]
+    commands = {f"{' '.join(args)}": (args, None) for args in (
+        ["--help"], ["help"], ["--version"], *([command, "--help"] for command in cli.COMMANDS))}
+    commands["colorize -"] = (["colorize", "-", "--weights", weights], photos / "0.png")
+    commands["evaluate"] = (["evaluate", "--data", photos, "--weights", weights, "--quiet"], None)
+    commands["train"] = (["train", *tiny_run, "--out", tmp_path / "run"], None)
+    commands["serve"] = (["serve", "--port", "0", "--weights", weights], None)
+    return commands
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("name", ["--help", "help", "--version", "colorize --help", "train --help",
+                                  "evaluate --help", "serve --help", "colorize -", "evaluate", "train", "serve"])
+def test_a_closed_stdout_ends_every_command_quietly(tmp_path, name, buffered):
+    """Defect: `nanocolor --help | head -1` and `nanocolor help | true` ended in a BrokenPipeError
+    traceback. Like any Unix tool, a command whose reader has gone ends at once, with no message
+    and the exit status of a tool ended by SIGPIPE (128 + 13). (Unbuffered, argparse's own help
+    sees its write fail and ignores it: it exits 0, as quietly.)"""
+    args, stdin = closed_stdout_commands(tmp_path)[name]
+    with open(stdin or os.devnull, "rb") as source:
+        result = with_closed_stdout(["-m", "nanocolor", *args], buffered, stdin=source, cwd=tmp_path)
+    argparse_help = not buffered and args[0] in cli.COMMANDS and args[1:] == ["--help"]
+    assert result.returncode == (0 if argparse_help else 141) and result.stderr == "", result.stderr
+    if name == "train":  # it ended after its work was saved: the run can be resumed
+        assert (tmp_path / "run" / "checkpoint.npz").is_file()

@@ -27,7 +27,7 @@ def photos(tmp_path):
 @pytest.fixture
 def weights(tmp_path):
     path = tmp_path / "tiny.npz"
-    ColorNet(widths=(4, 8), seed=0).save(path, train_size=8)
+    ColorNet(widths=(4, 8), seed=0, arch="seed").save(path, train_size=8)
     return path
 
 
@@ -57,7 +57,7 @@ def test_table_json_and_gallery(photos, weights, tmp_path, capsys):
 def test_gray_baseline_of_a_solid_red_photo(tmp_path):
     """Hand-worked: red's L* = 53.24 -> gray level 127; its a*b* (80.09, 67.20) is 104.55 away from 0."""
     save_image(tmp_path / "red" / "r.png", np.full((16, 16, 3), (255, 0, 0), np.uint8))
-    ev = evaluate_folder(ColorNet(widths=(4, 8), seed=0), tmp_path / "red", work_size=16)
+    ev = evaluate_folder(ColorNet(widths=(4, 8), seed=0, arch="seed"), tmp_path / "red", work_size=16)
     mse = ((255 - 127) ** 2 + 127 ** 2 + 127 ** 2) / 3
     assert ev.gray["psnr"] == pytest.approx(10 * math.log10(255 ** 2 / mse))
     assert ev.gray["auc"] == pytest.approx((151 - 105) / 151)
@@ -67,7 +67,7 @@ def test_gray_baseline_of_a_solid_red_photo(tmp_path):
 
 def test_model_predicting_no_color_scores_like_the_gray_baseline(photos):
     """A last conv of zeros gives ab = tanh(0) = 0: the model's output is the gray baseline itself."""
-    model = ColorNet(widths=(4, 8), seed=0)
+    model = ColorNet(widths=(4, 8), seed=0, arch="seed")
     last = model.param_layers[-1]
     last.params["W"][:] = 0
     last.params["b"][:] = 0
@@ -94,7 +94,7 @@ def test_gallery_every_k_takes_photos_spread_over_the_folder(tmp_path):
     folder.mkdir()
     for i in range(6):  # photo i is a solid color whose red channel encodes its index
         Image.fromarray(np.full((16, 16, 3), (40 * i + 20, 200, 30), np.uint8)).save(folder / f"{i}.png")
-    model = ColorNet((2, 4), seed=0)
+    model = ColorNet((2, 4), seed=0, arch="seed")
     ev = evaluate_folder(model, folder, work_size=16, gallery_photos=3, gallery_every=2)
     reds = [int(round(row[1][0, 0, 0] * 255)) for row in ev.gallery_rows]
     assert reds == [20, 100, 180]  # photos 0, 2 and 4
@@ -104,7 +104,7 @@ def test_a_table_per_subfolder(tmp_path, weights, capsys):
     for folder, count in (("faces", 2), ("rooms", 3)):
         for i in range(count):
             save_image(tmp_path / "data" / folder / f"{i}.png", colorful_rgb(16, 16, seed=10 * count + i))
-    ev = evaluate_folder(ColorNet(widths=(4, 8), seed=0), tmp_path / "data", work_size=16)
+    ev = evaluate_folder(ColorNet(widths=(4, 8), seed=0, arch="seed"), tmp_path / "data", work_size=16)
     assert {name: part["photos"] for name, part in ev.per_folder.items()} == {"faces": 2, "rooms": 3}
     # the whole is the photo-weighted mean of its parts
     whole = (2 * ev.per_folder["faces"]["model"]["psnr"] + 3 * ev.per_folder["rooms"]["model"]["psnr"]) / 5

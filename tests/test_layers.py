@@ -298,7 +298,7 @@ def test_backward_does_not_modify_dout(make_layer, shape, engine, rng):
 ])
 def test_colornet_end_to_end_gradients(widths, kernel, shape, engine, rng):
     """d MSE / d every parameter of a tiny float64 ColorNet, by backprop vs central differences."""
-    model = ColorNet(widths, kernel=kernel, seed=3, dtype=np.float64).train()
+    model = ColorNet(widths, kernel=kernel, seed=3, dtype=np.float64, arch="seed").train()
     for layer in model.param_layers:  # non-zero biases so their gradients are exercised too
         layer.params["b"] = rng.standard_normal(layer.params["b"].shape) * 0.1
     lightness = rng.uniform(-1, 1, shape)

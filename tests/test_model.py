@@ -16,12 +16,12 @@ def conv_params(c_in: int, c_out: int, k: int = 3) -> int:
 
 def test_reference_model_parameter_count():
     # 1->64, 64->128, 128->256, 256->512, 512->256, 256->128, 128->64, 64->2, all 3x3 with bias
-    assert ColorNet((64, 128, 256, 512)).num_params() == 3_099_714
+    assert ColorNet((64, 128, 256, 512), arch="seed").num_params() == 3_099_714
 
 
 @pytest.mark.parametrize("widths,kernel", [((4, 8), 3), ((3, 5, 7), 5), ((6,), 1)])
 def test_parameter_count_and_layer_shapes(widths, kernel):
-    model = ColorNet(widths, kernel=kernel)
+    model = ColorNet(widths, kernel=kernel, arch="seed")
     chain = [1, *widths, *reversed(widths[:-1]), 2]  # channels through the convs
     expected = sum(conv_params(a, b, kernel) for a, b in zip(chain, chain[1:]))
     assert model.num_params() == expected
@@ -31,7 +31,7 @@ def test_parameter_count_and_layer_shapes(widths, kernel):
 
 
 def test_forward_shape_range_and_dtype(rng):
-    model = ColorNet((4, 8, 8), seed=1)
+    model = ColorNet((4, 8, 8), seed=1, arch="seed")
     lightness = rng.uniform(-1, 1, (3, 12, 8, 1)).astype(np.float32)
     ab = model.forward(lightness)
     assert ab.shape == (3, 12, 8, 2) and ab.dtype == np.float32
@@ -40,7 +40,7 @@ def test_forward_shape_range_and_dtype(rng):
 
 @pytest.mark.parametrize("shape", [(1, 6, 8, 1), (1, 8, 6, 1), (2, 7, 7, 1), (1, 2, 4, 1)])
 def test_size_not_divisible_by_downsampling_factor_raises(shape):
-    model = ColorNet((4, 8, 8))  # factor 4
+    model = ColorNet((4, 8, 8), arch="seed")  # factor 4
     with pytest.raises(ValueError, match="divide"):
         model.forward(np.zeros(shape, np.float32))
 
@@ -48,11 +48,11 @@ def test_size_not_divisible_by_downsampling_factor_raises(shape):
 @pytest.mark.parametrize("widths", [(), (4, 0), (-1, 8)])
 def test_invalid_widths_raise(widths):
     with pytest.raises(ValueError):
-        ColorNet(widths)
+        ColorNet(widths, arch="seed")
 
 
 def test_seed_fixes_the_initial_weights():
-    a, b, c = ColorNet((4, 8), seed=5), ColorNet((4, 8), seed=5), ColorNet((4, 8), seed=6)
+    a, b, c = ColorNet((4, 8), seed=5, arch="seed"), ColorNet((4, 8), seed=5, arch="seed"), ColorNet((4, 8), seed=6, arch="seed")
     for la, lb, lc in zip(a.param_layers, b.param_layers, c.param_layers):
         np.testing.assert_array_equal(la.params["W"], lb.params["W"])
     assert not np.array_equal(a.param_layers[1].params["W"], c.param_layers[1].params["W"])
@@ -63,7 +63,7 @@ def test_seed_fixes_the_initial_weights():
 
 def perturbed_model(widths=(4, 8), kernel=3, seed=0) -> ColorNet:
     """A model with non-zero biases, so a loader that forgot them would be caught."""
-    model = ColorNet(widths, kernel=kernel, seed=seed)
+    model = ColorNet(widths, kernel=kernel, seed=seed, arch="seed")
     r = np.random.default_rng(seed + 100)
     for layer in model.param_layers:
         layer.params["b"] = r.standard_normal(layer.params["b"].shape).astype(np.float32) * 0.1
@@ -226,7 +226,7 @@ def test_wrong_format_version_is_refused(tmp_path):
 
 
 def test_weights_beyond_float16_range_are_saved_in_float32_not_as_inf(tmp_path):
-    model = ColorNet((2, 4), seed=0)
+    model = ColorNet((2, 4), seed=0, arch="seed")
     model.layers[0].params["W"][0, 0, 0, 0] = 1e6  # a diverged run's weight: inf in float16
     model.save(tmp_path / "big.npz")
     loaded = ColorNet.load(tmp_path / "big.npz")  # would raise CorruptFileError on inf

@@ -76,7 +76,7 @@ def fill_grads(model: ColorNet, rng: np.random.Generator) -> list:
 
 
 def test_averager_packs_every_gradient_the_loss_and_the_stop_flag_in_one_buffer(rng):
-    model = ColorNet((3, 5), seed=1, dtype=np.float64)
+    model = ColorNet((3, 5), seed=1, dtype=np.float64, arch="seed")
     mine = fill_grads(model, rng)
     other_grads = [rng.standard_normal(g.shape) for g in mine]
     other = np.concatenate([g.ravel() for g in other_grads] + [np.array([0.5, 1.0])])  # the other rank asks to stop
@@ -93,7 +93,7 @@ def test_averager_packs_every_gradient_the_loss_and_the_stop_flag_in_one_buffer(
 
 
 def test_averager_reuses_its_buffer(rng):
-    model = ColorNet((3, 5), seed=1)
+    model = ColorNet((3, 5), seed=1, arch="seed")
     averager = GradientAverager(model.param_layers, World())
     buffer = averager.host
     for _ in range(2):

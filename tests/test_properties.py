@@ -130,7 +130,7 @@ def test_resampling_and_activation_shapes(shape, kind):
 @FEW
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.integers(1, 2), st.integers(1, 3), st.integers(1, 3))
 def test_colornet_shapes_for_odd_multiples_of_its_factor(widths, batch, h_odd, w_odd):
-    model = ColorNet(tuple(widths), seed=0).train()
+    model = ColorNet(tuple(widths), seed=0, arch="seed").train()
     f = model.downsample_factor
     H, W = f * (2 * h_odd - 1), f * (2 * w_odd - 1)
     lightness = np.random.default_rng(3).uniform(-1, 1, (batch, H, W, 1)).astype(np.float32)
@@ -149,7 +149,7 @@ def test_colornet_shapes_for_odd_multiples_of_its_factor(widths, batch, h_odd, w
 
 def saturated_model() -> ColorNet:
     """A tiny net whose last conv is scaled up, so it predicts extreme, mostly out-of-gamut a*b*."""
-    model = ColorNet((4, 8), seed=1)
+    model = ColorNet((4, 8), seed=1, arch="seed")
     last = model.param_layers[-1]
     last.params["W"] *= 40
     last.params["b"] += np.array([0.5, -0.5], dtype=np.float32)

@@ -283,20 +283,20 @@ def _weights_case(tmp_path: Path, case: str, monkeypatch) -> tuple[Path, str]:
         monkeypatch.undo()
         return path, "format version"
     if case == "other_architecture":  # arrays of a wider network under this network's config
-        save_npz(path, ColorNet((4, 16)).state_arrays(), kind="weights", config=ColorNet((4, 8)).config)
+        save_npz(path, ColorNet((4, 16), arch="seed").state_arrays(), kind="weights", config=ColorNet((4, 8), arch="seed").config)
         return path, "architecture needs"
     if case == "no_config":
-        save_npz(path, ColorNet((4, 8)).state_arrays(), kind="weights")
+        save_npz(path, ColorNet((4, 8), arch="seed").state_arrays(), kind="weights")
         return path, "architecture"
     if case in ("nan", "inf"):
-        arrays = ColorNet((4, 8)).state_arrays()
+        arrays = ColorNet((4, 8), arch="seed").state_arrays()
         arrays["layer3.W"][0, 0, 0, 0] = np.nan if case == "nan" else np.inf
-        save_npz(path, arrays, kind="weights", config=ColorNet((4, 8)).config)
+        save_npz(path, arrays, kind="weights", config=ColorNet((4, 8), arch="seed").config)
         return path, "NaN or infinite"
     if case == "missing_param":
-        arrays = ColorNet((4, 8)).state_arrays()
+        arrays = ColorNet((4, 8), arch="seed").state_arrays()
         del arrays["layer3.b"]
-        save_npz(path, arrays, kind="weights", config=ColorNet((4, 8)).config)
+        save_npz(path, arrays, kind="weights", config=ColorNet((4, 8), arch="seed").config)
         return path, "missing parameter layer3.b"
     if case == "not_nanocolor":
         np.savez(path, x=np.zeros(3))
@@ -321,7 +321,7 @@ def test_bad_weights_give_one_clear_line_and_exit_2(tmp_path, capsys, monkeypatc
 def test_any_byte_flip_or_truncation_of_a_checkpoint_is_caught_or_harmless(tmp_path):
     """load_npz either raises CorruptFileError or returns exactly the saved arrays."""
     path = tmp_path / "checkpoint.npz"
-    arrays = ColorNet((4, 8), seed=3).state_arrays()
+    arrays = ColorNet((4, 8), seed=3, arch="seed").state_arrays()
     save_npz(path, arrays, kind="checkpoint", config={"widths": [4, 8], "kernel": 3})
     blob = path.read_bytes()
     rnd = random.Random(0)

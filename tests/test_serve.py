@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from PIL import Image
 pytest.importorskip("starlette", reason="the [serve] extra (starlette, uvicorn, python-multipart) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (the [test] extra) is not installed")
 
-from conftest import REPO, colorful_rgb  # noqa: E402
+from conftest import REPO, colorful_rgb, tiny_weights  # noqa: E402
 from nanocolor import serve  # noqa: E402
 from nanocolor.color import rgb_to_lab  # noqa: E402
 
@@ -261,6 +262,63 @@ def test_uploads_stay_in_memory(monkeypatch):
         assert decoded(post_photo(base, data)).size == (700, 700)
 
 
+def test_the_picked_weights_are_the_ones_that_run(tmp_path):
+    """Two different models offered (not byte copies): each name the client picks gets that model's
+    colors, exactly as the model colorizes the photo alone; a server that always ran the first one fails."""
+    first, second = tiny_weights(tmp_path / "first.npz", seed=1), tiny_weights(tmp_path / "second.npz", seed=2)
+    photo = encoded(colorful_rgb(24, 32))
+    with running_server(LIMITS, [str(first), str(second)]) as base:
+        names = [m["name"] for m in httpx.get(f"{base}/api/weights").json()]
+        assert names == [str(first), str(second), "shipped (colornet.npz)"]
+        served = {name: np.asarray(decoded(post_photo(base, photo, weights=name))) for name in names}
+    for colorizer in serve.load_colorizers([str(first), str(second)]):
+        alone = np.asarray(Image.open(io.BytesIO(serve.colorize_bytes(colorizer, photo, LIMITS.max_pixels))))
+        assert np.array_equal(served[colorizer.name], alone), colorizer.name
+    assert not np.array_equal(served[str(first)], served[str(second)])  # the two models differ
+
+
+def stalled_upload(base: str) -> socket.socket:
+    """A client that sends the headers and the first 1,000 bytes of a 100 kB upload, then stops."""
+    start = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.png\"\r\n"
+             b"Content-Type: image/png\r\n\r\n" + os.urandom(1000))
+    port = int(base.rsplit(":", 1)[1])
+    client = socket.create_connection(("127.0.0.1", port), timeout=STARTUP_TIMEOUT)
+    client.sendall(b"POST /api/colorize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   b"Content-Type: multipart/form-data; boundary=b\r\n"
+                   b"Content-Length: 100000\r\n\r\n" + start)
+    return client
+
+
+def response_head(client: socket.socket) -> bytes:
+    """The status line and headers the server sends (waits for them; the socket's timeout bounds it)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = client.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def test_stalled_uploads_are_dropped_and_free_the_queue():
+    """Defect: a client that sent part of an upload and stalled held its place in the queue for ever:
+    three of them filled --queue 3 and good uploads got 503. The body now has a deadline (here 0.5 s
+    plus 1 s per 64 KiB); the test waits for the server's answer to each stalled client, not a guessed time."""
+    limits = serve.Limits(queue=3, upload_seconds=0.5, min_upload_kib=64)
+    with running_server(limits) as base:
+        clients = [stalled_upload(base) for _ in range(3)]
+        try:
+            heads = [response_head(client) for client in clients]
+        finally:
+            for client in clients:
+                client.close()
+        for head in heads:
+            assert head.startswith(b"HTTP/1.1 408 "), head
+        limits.upload_seconds = STARTUP_TIMEOUT  # the good upload below must not race the short deadline
+        assert httpx.get(f"{base}/api/health").json()["in_progress"] == 0
+        assert decoded(post_photo(base, GOOD_PNG)).size == (60, 40)
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 def start_command(*args: str) -> subprocess.Popen:
@@ -292,9 +350,54 @@ def test_nanocolor_serve_command_serves_until_stopped(tmp_path, stop, exit_code)
     assert "Traceback" not in stderr
 
 
+class NoServer:
+    """Stands in for uvicorn's server: main() returns as soon as it would start serving."""
+    started = 0
+
+    def __init__(self, app):
+        pass
+
+    def run(self, sockets):
+        NoServer.started += 1
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "--port must be at least 0 and at most 65535, got 99999"),
+    (["--port", "-1"], "--port must be at least 0"),
+    (["--max-upload-mb", "nan"], "--max-upload-mb must be finite and above 0, got nan"),
+    (["--max-upload-mb", "inf"], "--max-upload-mb must be finite and above 0, got inf"),
+    (["--max-megapixels", "nan"], "--max-megapixels must be finite and above 0, got nan"),
+    (["--upload-timeout", "0"], "--upload-timeout must be above 0"),
+    (["--min-upload-rate", "-1"], "--min-upload-rate must be above 0"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--queue", "0"], "--queue must be at least 1"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_serve_checks_the_port_and_every_number_before_it_starts(monkeypatch, capsys, args, message):
+    """Defects: --port 99999 ended in an OverflowError traceback; --max-upload-mb nan (or inf) and
+    --max-megapixels nan started a server that answered every upload, even a good photo, with 500."""
+    monkeypatch.setattr(serve, "make_server", NoServer)
+    NoServer.started = 0
+    assert serve.main(["--host", "127.0.0.1", *args]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("nanocolor serve: error: ") and message in err[0], err
+    assert NoServer.started == 0
+
+
+def test_serve_on_a_network_address_warns_that_there_is_no_login(monkeypatch, capsys):
+    monkeypatch.setattr(serve, "make_server", NoServer)
+    assert serve.main(["--host", "127.0.0.1", "--port", "0"]) == 0
+    assert capsys.readouterr().err == ""
+    assert serve.main(["--host", "0.0.0.0", "--port", "0"]) == 0  # bound for a moment, never listening
+    assert capsys.readouterr().err.splitlines() == [
+        "nanocolor serve: warning: listening on 0.0.0.0, not only on this machine; there is no login, "
+        "so anyone who can reach it on the network can use it"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--weights", "no/such.npz"], "no/such.npz"),
-    (["--max-megapixels", "0"], "--max-megapixels must be positive"),
+    (["--max-megapixels", "0"], "--max-megapixels must be above 0"),
     (["--device", "tpu"], "tpu"),
     (["--work-size", "5000"], "--work-size must be at most"),
 ])

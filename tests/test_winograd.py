@@ -1,14 +1,15 @@
 """Winograd F(2x2, 3x3) (nanocolor/fast/winograd.py): transforms against their definitions and
-adjoints, the Winograd path of Conv2d against the textbook im2col code, and which path the
-engine knob picks."""
+adjoints, the Winograd path of fast.conv2d_forward / _backward against the textbook Conv2d (im2col),
+and which path fast.conv2d_path picks for each --conv choice."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from conftest import make_conv
-from nanocolor import fast
+from nanocolor import engine, fast
 from nanocolor.fast import parallel, winograd
+from nanocolor.model import ColorNet
 
 def tiles_of(x_pad: np.ndarray) -> np.ndarray:
     """(N, 2th+2, 2tw+2, C) -> every 4x4 tile at stride 2, (N, th, tw, 4, 4, C), by loops."""
@@ -92,18 +93,19 @@ def test_applies_only_to_3x3_on_even_sizes():
 # Conv2d on the Winograd path (gradients by central differences: tests/test_layers.py)
 
 def textbook_and_winograd(conv_args: tuple, x, dout, input_grad: bool = True, dtype=np.float64) -> tuple:
-    """(out, dx, grads) of the float64 textbook code and of the Winograd path in `dtype`, from
-    the same seeded weights and data."""
-    results = []
-    for engine, dt in (("im2col", np.float64), ("winograd", dtype)):
-        conv = make_conv(*conv_args, dtype=dt)
-        conv.input_grad = input_grad
-        with fast.use_engine(engine):
-            out = conv.forward(x.astype(dt))
-            dx = conv.backward(dout.astype(dt))
-        assert conv.cache[0] == engine
-        results.append((out, dx, conv.grads))
-    return tuple(results)
+    """(out, dx, grads) of the float64 textbook Conv2d and of fast.conv2d_forward / _backward by
+    the Winograd path in `dtype`, from the same seeded weights and data."""
+    conv = make_conv(*conv_args, dtype=np.float64)
+    conv.input_grad = input_grad
+    out = conv.forward(x)
+    dx = conv.backward(dout)
+    textbook = (out, dx, dict(conv.grads))
+    conv = make_conv(*conv_args, dtype=dtype)
+    w, b = conv.params["W"], conv.params["b"]
+    out_fast, cache = fast.conv2d_forward(x.astype(dtype), w, b, "winograd")
+    assert cache[0] == "winograd"
+    dx_fast, dw, db = fast.conv2d_backward(dout.astype(dtype), w, cache, input_grad)
+    return textbook, (out_fast, dx_fast, {"W": dw, "b": db})
 
 
 @pytest.mark.parametrize("shape,c_out", [((3, 8, 6, 5), 7), ((1, 2, 10, 2), 3), ((2, 4, 4, 16), 8),
@@ -132,21 +134,24 @@ def test_winograd_conv_without_input_grad_still_fills_weight_grads(rng):
     (_, dx, grads), (_, dx_fast, grads_fast) = textbook_and_winograd((3, 4, 3), x, dout, input_grad=False)
     assert dx is None and dx_fast is None
     np.testing.assert_allclose(grads_fast["W"], grads["W"], rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(grads_fast["b"], grads["b"], rtol=1e-11, atol=1e-11)
 
 
-def path(engine: str, c_in: int, c_out: int, k: int = 3, H: int = 8, W: int = 8, x=None) -> str:
-    with fast.use_engine(engine):
-        return fast.conv2d_path(x if x is not None else np.zeros((1, H, W, c_in)), np.zeros((k, k, c_in, c_out)))
+def path(conv: str, c_in: int, c_out: int, k: int = 3, H: int = 8, W: int = 8, x=None) -> str:
+    return fast.conv2d_path(x if x is not None else np.zeros((1, H, W, c_in)), np.zeros((k, k, c_in, c_out)), conv)
 
 
-def test_engine_choice_and_fallback(monkeypatch):
+def test_conv_choice_and_fallback(monkeypatch):
+    monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
     assert path("winograd", 32, 32) == "winograd"
     assert path("winograd", 32, 32, H=7) == "gemm"      # odd height: no tiling
     assert path("winograd", 1, 32) == "winograd"        # asked for, even if thin
     assert path("winograd", 4, 4, k=5) == "gemm"        # only 3x3 kernels
-    assert path("im2col", 32, 32) == "im2col"
+    assert path("winograd4", 32, 32) == "winograd4"
+    assert path("winograd4", 1, 32) == "winograd4"      # asked for, even if thin
+    assert path("winograd4", 32, 32, H=6) == "gemm"     # F(4x4) tiles only sizes that divide by 4
+    assert path("winograd4", 4, 4, k=5) == "gemm"
     assert path("gemm", 32, 32) == "gemm"
-    monkeypatch.setattr(parallel, "blas_single_threaded", lambda: True)
     assert path("auto", 32, 32) == "winograd4"          # sizes that divide by 4: F(4x4, 3x3)
     assert path("auto", 128, 32) == "winograd4"         # few outputs too: as fast as multiplying first
     assert path("auto", 32, 32, H=6) == "winograd"      # even sizes: F(2x2, 3x3)
@@ -156,6 +161,30 @@ def test_engine_choice_and_fallback(monkeypatch):
     assert path("auto", 32, 32, x=OffHost((1, 8, 8, 32))) == "gemm"  # not on the CPU
     monkeypatch.setattr(parallel, "blas_single_threaded", lambda: False)
     assert path("auto", 32, 32) == "gemm"               # 16 or 36 multi-threaded BLAS calls: no
+    assert path("winograd", 32, 32) == "winograd" and path("winograd4", 32, 32) == "winograd4"  # asked for
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_gemm_never_takes_winograd(single, monkeypatch):
+    """--conv gemm means every conv by gemm.py, whatever its shape."""
+    monkeypatch.setattr(parallel, "blas_single_threaded", lambda: single)
+    for k in (1, 3, 5):
+        for H, W in ((4, 4), (8, 8), (6, 10), (16, 12), (5, 7), (2, 2)):
+            for c_in, c_out in ((1, 8), (16, 16), (32, 32), (128, 32), (64, 512)):
+                assert path("gemm", c_in, c_out, k=k, H=H, W=W) == "gemm"
+
+
+def test_im2col_is_no_fast_conv():
+    """The textbook's im2col is picked by nanocolor.engine (it runs the model itself), not by the fast engine."""
+    with pytest.raises(ValueError, match="conv must be one of"):
+        path("im2col", 32, 32)
+    model = ColorNet((4, 8), seed=0, arch="seed")
+    with engine.use_conv("im2col"):
+        assert engine.network(model) is model
+    for conv in fast.CONVS:
+        with engine.use_conv(conv):
+            runner = engine.network(model)
+        assert isinstance(runner, fast.Network) and runner.conv == conv
 
 
 class OffHost:
@@ -167,6 +196,9 @@ class OffHost:
 
 def test_winograd_odd_size_falls_back(rng):
     conv = make_conv(2, 3, 3)
-    with fast.use_engine("winograd"):
-        out = conv.forward(rng.standard_normal((1, 5, 4, 2)))
-    assert conv.cache[0] == "gemm" and out.shape == (1, 5, 4, 3)
+    x = rng.standard_normal((1, 5, 4, 2))
+    path_taken = fast.conv2d_path(x, conv.params["W"], "winograd")
+    assert path_taken == "gemm"
+    out, cache = fast.conv2d_forward(x, conv.params["W"], conv.params["b"], path_taken)
+    assert cache[0] == "gemm" and out.shape == (1, 5, 4, 3)
+    np.testing.assert_allclose(out, conv.forward(x), rtol=1e-12, atol=1e-12)

@@ -15,8 +15,8 @@ CASES = [((2, 8, 12, 3), 5), ((1, 4, 4, 2), 2), ((3, 16, 8, 16), 24), ((1, 12, 2
 
 
 def reference(x, conv):
-    with fast.use_engine("im2col"):
-        return conv.forward(x)
+    """The textbook Conv2d's output (im2col + one GEMM)."""
+    return conv.forward(x)
 
 
 @pytest.mark.parametrize("shape,c_out", CASES)
@@ -72,10 +72,9 @@ def test_same_result_with_one_worker_or_several(use_workers, rng):
 def test_backward_float64_equals_im2col(shape, c_out, input_grad, keep_v, workers, rng):
     conv = make_conv(shape[-1], c_out, 3)
     x, dout = rng.standard_normal(shape), rng.standard_normal(shape[:3] + (c_out,))
-    with fast.use_engine("im2col"):
-        conv.forward(x)
-        dx_expected = conv.backward(dout)
-        dw_expected, db_expected = conv.grads["W"], conv.grads["b"]
+    conv.forward(x)  # the textbook layer
+    dx_expected = conv.backward(dout)
+    dw_expected, db_expected = conv.grads["W"], conv.grads["b"]
     _, cache = winograd4.forward(x, conv.params["W"], conv.params["b"], keep_v=keep_v)
     assert (cache[4] is not None) == keep_v and (cache[3] is None) == keep_v  # V or x, never both
     dx, dw, db = winograd4.backward(dout, cache, input_grad)
@@ -107,10 +106,9 @@ def test_float32_gradient_error_against_the_float64_reference(use_workers, rng):
     conv = make_conv(shape[-1], c_out, 3)
     conv.params["W"] /= np.sqrt(9 * shape[-1])
     x, dout = rng.standard_normal(shape), rng.standard_normal(shape[:3] + (c_out,))
-    with fast.use_engine("im2col"):
-        conv.forward(x)
-        dx_expected = conv.backward(dout)
-        dw_expected = conv.grads["W"]
+    conv.forward(x)  # the textbook layer
+    dx_expected = conv.backward(dout)
+    dw_expected = conv.grads["W"]
     U = winograd4.filter_transform(conv.params["W"].astype(np.float32))
     dx, dw, _ = winograd4.backward(dout.astype(np.float32), ("winograd4", x.shape, U, x.astype(np.float32), None))
     assert dx.dtype == dw.dtype == np.float32
@@ -141,11 +139,10 @@ def test_upsampled_input_float64_equals_im2col(shape, c_up, c_out, keep_v, worke
     skip, x_low = rng.standard_normal(shape), rng.standard_normal((N, H // 2, W // 2, c_up))
     conv = make_conv(c_up + C, c_out, 3)
     dout = rng.standard_normal((N, H, W, c_out))
-    with fast.use_engine("im2col"):
-        up, cat = Upsample2d(), Concat()
-        expected = conv.forward(cat.forward(up.forward(x_low), skip))
-        d_up, dskip_expected = cat.backward(conv.backward(dout))
-        dx_low_expected = up.backward(d_up)
+    up, cat = Upsample2d(), Concat()  # the textbook layers
+    expected = conv.forward(cat.forward(up.forward(x_low), skip))
+    d_up, dskip_expected = cat.backward(conv.backward(dout))
+    dx_low_expected = up.backward(d_up)
     w, b = conv.params["W"], conv.params["b"]
     out, cache = winograd4.forward(skip, w, b, keep_v=keep_v, upsampled=x_low)
     np.testing.assert_allclose(out, expected, rtol=1e-11, atol=1e-11)

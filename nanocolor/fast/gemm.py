@@ -15,26 +15,8 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
+from .helpers import CHANNELS_LAST_MIN_F, add_thin_product, column_sums, pad_rows, pixel_rows, relu_into, weight_grad
 from .workspace import scratch
-
-
-def pad_rows(x, rows: slice, p: int, tag: str):
-    """Rows `rows` of x (N, H, W, C) with p more rows above and below (zeros beyond the image) and
-    p zero columns each side: (N, len(rows) + 2p, W + 2p, C), in a scratch buffer.
-
-    With all rows this is 'same' zero padding; a band of rows gets its neighbours' rows.
-    """
-    N, H, W, C = x.shape
-    y0, y1 = rows.start, rows.stop
-    out = scratch(tag, (N, y1 - y0 + 2 * p, W + 2 * p, C), x.dtype, x)
-    lo, hi = max(0, y0 - p), min(H, y1 + p)  # the rows that exist
-    top = lo - (y0 - p)
-    out[:, :top] = 0
-    out[:, top + hi - lo:] = 0
-    out[:, top:top + hi - lo, :p] = 0
-    out[:, top:top + hi - lo, W + p:] = 0
-    out[:, top:top + hi - lo, p:p + W] = x[:, lo:hi]
-    return out
 
 
 def patch_matrix(x, k: int, tag: str, rows: slice | None = None):
@@ -75,95 +57,6 @@ def patch_matrix_t(x, k: int, tag: str, rows: slice | None = None):
     return cols_t.reshape(k * k * C, N * R * W)
 
 
-def pixel_rows(a):
-    """(n, h, w, c) slice of a fresh contiguous array -> its (n*h*w, c) view, written through."""
-    rows = a.reshape(-1, a.shape[-1])
-    if rows.size and not array_module(a).may_share_memory(rows, a):  # pragma: no cover - a bug guard
-        raise ValueError("piece of an output array is not contiguous")
-    return rows
-
-
-def column_sums(rows):
-    """(P, F) -> (F,) sums over the rows, as a matrix-vector product: several times faster than
-    rows.sum(axis=0), which walks the rows one by one (and than einsum for products summed)."""
-    return array_module(rows).ones(rows.shape[0], dtype=rows.dtype) @ rows
-
-
-LONG_ROWS = 8192  # NumPy's ufunc buffer: broadcasting over rows this long runs ~2x faster than over C
-
-
-def channel_rows(vector):
-    """A per-channel vector (C,) repeated to a row of at least LONG_ROWS values, for per_channel."""
-    C = vector.shape[0]
-    return array_module(vector).tile(vector, -(-LONG_ROWS // C))
-
-
-def per_channel(op, a, row, out) -> None:
-    """op(a, vector, out=out) for contiguous a and out (..., C) and row = channel_rows(vector): the
-    numbers NumPy's broadcasting gives, over rows of LONG_ROWS values instead of C. A ufunc whose
-    broadcast operand repeats every C = 32-128 values runs on short inner loops, measured 85-95 us
-    per MiB against 42 us over long rows (NumPy 2.4, one core)."""
-    if not (a.flags.c_contiguous and out.flags.c_contiguous):  # reshaping would copy: broadcast as usual
-        op(a, row[:a.shape[-1]], out=out)
-        return
-    a_flat, out_flat, L = a.reshape(-1), out.reshape(-1), row.shape[0]
-    whole = a_flat.shape[0] // L * L
-    if whole:
-        op(a_flat[:whole].reshape(-1, L), row, out=out_flat[:whole].reshape(-1, L))
-    if whole < a_flat.shape[0]:  # the rest: fewer than L values, a whole number of pixels
-        op(a_flat[whole:], row[:a_flat.shape[0] - whole], out=out_flat[whole:])
-
-
-_zero_rows: dict = {}
-
-
-def relu_into(a, out) -> None:
-    """out = max(a, 0), a and out (..., C) of one shape (out may be a). NumPy 2.4 takes max(a, 0)
-    with a scalar 0 on a slow loop, 120 us per MiB on this machine; against a row of zeros
-    broadcast over long rows, 31-44 us (per_channel). The same numbers."""
-    xp = array_module(a)
-    key = (xp.__name__, getattr(getattr(a, "device", None), "id", None), a.dtype.str)  # a GPU's own zeros
-    if key not in _zero_rows:
-        _zero_rows[key] = xp.zeros(LONG_ROWS, dtype=a.dtype)
-    per_channel(xp.maximum, a, _zero_rows[key], out)
-
-
-SMALL_PRODUCT = 1_000_000  # OpenBLAS multiplies M x K by K x N without packing up to M*N*K this big
-
-
-def small_matmul(a, b, out) -> None:
-    """out = a @ b for a small matrix a (M, K) and b (..., K, X) with many columns (Winograd's
-    transforms: 6 x 6 by 6 x tiles*channels), in chunks of columns that OpenBLAS multiplies with
-    its small-matrix kernels (M*K*chunk <= SMALL_PRODUCT): measured 2-2.3x faster than one call,
-    whose packing copies all of b first."""
-    xp, (M, K), X = array_module(b), a.shape, b.shape[-1]
-    chunk = X if not isinstance(b, np.ndarray) else max(1, SMALL_PRODUCT // (M * K))
-    for start in range(0, X, chunk):
-        xp.matmul(a, b[..., start:start + chunk], out=out[..., start:start + chunk])
-
-
-def add_thin_product(a, b, acc) -> None:
-    """acc += a @ b for a (M, K) and b (K, N) with a long K: weight gradients, patches^T @ dout.
-    Where M and N are small (the first conv's 9 x pixels by pixels x F, the head's C x pixels by
-    pixels x 18), in chunks of K that OpenBLAS multiplies with its small-matrix kernels, which
-    read the operands as they lie: measured 1.4-2.5x faster than one product, whose packing
-    copies all of b first."""
-    xp, (M, K) = array_module(a), a.shape
-    chunk = SMALL_PRODUCT // (M * b.shape[1])
-    if chunk < 1024 or not isinstance(a, np.ndarray):  # wide products (or a GPU's): one call
-        chunk = K
-    product = scratch("thin_product", acc.shape, acc.dtype, acc)
-    for start in range(0, K, chunk):
-        acc += xp.matmul(a[:, start:start + chunk], b[start:start + chunk], out=product)
-
-
-def weight_grad(cols, dout2d):
-    """cols^T @ dout, (K, F): the longer side first, as OpenBLAS is very slow on a tiny K x P @ P x F."""
-    if cols.shape[1] >= dout2d.shape[1]:
-        return cols.T @ dout2d
-    return (dout2d.T @ cols).T
-
-
 def flipped_weights(w):
     """(k, k, C, F) -> (k*k*F, C): the kernel rotated by 180 degrees with C and F swapped, for dx."""
     k, _, C, F = w.shape
@@ -173,7 +66,7 @@ def flipped_weights(w):
 PIECE_PATCH_BYTES = 1 << 20  # thin patch matrices (few input channels) come in pieces of about this much
 
 
-def _pieces(N: int, H: int, W: int, like, columns: int) -> list:
+def _patch_matrix_pieces(N: int, H: int, W: int, like, columns: int) -> list:
     """parallel.pieces for a patch matrix of `columns` columns: pieces of at least 4096 pixels and
     about PIECE_PATCH_BYTES, since for thin ones (the lightness image's 9 columns) the numpy calls
     per piece cost more than the bytes; measured 2x faster for the first conv than 4096 pixels."""
@@ -202,7 +95,7 @@ def forward(x, w, b, relu: bool = False) -> tuple:
         if relu:
             relu_into(o, o)
 
-    parallel.run_pieces(piece, _pieces(N, H, W, x, k * k * C), x)
+    parallel.run_pieces(piece, _patch_matrix_pieces(N, H, W, x, k * k * C), x)
     return out, cache
 
 
@@ -212,7 +105,7 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     _, x = cache
     N, H, W, C = x.shape
     k, F = w.shape[0], w.shape[-1]
-    work = _pieces(N, H, W, dout, k * k * (F if input_grad else C))  # the patch matrix of dout, or of x
+    work = _patch_matrix_pieces(N, H, W, dout, k * k * (F if input_grad else C))  # the patch matrix of dout, or of x
     db = xp.zeros((parallel.slots(dout), F), dtype=dout.dtype)  # partial sums, one per worker
     if not input_grad:  # only dW = cols^T dout, with x's patch matrix rebuilt piece by piece
         dw = xp.zeros((parallel.slots(dout), k * k * C, F), dtype=dout.dtype)
@@ -248,9 +141,6 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
 def multiplies_first(C: int, F: int, k: int) -> bool:
     """Whether `forward` takes multiply_then_shift for C inputs, F outputs and a k x k kernel."""
     return 4 * F <= C and k > 1
-
-
-CHANNELS_LAST_MIN_F = 8  # multiply_then_shift adds runs of F values: channels-last once they are this long
 
 
 def multiply_then_shift(x, w, b, relu: bool = False, upsampled=None):

@@ -1,14 +1,13 @@
-"""Max-pool, upsample and ReLU split over the CPU workers: memory-bound work that one core
+"""Max-pool, upsample and the ReLU's backward split over the CPU workers: memory-bound work that one core
 cannot keep up with, into preallocated outputs, through strided views.
 
 The same numbers as the textbook layers in nanocolor/layers.py (max-pool routes each gradient to
 the first maximum of its window in the order (0,0), (0,1), (1,0), (1,1), as an argmax does).
-Each forward returns (out, cache) and each backward takes that cache.
+The max-pool's forward returns (out, cache) and its backward takes that cache.
 """
 from __future__ import annotations
 
 from ..backend import array_module
-from .gemm import relu_into
 from .parallel import map_elementwise, map_rows
 
 
@@ -25,7 +24,7 @@ def maxpool2d_forward(x) -> tuple:
         xp.maximum(pairs[:, :, 0:2 * W2:2], pairs[:, :, 1:2 * W2:2], out=out[n, y])
 
     map_rows(piece, N, H2, W, x)
-    return out, ("fast", x, out)
+    return out, (x, out)
 
 
 def maxpool2d_backward(dout, cache: tuple, relu: bool = False, plus=None):
@@ -35,7 +34,7 @@ def maxpool2d_backward(dout, cache: tuple, relu: bool = False, plus=None):
     With `plus` (N, H, W, C), H and W even, dx + plus: the gradient of another reader of x
     added in the same pass (the U-Net's skip)."""
     xp = array_module(dout)
-    _, x, out = cache
+    x, out = cache
     N, H, W, C = x.shape
     H2, W2 = out.shape[1:3]
     if plus is not None and (H % 2 or W % 2):
@@ -67,7 +66,7 @@ def maxpool2d_backward(dout, cache: tuple, relu: bool = False, plus=None):
     return dx
 
 
-def upsample2d_forward(x) -> tuple:
+def upsample2d_forward(x):
     """x2 nearest-neighbour upsampling: x (N, H, W, C) -> (N, 2H, 2W, C)."""
     xp = array_module(x)
     N, H, W, C = x.shape
@@ -78,10 +77,10 @@ def upsample2d_forward(x) -> tuple:
                   x[n, y, None, :, None, :])
 
     map_rows(piece, N, H, 4 * W, x)
-    return out, ("fast",)
+    return out
 
 
-def upsample2d_backward(dout, cache: tuple):
+def upsample2d_backward(dout):
     """dout (N, 2H, 2W, C) -> dx (N, H, W, C): each pixel gets the sum of its 2x2 copies' gradients."""
     xp = array_module(dout)
     N, H2, W2, C = dout.shape
@@ -96,18 +95,9 @@ def upsample2d_backward(dout, cache: tuple):
     return dx
 
 
-def relu_forward(x) -> tuple:
-    """max(x, 0) of any shape; (N, H, W, C) arrays are split over the CPU workers."""
-    xp = array_module(x)
-    out = xp.empty_like(x)
-    map_elementwise(lambda part: relu_into(x[part], out[part]), x)
-    return out, ("fast", out)
-
-
-def relu_backward(dout, cache: tuple):
-    """dout -> dout where the output was positive, 0 elsewhere."""
+def relu_backward(dout, out):
+    """dout -> dout where the ReLU's output `out` was positive, 0 elsewhere; split over the CPU workers."""
     xp = array_module(dout)
-    out = cache[1]
     dx = xp.empty_like(dout)
     map_elementwise(lambda part: xp.multiply(dout[part], out[part] > 0, out=dx[part]), dout)
     return dx

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import CHANNELS_LAST_MIN_F, pixel_rows, relu_into, weight_grad
+from .helpers import CHANNELS_LAST_MIN_F, pixel_rows, relu_into, weight_grad
 from .workspace import scratch
 
 COMBINATIONS = ((0, -1), (0, 0), (1, 0), (1, 1))  # (output phase, offset of the low-res pixel read)

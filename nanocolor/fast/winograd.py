@@ -24,7 +24,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import column_sums, relu_into
+from .helpers import column_sums, relu_into, transform_adjoint
 from .workspace import scratch
 
 # F(2x2, 3x3) matrices: input transform B^T (4x4), filter transform G (4x3), output transform A^T (2x4).
@@ -73,16 +73,6 @@ def _g_1d(xp, w, out) -> None:
     xp.copyto(out[3], w[2])
 
 
-def _g_t_1d(xp, d, out) -> None:
-    """out[i] = sum_a G[a, i] d[a] for four views: the adjoint of _g_1d."""
-    xp.add(d[1], d[2], out=out[1])           # out[1] holds d1 + d2 until its final value
-    out[1] *= 0.5
-    xp.add(d[0], out[1], out=out[0])
-    xp.add(d[3], out[1], out=out[2])
-    xp.subtract(d[1], d[2], out=out[1])
-    out[1] *= 0.5
-
-
 def filter_transform(w):
     """(3, 3, C, F) weights -> U = G w G^T at every (c, f): (16, C, F)."""
     xp = array_module(w)
@@ -97,15 +87,7 @@ def filter_transform(w):
 
 def filter_transform_adjoint(dU):
     """Adjoint of filter_transform: (16, C, F) -> dw = G^T dU G, (3, 3, C, F)."""
-    xp = array_module(dU)
-    _, C, F = dU.shape
-    d = dU.reshape(4, 4, C, F)
-    rows = xp.empty((3, 4, C, F), dtype=dU.dtype)
-    _g_t_1d(xp, d, rows)
-    out = xp.empty((3, 3, C, F), dtype=dU.dtype)
-    for i in range(3):
-        _g_t_1d(xp, rows[i], out[i])
-    return out
+    return transform_adjoint(dU, G)
 
 
 def pad_and_split(x, rows: slice | None = None, out=None):

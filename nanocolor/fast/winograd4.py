@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .gemm import column_sums, pad_rows, relu_into, small_matmul
+from .helpers import column_sums, pad_rows, relu_into, small_matmul, transform_adjoint
 from .workspace import prepared, scratch
 
 B_T = np.array([[4, 0, -5, 0, 1, 0],
@@ -271,21 +271,5 @@ def backward(dout, cache: tuple, input_grad: bool = True) -> tuple:
 
 
 def filter_transform_adjoint(dU):
-    """Adjoint of filter_transform: (36, C, F), or partial sums of it (S, 36, C, F), -> dw = G^T dU G,
-    (3, 3, C, F). Large filters are split over the CPU workers by input channel, each adding up
-    its channels' partial sums first."""
-    xp = array_module(dU)
-    partials = dU if dU.ndim == 4 else dU[None]
-    S, _, C, F = partials.shape
-    g_t = xp.asarray(G.T.astype(dU.dtype))  # (3, 6)
-    dw = xp.empty((3, 3, C, F), dtype=dU.dtype)
-
-    def part(c: slice, _: slice) -> None:
-        C_ = c.stop - c.start
-        total = xp.ascontiguousarray(partials[0, :, c]) if S == 1 else partials[:, :, c].sum(axis=0)
-        rows = xp.matmul(g_t, total.reshape(6, 6 * C_ * F))                         # G^T along the rows
-        dw[:, :, c] = xp.matmul(g_t, rows.reshape(3, 6, C_ * F)).reshape(3, 3, C_, F)  # then the columns
-
-    parts = parallel.slots(dU) if C * F >= 1 << 15 else 1
-    parallel.run_pieces(part, [(slice(a, b), None) for a, b in parallel.split(C, parts)], dU)
-    return dw
+    """Adjoint of filter_transform: (36, C, F), or partial sums of it (S, 36, C, F), -> dw (3, 3, C, F)."""
+    return transform_adjoint(dU, G)
