@@ -310,7 +310,7 @@ class VideoWriter:
             if context.name == "libx264":
                 context.options = {"crf": "18", "preset": "veryfast"}
             else:
-                context.bit_rate = 8 * width * height * int(max(1, float(rate)))  # ~1 bit/pixel: looks clean
+                context.bit_rate = int(width * height * max(1.0, float(rate)))  # 1 bit per pixel: looks clean
             self.video.time_base = time_base
             if rotation:  # a phone's upright display, as the input's display matrix said
                 self.video.set_display_rotation(rotation)
@@ -355,6 +355,7 @@ class VideoWriter:
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
+        """Close and delete the temp file; the final name is never touched."""
         try:
             self.container.close()
         except Exception:  # a half-written file: its trailer may not be writable, and it is deleted anyway
