@@ -18,7 +18,7 @@ from . import __version__
 from .pipes import ends_quietly_on_closed_stdout
 
 COMMANDS = {
-    "colorize": "colorize photos (writes <name>_color.png beside each input, or into --output)",
+    "colorize": "colorize photos and videos (writes <name>_color.png or .mp4 beside each input, or into --output)",
     "train": "train a model on a folder of color photos",
     "evaluate": "score a model on a folder of color photos (PSNR, AuC, colorfulness)",
     "serve": "colorize in the browser: a local web page and HTTP API (needs nanocolor[serve])",

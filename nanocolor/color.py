@@ -90,7 +90,10 @@ def lab_to_rgb(lab):
 
 def in_gamut(lab, tol: float = 1e-9):
     """Boolean mask (...,): which L*a*b* colors (..., 3) an sRGB display can show."""
-    linear = lab_to_linear_rgb(lab)
+    return _linear_in_gamut(lab_to_linear_rgb(lab), tol)
+
+
+def _linear_in_gamut(linear, tol: float = 1e-9):
     return ((linear >= -tol) & (linear <= 1 + tol)).all(axis=-1)
 
 
@@ -101,20 +104,34 @@ def fit_to_gamut(lab, steps: int = 30):
     largest factor in [0, 1] that stays in gamut (bisection, 2**-steps precise, run only on the
     out-of-gamut colors). A gray (a* = b* = 0) with L* in [0, 100] is always in gamut.
     """
-    xp = array_module(lab)
     lab = lab.copy()
     outside = ~in_gamut(lab)
-    if not bool(outside.any()):
-        return lab
-    L, ab = lab[outside][:, :1], lab[outside][:, 1:]
+    if bool(outside.any()):
+        lab[outside] = _shrink_into_gamut(lab[outside], steps)
+    return lab
+
+
+def fitted_rgb(lab, steps: int = 30):
+    """lab_to_rgb(fit_to_gamut(lab, steps)), the same values, with the color matrix applied once
+    to the colors already in gamut (most of them): sRGB (..., 3) in [0, 1] of lab (..., 3)."""
+    linear = lab_to_linear_rgb(lab)
+    outside = ~_linear_in_gamut(linear)
+    if bool(outside.any()):
+        linear[outside] = lab_to_linear_rgb(_shrink_into_gamut(lab[outside], steps))
+    return _linear_to_srgb(linear)
+
+
+def _shrink_into_gamut(lab, steps: int):
+    """fit_to_gamut's bisection on out-of-gamut colors (N, 3) -> the fitted colors (N, 3)."""
+    xp = array_module(lab)
+    L, ab = lab[:, :1], lab[:, 1:]
     lo = xp.zeros_like(L)  # a scale known to be in gamut
     hi = xp.ones_like(L)   # a scale known to be out of gamut
     for _ in range(steps):
         mid = (lo + hi) / 2
         ok = in_gamut(xp.concatenate([L, ab * mid], axis=-1))[:, None]
         lo, hi = xp.where(ok, mid, lo), xp.where(ok, hi, mid)
-    lab[outside] = xp.concatenate([L, ab * lo], axis=-1)
-    return lab
+    return xp.concatenate([L, ab * lo], axis=-1)
 
 
 def scale_lightness(L):

@@ -9,7 +9,11 @@ stdin and writes the PNG to stdout (or to the file --output names, which replace
 file only with --overwrite, and never the input itself). Examples:
     python colorize.py old_photo.jpg               # or: nanocolor colorize old_photo.jpg
     python colorize.py scans/ --output colorized/ --compare
+    python colorize.py film.mp4                    # film_color.mp4; --no-smooth: each frame alone
     cat scan.jpg | nanocolor colorize - > scan_color.png
+
+A video (.mp4, .mkv, .mov, ...; needs nanocolor[video]) gives <name>_color.mp4, in its own
+container, with steady colors and its audio (nanocolor/video.py).
 """
 from __future__ import annotations
 
@@ -28,9 +32,10 @@ from nanocolor.infer import (MAX_WORK_SIZE, check_work_size, colorize_array, col
                              encode_png, frame_count, is_colorize_output, load_colorizer)
 from nanocolor.pipes import ends_quietly_on_closed_stdout, print_listing
 from nanocolor.serialize import atomic_write_bytes
+from nanocolor.video import VIDEO_EXTENSIONS, colorize_video, is_video, is_video_output
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
-FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | {".gif"}  # what a folder search picks up
+FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | {".gif"} | VIDEO_EXTENSIONS  # what a folder search picks up
 
 
 @dataclass
@@ -53,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the input itself is never replaced")
     p.add_argument("--compare", action="store_true",
                    help="also write <name>_compare.png: grayscale | original | colorized "
-                        "(with -: beside the --output FILE)")
+                        "(with -: beside the --output FILE; for a video, <name>_compare.mp4: "
+                        "grayscale | colorized)")
+    p.add_argument("--no-smooth", action="store_true",
+                   help="videos: colorize every frame alone (colors flicker; for comparison)")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                    help="model weights (.npz from train.py: model.npz or checkpoint.npz); default: the shipped model")
     p.add_argument("--work-size", type=int, default=None,
@@ -91,7 +99,7 @@ def stdin_outputs(output: str | None, compare: bool) -> tuple[Path | None, Path 
 
 def replaceable(path: Path) -> bool:
     """Whether colorize may write `path`: nothing is there, or an earlier output of colorize.py."""
-    return not path.exists() or is_colorize_output(path)
+    return not path.exists() or earlier_output(path)
 
 
 def check_stdin_outputs(args: argparse.Namespace) -> None:
@@ -140,11 +148,16 @@ def find_inputs(inputs: list[str], report) -> tuple[list[tuple[Path, Path]], int
                 path = Path(folder) / file
                 if path.suffix.lower() not in FOLDER_EXTENSIONS:
                     continue
-                if is_colorize_output(path):
+                if earlier_output(path):
                     skipped += 1
                     continue
                 found.append((path, path.relative_to(top)))
     return found, skipped
+
+
+def earlier_output(path: Path) -> bool:
+    """Whether `path` is an output an earlier run of colorize.py wrote (a PNG or a video)."""
+    return is_colorize_output(path) or is_video_output(path)
 
 
 def plan_outputs(inputs: list[tuple[Path, Path]], output: str | None, compare: bool) -> list[Job]:
@@ -156,10 +169,10 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str | None, compare: b
     """
     taken = {path.resolve() for path, _ in inputs}
 
-    def claim(folder: Path, names: list[str]) -> Path:
+    def claim(folder: Path, names: list[str], suffix: str) -> Path:
         numbered = (f"{names[-1]}_{k}" for k in itertools.count(2))
         for name in itertools.chain(names, numbered):
-            candidate = folder / f"{name}.png"
+            candidate = folder / f"{name}{suffix}"
             if candidate.resolve() not in taken and replaceable(candidate):
                 taken.add(candidate.resolve())
                 return candidate
@@ -168,9 +181,10 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str | None, compare: b
     for path, place in inputs:
         folder = Path(output) / place.parent if output else path.parent
         tail, ext = ("" if output else "_color"), path.suffix.lower().lstrip(".") or "noext"
-        out = claim(folder, [f"{path.stem}{tail}", f"{path.stem}_{ext}{tail}"])
+        suffix = path.suffix.lower() if is_video(path) else ".png"  # a video stays in its container
+        out = claim(folder, [f"{path.stem}{tail}", f"{path.stem}_{ext}{tail}"], suffix)
         base = out.stem.removesuffix(tail) if tail else out.stem
-        jobs.append(Job(path, out, claim(folder, [f"{base}_compare"]) if compare else None))
+        jobs.append(Job(path, out, claim(folder, [f"{base}_compare"], suffix) if compare else None))
     return jobs
 
 
@@ -261,7 +275,10 @@ def main(argv=None) -> int:
             failures += 1
             continue
         try:
-            colorize_file(model, job.path, job.out, work_size, job.compare)
+            if is_video(job.path):
+                colorize_video(model, job.path, job.out, work_size, job.compare, smooth=not args.no_smooth)
+            else:
+                colorize_file(model, job.path, job.out, work_size, job.compare)
             print_listing(f"{job.path} -> {job.out}")
             frames = frame_count(job.path)
             if frames > 1:

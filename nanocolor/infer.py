@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import backend, engine
-from .color import fit_to_gamut, lab_to_rgb, lightness, scale_lightness, unscale_ab
+from .color import fitted_rgb, lightness, scale_lightness, unscale_ab
 from .data import HIGH_BIT_MODES, ImageError, alpha_channel, open_image, rgb_array, to_rgb
 from .images import OUTPUT_KEY, encode_png, gray_of, png_bytes, side_by_side, to_uint8
 from .model import ColorNet
@@ -73,13 +73,22 @@ def _over_bands(task, height: int, width: int) -> None:
     engine.map_tasks()(lambda i: task(*bands[i]), len(bands))
 
 
+def working_lightness(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
+    """Lightness L* (H, W) -> L* (h, w) at the network's working size (longer side near work_size)."""
+    H, W = L.shape
+    h, w = working_shape(H, W, work_size, model.downsample_factor)
+    return _resize_channels(L[..., None], h, w)[..., 0]
+
+
 def predict_small_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarray:
     """Lightness L* (H, W) in [0, 100] -> predicted a*b* (h, w, 2) in LAB units at the working size
     (chroma gain applied)."""
-    H, W = L.shape
-    h, w = working_shape(H, W, work_size, model.downsample_factor)
-    small = _resize_channels(L[..., None], h, w)
-    lightness_in = backend.xp.asarray(scale_lightness(small)[None].astype(np.float32))
+    return predict_working_ab(model, working_lightness(model, L, work_size))
+
+
+def predict_working_ab(model: ColorNet, small: np.ndarray) -> np.ndarray:
+    """L* (h, w) already at the working size -> predicted a*b* (h, w, 2) in LAB units (chroma gain applied)."""
+    lightness_in = backend.xp.asarray(scale_lightness(small)[None, ..., None].astype(np.float32))
     out = engine.network(model).forward(lightness_in)
     if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
         from .classify import annealed_mean
@@ -118,15 +127,22 @@ def colorize_array(model: ColorNet, rgb: np.ndarray, work_size: int, out_dtype=n
     in float32 (to ~1e-4); uint8: 8-bit levels, computed in float32 and rounded band by band (the
     8-bit L* bound of 0.26 holds: float32's error is far below half a level).
     """
-    H, W = rgb.shape[:2]
     work = np.float64 if np.dtype(out_dtype) == np.float64 else np.float32
     L = full_lightness(rgb, work)
-    ab_small = predict_small_ab(model, L, work_size).astype(work)
+    return join_color(L, predict_small_ab(model, L, work_size), out_dtype)
+
+
+def join_color(L: np.ndarray, ab_small: np.ndarray, out_dtype=np.float64) -> np.ndarray:
+    """Full-resolution L* (H, W) and a*b* (h, w, 2) at the working size -> RGB (H, W, 3) in out_dtype
+    (as colorize_array gives it): a*b* upsampled, pulled into gamut at fixed L*, band by band."""
+    H, W = L.shape
+    work = L.dtype
+    ab_small = ab_small.astype(work)
     out = np.empty((H, W, 3), dtype=out_dtype)
 
     def band(y0: int, y1: int) -> None:
         ab = _resize_channels(ab_small, H, W, rows=(y0, y1)).astype(work, copy=False)
-        colors = lab_to_rgb(fit_to_gamut(np.concatenate([L[y0:y1, :, None], ab], axis=-1)))
+        colors = fitted_rgb(np.concatenate([L[y0:y1, :, None], ab], axis=-1))
         out[y0:y1] = to_uint8(colors) if out.dtype == np.uint8 else colors
 
     _over_bands(band, H, W)
@@ -192,6 +208,13 @@ def frame_count(path: str | os.PathLike) -> int:
         return 1
 
 
+def check_not_input(path: str | os.PathLike, *outputs: str | os.PathLike | None) -> None:
+    """FileExistsError when an output path (None: none) is the input file itself."""
+    for out in outputs:
+        if out and Path(out).resolve() == Path(path).resolve():
+            raise FileExistsError(errno.EEXIST, "it is the input itself; refusing to overwrite it", str(out))
+
+
 def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.PathLike, work_size: int,
                   compare_path: str | os.PathLike | None = None) -> None:
     """Colorize one image file into a PNG at out_path (alpha kept), and optionally a
@@ -201,8 +224,7 @@ def colorize_file(model: ColorNet, path: str | os.PathLike, out_path: str | os.P
     is encoded in memory, then written atomically, so no half-written file ever appears.
     """
     path, out_path = Path(path), Path(out_path)
-    if out_path.resolve() == path.resolve() or (compare_path and Path(compare_path).resolve() == path.resolve()):
-        raise FileExistsError(errno.EEXIST, "it is the input itself; refusing to overwrite it", str(out_path))
+    check_not_input(path, out_path, compare_path)
     rgb, alpha = read_pixels(path)
     colorized = colorize_array(model, rgb, work_size, out_dtype=np.uint8)
     if not compare_path:

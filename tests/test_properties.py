@@ -214,10 +214,10 @@ def test_without_gamut_mapping_the_saturated_model_would_change_lightness():
     colorized = colorize_array(SATURATED, gray, 8)
     assert np.abs(rgb_to_lab(colorized)[..., 0] - L).max() < 1e-6
     import nanocolor.infer as infer
-    original = infer.fit_to_gamut
+    original = infer.fitted_rgb
     try:
-        infer.fit_to_gamut = lambda lab: lab  # plain clipping in lab_to_rgb
+        infer.fitted_rgb = lab_to_rgb  # plain clipping in lab_to_rgb
         clipped = colorize_array(SATURATED, gray, 8)
     finally:
-        infer.fit_to_gamut = original
+        infer.fitted_rgb = original
     assert np.abs(rgb_to_lab(clipped)[..., 0] - L).max() > 5
