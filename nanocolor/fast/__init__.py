@@ -13,10 +13,10 @@ computed, and only that:
                  x2 upsampling at the low resolution (upsampled_conv_path)
 
 The modules, simplest first: parallel.py (the CPU workers and the cutting of work into pieces),
-workspace.py (scratch buffers, prepared weights), gemm.py (GEMM helpers and the GEMM conv),
-resample.py (max-pool, upsample, ReLU), norm.py (BatchNorm, Upsample + Concat), winograd.py,
-winograd4.py, upsampled.py (the conv algorithms), conv.py (which algorithm for which conv),
-network.py (the model's blocks put together).
+workspace.py (scratch buffers, prepared weights), helpers.py (passes and products every
+algorithm shares), resample.py (max-pool, upsample, the ReLU's backward), norm.py (BatchNorm,
+Upsample + Concat), gemm.py, winograd.py, winograd4.py, upsampled.py (the conv algorithms, one
+a module), conv.py (which algorithm for which conv), network.py (the model's blocks put together).
 """
 from __future__ import annotations
 
