@@ -20,6 +20,8 @@ from nanocolor.evaluate import evaluate_folder  # noqa: E402
 from nanocolor.infer import load_colorizer  # noqa: E402
 
 GAINS = (0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
+# Where the shipped model should reach: (colorfulness ratio, PSNR above gray in dB) per test folder.
+TARGETS = {"mixed128/test": (0.80, 0.8), "scenes150/test": (0.85, 1.3)}
 
 
 def frontier(ev: dict) -> list[dict]:
@@ -54,8 +56,11 @@ def plot(results: dict, path: Path) -> None:
             for p in points[::2]:
                 ax.annotate(f"{p['gain']:g}", (p["ratio"], p["psnr_above_gray"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
+        name = Path(data).parent.name + "/" + Path(data).name
+        if name in TARGETS:
+            ax.plot(*TARGETS[name], "k*", markersize=12, label="target")
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set_title(Path(data).parent.name + "/" + Path(data).name)
+        ax.set_title(name)
         ax.set_xlabel("colorfulness ratio (model / originals)")
         ax.set_ylabel("PSNR above the gray baseline (dB)")
         ax.grid(alpha=0.3)
