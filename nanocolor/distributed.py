@@ -4,7 +4,7 @@
 MPI.COMM_WORLD; otherwise it is a single-process world with the same interface (rank 0, size 1,
 every reduction the identity), so the training loop has one code path.
 
-Every process holds the whole model. After backward, `GradientAverager.average` packs all
+Every process holds the whole model. After backward, `GradientAverager.reduce_gradients` packs all
 gradients (plus the shard's loss) into one flat buffer, allocated once, does one
 Allreduce(SUM) on it and divides by the number of processes. CuPy gradients travel through
 host memory: one device-to-host copy, the Allreduce on the host buffer, one copy back.

@@ -113,12 +113,14 @@ class GAN:
         self.averager = GradientAverager(self.critic.param_layers, world) if world.size > 1 else None
         self.loss_sums = [0.0, 0.0]  # critic loss, adversarial loss
 
-    def train_step(self, generator, regression, optimizer: Adam, lightness, ab_true, step: int, average=None):
+    def train_step(self, generator, regression, optimizer: Adam, lightness, ab_true, step: int,
+                   reduce_gradients=None):
         """One critic step, then one generator step, on a batch (global step `step`, 0-based):
         returns the regression loss (before the step), as trainer.train_step does.
 
-        lightness (N, H, W, 1), ab_true (N, H, W, 2). With data parallelism `average((loss,
-        adversarial loss))` averages the generator's gradients and both losses over all processes.
+        generator: a ColorNet, or what engine.network made of one. lightness (N, H, W, 1), ab_true
+        (N, H, W, 2). With data parallelism `reduce_gradients((loss, adversarial loss))` averages
+        the generator's gradients and both losses over all processes.
         """
         ab_fake = generator.train().forward(lightness)         # (N, H, W, 2)
         critic_loss, fake_logits = self.critic_step(lightness, ab_true, ab_fake)
@@ -130,8 +132,8 @@ class GAN:
         else:                    # what the term would be: logged, not trained on
             adversarial = self.bce.forward(fake_logits, 1.0)
         generator.backward(d_ab)
-        if average is not None:
-            loss, adversarial = average((loss, adversarial))
+        if reduce_gradients is not None:
+            loss, adversarial = reduce_gradients((loss, adversarial))
         optimizer.step()
         self._add_losses(critic_loss, adversarial)
         return loss
