@@ -12,11 +12,10 @@ Both sides run the same network from the same initial weights, in float32:
   unet       ColorNet(DEFAULT_WIDTHS, arch="unet"): Conv (no bias) + BatchNorm + ReLU blocks of
              widths 32, 64, 128, 256, skip connections by concatenation, Conv 64->2 + tanh;
              BatchNorm in training mode for training steps, in eval mode for inference
-  critic     gan.PatchCritic(): the PatchGAN critic of `train.py --gan` on (L, ab) pairs, Conv 4x4
+  critic     gan.PatchCritic(): the PatchGAN critic of `train.py --gan` on (L, ab) pairs, Conv 3x3
              stride 2, 3->32, 32->64, then stride 1, 64->128, 128->1, LeakyReLU 0.2 between; its
              training step is forward, the binary cross-entropy against "real", backward through
-             to the input (the generator's step needs d/d ab) and Adam. nanocolor runs its strided
-             convs on the textbook im2col code of layers.py, whatever the engine
+             to the input (the generator's step needs d/d ab) and Adam
 Before any timing, one batch must give the same MSE loss and the same parameter gradients on
 both sides (relative difference < 1e-3), or the run aborts.
 
@@ -157,10 +156,10 @@ def torch_critic(widths: tuple = CRITIC_WIDTHS):
     from torch import nn
     layers, c = [], 3
     for i, w in enumerate(widths):
-        layers += [nn.Conv2d(c, w, 4, stride=2 if i < len(widths) - 1 else 1, padding=1),
+        layers += [nn.Conv2d(c, w, 3, stride=2 if i < len(widths) - 1 else 1, padding=1),
                    nn.LeakyReLU(SLOPE, inplace=True)]
         c = w
-    layers.append(nn.Conv2d(c, 1, 4, stride=1, padding=1))
+    layers.append(nn.Conv2d(c, 1, 3, stride=1, padding=1))
     critic = nn.Sequential(*layers)
     critic.is_critic = True  # torch_forward gives it the (L, ab) pair, torch_loss scores its logits
     return critic
@@ -196,16 +195,16 @@ def set_training(model, net, training: bool) -> None:
 def nanocolor_forward(model, lightness, ab_true):
     """The network's output: a ColorNet's predicted ab from the lightness, the critic's logits for the pair."""
     if isinstance(model, PatchCritic):
-        return model.forward(lightness, ab_true)
+        return engine.network(model).forward(lightness, ab_true)
     return engine.network(model).forward(lightness)  # what nanocolor's commands run for this --conv
 
 
 def nanocolor_loss_and_backward(model, lightness, ab_true):
     """Forward, the loss, backward (every grads filled); returns (loss, d loss / d ab for the critic, else None)."""
     if isinstance(model, PatchCritic):
-        loss_fn = BCEWithLogitsLoss()
-        loss = loss_fn.forward(model.forward(lightness, ab_true), 1.0)
-        return loss, model.backward(loss_fn.backward())
+        loss_fn, critic = BCEWithLogitsLoss(), engine.network(model)
+        loss = loss_fn.forward(critic.forward(lightness, ab_true), 1.0)
+        return loss, critic.backward(loss_fn.backward())
     loss_fn, net = MSELoss(), engine.network(model)  # what nanocolor's commands run for this --conv
     loss = loss_fn.forward(net.forward(lightness), ab_true)
     net.backward(loss_fn.backward())

@@ -16,6 +16,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from .model import ColorNet
+
 CONVS = ("auto", "im2col", "gemm", "winograd", "winograd4")
 _state = {"conv": "auto"}
 
@@ -53,12 +55,15 @@ def uses_fast() -> bool:
 
 
 def network(model):
-    """What runs `model` now: the model itself (the textbook), or a fast-engine runner of it.
+    """What runs `model` (a ColorNet, or the GAN's critic) now: the model itself (the textbook),
+    or a fast-engine runner of it.
 
-    Either has train(), eval(), forward(lightness) and backward(d_ab); a runner keeps its own
-    caches, so the backward must go to the object whose forward ran.
+    Either has the model's forward and backward (a ColorNet's also train() and eval()); a runner
+    keeps its own caches, so the backward must go to the object whose forward ran.
     """
-    return fast.Network(model, _state["conv"]) if uses_fast() else model
+    if not uses_fast():
+        return model
+    return (fast.Network if isinstance(model, ColorNet) else fast.Critic)(model, _state["conv"])
 
 
 def map_tasks() -> Callable[[Callable[[int], None], int], None]:

@@ -5,20 +5,22 @@ colors of a patch, which is duller than any of them. A critic (Isola et al. 2017
 DeOldify's NoGAN schedule) learns to tell real (L, ab) pairs from generated ones; the generator
 is then also rewarded for pairs the critic takes for real, which a gray-brown mean is not.
 
-The critic: pix2pix's PatchGAN without BatchNorm, on the lightness and the chroma side by side.
-For widths (w0, w1, w2), the default (32, 64, 128), and a pair of size H x W:
+The critic: pix2pix's PatchGAN without BatchNorm, on the lightness and the chroma side by side,
+with 3x3 kernels as in SRGAN's discriminator (Ledig et al. 2017): stride 2 to halve the size,
+stride 1 with 'same' padding after. For widths (w0, w1, w2), the default (32, 64, 128), and a
+pair of size H x W (even; an odd side rounds up at each halving):
 
     pair = concat(L, ab)                                       (N, H, W, 3)
-    Conv 4x4 stride 2 pad 1 (3 -> w0) + LeakyReLU 0.2          (N, H/2, W/2, w0)
-    Conv 4x4 stride 2 pad 1 (w0 -> w1) + LeakyReLU 0.2         (N, H/4, W/4, w1)
-    Conv 4x4 stride 1 pad 1 (w1 -> w2) + LeakyReLU 0.2         (N, H/4 - 1, W/4 - 1, w2)
-    Conv 4x4 stride 1 pad 1 (w2 -> 1)                          (N, H/4 - 2, W/4 - 2, 1)  logits
+    Conv 3x3 stride 2 pad 1 (3 -> w0) + LeakyReLU 0.2          (N, H/2, W/2, w0)
+    Conv 3x3 stride 2 pad 1 (w0 -> w1) + LeakyReLU 0.2         (N, H/4, W/4, w1)
+    Conv 3x3 stride 1 pad 1 (w1 -> w2) + LeakyReLU 0.2         (N, H/4, W/4, w2)
+    Conv 3x3 stride 1 pad 1 (w2 -> 1)                          (N, H/4, W/4, 1)  logits
 
 Every width but the last halves the size (stride 2). Each logit judges one patch of the pair
-(34 x 34 pixels for three widths), so the critic works at any size from 16 up and says where a
-picture looks generated, not only whether. Without BatchNorm each logit depends on its own
-pair alone: real and generated pairs go through as one batch, and data parallelism needs no
-statistics across processes.
+(23 x 23 pixels for three widths), so the critic works at any size and says where a picture
+looks generated, not only whether. Without BatchNorm each logit depends on its own pair alone:
+real and generated pairs go through as one batch, and data parallelism needs no statistics
+across processes.
 
 One training step on a batch (`GAN.train_step`), as in pix2pix:
   1. the generator colorizes: ab_fake = G(L);
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import engine
 from .backend import array_module
 from .distributed import GradientAverager, World
 from .layers import Concat, Conv2d, LeakyReLU
@@ -63,9 +66,9 @@ class PatchCritic(Module):
         self.layers, c = [], 3
         for i, w in enumerate(self.widths):
             stride = 2 if i < len(self.widths) - 1 else 1
-            self.layers += [Conv2d(c, w, 4, rng=rng, dtype=dtype, stride=stride, padding=1), LeakyReLU(SLOPE)]
+            self.layers += [Conv2d(c, w, 3, rng=rng, dtype=dtype, stride=stride, padding=1), LeakyReLU(SLOPE)]
             c = w
-        self.layers.append(Conv2d(c, 1, 4, rng=rng, dtype=dtype, stride=1, padding=1))
+        self.layers.append(Conv2d(c, 1, 3, rng=rng, dtype=dtype, stride=1, padding=1))
         self.to_device()
 
     def output_size(self, size: int) -> int:
@@ -107,7 +110,7 @@ class GAN:
                  widths: tuple = CRITIC_WIDTHS, seed: int = 0, dtype=np.float32, world: World | None = None):
         self.lam, self.warmup = lam, warmup
         self.critic = PatchCritic(widths, seed=seed, dtype=dtype)
-        self.optimizer = Adam(self.critic.param_layers, lr=critic_lr, betas=CRITIC_BETAS)
+        self.optimizer = Adam(self.critic.param_layers, lr=critic_lr, betas=CRITIC_BETAS, map_tasks=engine.map_tasks())
         self.bce = BCEWithLogitsLoss()
         world = world or World()
         self.averager = GradientAverager(self.critic.param_layers, world) if world.size > 1 else None
@@ -143,10 +146,11 @@ class GAN:
         as one batch of 2N: (its loss before the step, the logits of the generated pairs)."""
         xp = array_module(lightness)
         n = len(lightness)
-        logits = self.critic.forward(xp.concatenate([lightness, lightness]), xp.concatenate([ab_true, ab_fake]))
+        critic = engine.network(self.critic)
+        logits = critic.forward(xp.concatenate([lightness, lightness]), xp.concatenate([ab_true, ab_fake]))
         labels = xp.concatenate([xp.ones(n, logits.dtype), xp.zeros(n, logits.dtype)]).reshape(-1, 1, 1, 1)
         loss = self.bce.forward(logits, labels)
-        self.critic.backward(self.bce.backward(), input_grad=False)
+        critic.backward(self.bce.backward(), input_grad=False)
         if self.averager is not None:
             loss = self.averager.reduce_gradients(loss)
         self.optimizer.step()
@@ -155,8 +159,9 @@ class GAN:
     def adversarial_gradient(self, lightness, ab_fake) -> tuple:
         """The generator's adversarial loss BCE(critic(L, ab_fake), 1) and its gradient d/d ab_fake
         (N, H, W, 2), back through the critic (whose own gradients are left unused)."""
-        loss = self.bce.forward(self.critic.forward(lightness, ab_fake), 1.0)
-        return loss, self.critic.backward(self.bce.backward())
+        critic = engine.network(self.critic)
+        loss = self.bce.forward(critic.forward(lightness, ab_fake), 1.0)
+        return loss, critic.backward(self.bce.backward())
 
     def _add_losses(self, *losses) -> None:
         """Add a step's losses to loss_sums: as Python floats on the CPU, kept on the GPU (no wait)."""

@@ -169,9 +169,6 @@ class Trainer:
             self.optimizer = Adam(self.model.param_layers, lr=cfg.lr, map_tasks=engine.map_tasks())
             self.gan = self._new_gan()
         self.net = engine.network(self.model)  # what computes the model: the textbook or the fast engine
-        if self.gan is not None and self.gan.critic.output_size(cfg.size) < 1:
-            raise ValueError(f"--size {cfg.size} is too small for the critic's {len(cfg.critic_widths) + 1} "
-                             f"convolutions: give --size 16 or more")
         self.averager = None if self.world.size == 1 else \
             GradientAverager(self.model.param_layers, self.world, losses=1 if self.gan is None else 2)
         if self.world.size > 1:  # BatchNorm normalizes each shard with the whole batch's statistics

@@ -110,11 +110,11 @@ def test_unet_parity_detects_swapped_skip_channels_and_eval_mode_statistics():
 
 def test_critic_twins_have_the_same_parameters_and_flops():
     model, net = bench.nanocolor_net("critic"), bench.torch_net("critic")
-    assert sum(p.numel() for p in net.parameters()) == model.num_params() == 167_649
+    assert sum(p.numel() for p in net.parameters()) == model.num_params() == 94_401
     names = [name for name, *_ in bench.param_pairs(model, net)]
     assert names == [f"conv{i}.{p}" for i in range(4) for p in "Wb"]
-    # 64x64: 32x32 x 48 x 32, 16x16 x 512 x 64, 15x15 x 1024 x 128, 14x14 x 2048 x 1 multiply-adds
-    expected = 2 * (32 * 32 * 48 * 32 + 16 * 16 * 512 * 64 + 15 * 15 * 1024 * 128 + 14 * 14 * 2048)
+    # 64x64: 32x32 x 27 x 32, 16x16 x 288 x 64, 16x16 x 576 x 128, 16x16 x 1152 x 1 multiply-adds
+    expected = 2 * (32 * 32 * 27 * 32 + 16 * 16 * 288 * 64 + 16 * 16 * 576 * 128 + 16 * 16 * 1152)
     assert bench.conv_flops_per_image(model, 64, 64) == expected
 
 

@@ -22,6 +22,6 @@ from __future__ import annotations
 
 from . import parallel
 from .conv import CONVS, conv2d_backward, conv2d_forward, conv2d_path, upsampled_conv_path
-from .network import Network
+from .network import Critic, Network
 
-__all__ = ["CONVS", "Network", "conv2d_backward", "conv2d_forward", "conv2d_path", "parallel", "upsampled_conv_path"]
+__all__ = ["CONVS", "Critic", "Network", "conv2d_backward", "conv2d_forward", "conv2d_path", "parallel", "upsampled_conv_path"]

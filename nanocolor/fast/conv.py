@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from . import gemm, parallel, upsampled, winograd, winograd4
+from . import gemm, parallel, strided, upsampled, winograd, winograd4
 
 CONVS = ("auto", "gemm", "winograd", "winograd4")
 WINOGRAD_MIN_CHANNELS = 16  # thinner convs spend more time in Winograd's transforms than they save
@@ -82,5 +82,7 @@ def conv2d_backward(dout, w, cache: tuple, input_grad: bool = True) -> tuple:
         return winograd.backward(dout, cache, input_grad)
     if cache[0] == "winograd4":
         return winograd4.backward(dout, cache, input_grad)
+    if cache[0] == "strided":
+        return strided.backward(dout, cache, w, input_grad)
     return gemm.backward(dout, cache, w, input_grad)
 

@@ -1,15 +1,18 @@
-"""A ColorNet run by the fast engine: the textbook model's numbers in fewer passes over memory.
+"""A ColorNet, or the GAN's critic, run by the fast engine: the textbook model's numbers in
+fewer passes over memory.
 
-`Network(model, conv)` reads the model's structure (model.down, bottleneck, up, head) and its
-layers' params, buffers and settings; it writes only what the textbook would write: the
+`Network(model, conv)` reads a ColorNet's structure (model.down, bottleneck, up, head),
+`Critic(model, conv)` a critic's (model.join, then model.layers), and both their layers'
+params, buffers and settings; it writes only what the textbook would write: the
 layers' grads and BatchNorm's running statistics. Its caches are its own: `forward` keeps one
 record per step of the network, `backward` takes them back in reverse order.
 
 What runs as one:
-- A block, Conv2d (+ BatchNorm2d) (+ ReLU) (+ Tanh). In inference BatchNorm is folded into the
+- A block, Conv2d (+ BatchNorm2d) (+ ReLU or LeakyReLU) (+ Tanh). In inference BatchNorm is folded into the
   conv and the ReLU runs in the conv's last pass: one pass over the output instead of four. In
   training the ReLU runs inside BatchNorm's normalizing pass, and its mask inside BatchNorm's
-  backward; without BatchNorm (the seed network) the ReLU runs in the conv's last pass.
+  backward; without BatchNorm (the seed network) the ReLU runs in the conv's last pass. A conv
+  with a stride (the critic's) runs by strided.py, its LeakyReLU on each piece of its output.
 - Upsample2d (+ Concat with the skip) and the block after it: the conv taken at the low
   resolution where `upsampled_conv_path` finds a way (no upsampled or joined map is made),
   else Upsample + Concat in one pass and the block.
@@ -19,8 +22,8 @@ What runs as one:
 from __future__ import annotations
 
 from ..backend import array_module
-from ..layers import BatchNorm2d, Conv2d, ReLU, Tanh
-from . import gemm, upsampled, winograd4
+from ..layers import BatchNorm2d, Conv2d, LeakyReLU, ReLU, Tanh
+from . import gemm, parallel, strided, upsampled, winograd4
 from .conv import conv2d_backward, conv2d_forward, conv2d_path, upsampled_conv_path
 from .helpers import column_sums
 from .norm import batchnorm2d_backward, batchnorm2d_forward, folded_weights, upsample_concat_forward
@@ -29,7 +32,8 @@ from .workspace import prepared
 
 
 class Block:
-    """A Conv2d followed by any of BatchNorm2d, ReLU and Tanh, in that order, run in few passes.
+    """A Conv2d followed by any of BatchNorm2d, ReLU or LeakyReLU, and Tanh, in that order, run in
+    few passes (a LeakyReLU without BatchNorm only).
 
     forward* return (out, record); the record (None in inference) is what `backward` needs.
     """
@@ -37,9 +41,12 @@ class Block:
     def __init__(self, layers: list):
         rest = list(layers[1:])
         take = lambda kind: rest.pop(0) if rest and isinstance(rest[0], kind) else None
-        self.conv, self.bn, self.relu, self.tanh = layers[0], take(BatchNorm2d), take(ReLU), take(Tanh)
-        if not isinstance(self.conv, Conv2d) or not self.conv.same or rest:
-            raise ValueError(f"the fast engine runs 'same' Conv2d (+ BatchNorm2d) (+ ReLU) (+ Tanh) blocks, got {layers}")
+        self.conv, self.bn, self.relu = layers[0], take(BatchNorm2d), take(ReLU)
+        self.leaky = take(LeakyReLU) if self.relu is None else None
+        self.tanh = take(Tanh)
+        if not isinstance(self.conv, Conv2d) or rest or (self.leaky is not None and self.bn is not None):
+            raise ValueError("the fast engine runs Conv2d (+ BatchNorm2d) (+ ReLU) (+ Tanh) and "
+                             f"Conv2d (+ LeakyReLU) (+ Tanh) blocks, got {layers}")
 
     def _weights(self) -> tuple:
         """(W, b, the BatchNorm2d to run after the conv or None): in inference BatchNorm folds into W, b."""
@@ -48,10 +55,16 @@ class Block:
         return self.conv.params["W"], self.conv.bias, self.bn
 
     def forward(self, x, conv: str, inference: bool) -> tuple:
-        """x (N, H, W, C) -> (N, H, W, F)."""
+        """x (N, H, W, C) -> (N, Ho, Wo, F): (N, H, W, F) for a 'same' conv."""
         w, b, bn = self._weights()
-        out, cache = conv2d_forward(x, w, b, conv2d_path(x, w, conv), relu=self.relu is not None and bn is None,
-                                    inference=inference)
+        slope = None if self.leaky is None else self.leaky.slope
+        if not self.conv.same:
+            out, cache = strided.forward(x, w, b, self.conv.stride, self.conv.padding, slope)
+        else:
+            out, cache = conv2d_forward(x, w, b, conv2d_path(x, w, conv), relu=self.relu is not None and bn is None,
+                                        inference=inference)
+            if slope is not None:
+                parallel.map_elementwise(lambda part: strided.leaky_relu_into(out[part], slope), out)
         return self._after_conv(out, ("conv", cache), bn, inference)
 
     def forward_upsampled(self, x_low, skip, conv: str, inference: bool) -> tuple:
@@ -85,6 +98,8 @@ class Block:
             d = batchnorm2d_backward(self.bn, d, bn_cache)  # the ReLU's mask inside
         elif self.relu is not None and not relu_done:
             d = relu_backward(d, out)
+        elif self.leaky is not None:
+            d = strided.leaky_relu_backward(d, out, self.leaky.slope)
         kind, w = conv_record[0], self.conv.params["W"]
         if kind == "conv":
             dx, dw, db = conv2d_backward(d, w, conv_record[1], self.conv.input_grad)
@@ -204,6 +219,41 @@ class Network:
             pool_cache, record = records.pop(), records.pop()
             d, relu_done = _pool_backward(block, d, pool_cache, d_skips.pop() if d_skips else None)
             d, _ = block.backward(d, record, relu_done)
+
+
+class Critic:
+    """Runs `model` (the GAN's critic: `join`, a Concat of the lightness and ab, then `layers`,
+    Conv2d each followed by a LeakyReLU but the last) with the fast engine: forward and backward
+    as the model's."""
+
+    def __init__(self, model, conv: str = "auto"):
+        self.model, self.conv = model, conv
+        starts = [i for i, layer in enumerate(model.layers) if isinstance(layer, Conv2d)] + [len(model.layers)]
+        self.blocks = [Block(model.layers[a:b]) for a, b in zip(starts, starts[1:])]
+        self.records: list = []
+
+    def forward(self, lightness, ab):
+        """lightness (N, H, W, 1), ab (N, H, W, 2) -> logits (N, h, w, 1)."""
+        x = array_module(ab).concatenate([lightness, ab], axis=-1)
+        self.records = [lightness.shape[-1]]
+        for block in self.blocks:
+            x, record = block.forward(x, self.conv, inference=False)
+            self.records.append(record)
+        return x
+
+    __call__ = forward
+
+    def backward(self, d_logits, input_grad: bool = True):
+        """d loss / d logits (N, h, w, 1) -> d loss / d ab (N, H, W, 2), or None without `input_grad`;
+        fills the layers' grads."""
+        if not self.records:
+            raise RuntimeError("backward needs a forward pass first")
+        self.blocks[0].conv.input_grad = input_grad  # as the model's own backward sets it
+        d = d_logits
+        for block in reversed(self.blocks):
+            d, _ = block.backward(d, self.records.pop())
+        split = self.records.pop()
+        return array_module(d).ascontiguousarray(d[..., split:]) if input_grad else None
 
 
 def _pool_backward(block: Block, d, pool_cache: tuple, d_skip) -> tuple:

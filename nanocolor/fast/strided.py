@@ -1,0 +1,142 @@
+"""Convolutions with a stride or a padding other than 'same' (the critic's downsampling convs):
+a patch matrix and one GEMM per piece of images.
+
+As in the textbook (layers.Conv2d), forward keeps the patch matrix for dW = cols^T dout; here
+each piece of whole images builds its rows on a CPU worker and multiplies them while they are
+in cache, and a LeakyReLU after the conv runs on each piece of the output there too. Backward
+does not add the patches' gradients back with col2im, which adds C values at a time: each
+tap's d W[i, j]^T goes into one phase of the piece's own dx as a block of whole rows (whole
+images per piece: no two workers add into the same pixels).
+
+Shapes (channels-last): x (N, H, W, C), w (k, k, C, F), b (F,), out and dout (N, Ho, Wo, F)
+with Ho = (H + 2p - k) // s + 1 for stride s and padding p.
+"""
+from __future__ import annotations
+
+from ..backend import array_module
+from ..layers import conv_output_size
+from . import parallel
+from .helpers import column_sums, pixel_rows, weight_grad
+from .workspace import scratch
+
+PIECE_PATCH_BYTES = 1 << 20  # pieces of about this much patch matrix, and at least 4096 output pixels
+
+
+def _padded(x, p: int, tag: str):
+    """x (n, H, W, C) with p zero rows and columns around it, (n, H + 2p, W + 2p, C), in scratch."""
+    n, H, W, C = x.shape
+    x_pad = scratch(tag, (n, H + 2 * p, W + 2 * p, C), x.dtype, x)
+    if p:
+        x_pad[:, :p] = 0
+        x_pad[:, H + p:] = 0
+        x_pad[:, p:H + p, :p] = 0
+        x_pad[:, p:H + p, W + p:] = 0
+    x_pad[:, p:H + p, p:W + p] = x
+    return x_pad
+
+
+def _patches(x_pad, k: int, s: int, Ho: int, Wo: int):
+    """Every k x k patch of x_pad at stride s, a (n, Ho, Wo, k, k, C) view (no copy)."""
+    n, _, _, C = x_pad.shape
+    sN, sH, sW, sC = x_pad.strides
+    return array_module(x_pad).lib.stride_tricks.as_strided(
+        x_pad, shape=(n, Ho, Wo, k, k, C), strides=(sN, s * sH, s * sW, sH, sW, sC))
+
+
+def patch_matrix(x, k: int, s: int, p: int, cols):
+    """im2col of x (n, H, W, C) at stride s with padding p into cols (n*Ho*Wo, k*k*C)."""
+    n, H, W, C = x.shape
+    Ho, Wo = conv_output_size(H, k, s, p), conv_output_size(W, k, s, p)
+    array_module(x).copyto(cols.reshape(n, Ho, Wo, k, k, C), _patches(_padded(x, p, "strided_pad"), k, s, Ho, Wo))
+    return cols
+
+
+def leaky_relu_into(a, slope: float) -> None:
+    """a = max(a, slope * a) in place: the LeakyReLU for 0 <= slope < 1."""
+    xp = array_module(a)
+    scaled = scratch("leaky", a.shape, a.dtype, a)
+    xp.multiply(a, slope, out=scaled)
+    xp.maximum(a, scaled, out=a)
+
+
+def leaky_relu_backward(dout, out, slope: float):
+    """dout -> dout where the LeakyReLU's output `out` was positive, slope * dout elsewhere: as
+    dout * (slope + (1 - slope) * [out > 0]), four fast passes (np.where and a masked copy
+    measured 4x slower)."""
+    xp = array_module(dout)
+    dx = xp.empty_like(dout)
+
+    def part(index) -> None:
+        factor = dx[index]
+        positive = xp.greater(out[index], 0, out=scratch("leaky_mask", factor.shape, bool, dout))
+        xp.multiply(positive, 1 - slope, out=factor, dtype=factor.dtype)
+        factor += slope
+        factor *= dout[index]
+
+    parallel.map_elementwise(part, dout)
+    return dx
+
+
+def _pieces(N: int, Ho: int, Wo: int, like, columns: int) -> list:
+    """Whole images per piece (their dx must not overlap), about PIECE_PATCH_BYTES of patches."""
+    return parallel.pieces(N, Ho, Wo, like, bands=False,
+                           target=max(4096, PIECE_PATCH_BYTES // (columns * like.itemsize)))
+
+
+def forward(x, w, b, stride: int, padding: int, slope: float | None = None) -> tuple:
+    """x (N, H, W, C) -> (out (N, Ho, Wo, F), cache for `backward`); with `slope`, the
+    LeakyReLU max(out, slope * out) on each piece of the output."""
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    k, F = w.shape[0], w.shape[-1]
+    Ho, Wo = conv_output_size(H, k, stride, padding), conv_output_size(W, k, stride, padding)
+    w2d = w.reshape(k * k * C, F)
+    out = xp.empty((N, Ho, Wo, F), dtype=x.dtype)
+    cols = xp.empty((N, Ho * Wo, k * k * C), dtype=x.dtype)
+
+    def piece(n: slice, _: slice) -> None:
+        o = pixel_rows(out[n])
+        xp.matmul(patch_matrix(x[n], k, stride, padding, cols[n].reshape(-1, k * k * C)), w2d, out=o)
+        o += b
+        if slope is not None:
+            leaky_relu_into(o, slope)
+
+    parallel.run_pieces(piece, _pieces(N, Ho, Wo, x, k * k * C), x)
+    return out, ("strided", x.shape, stride, padding, cols)
+
+
+def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
+    """dout (N, Ho, Wo, F) -> (dx (N, H, W, C) or None without input_grad, dW (k, k, C, F), db (F,))."""
+    xp = array_module(dout)
+    _, (N, H, W, C), s, p, cols = cache
+    k, F = w.shape[0], w.shape[-1]
+    Ho, Wo = dout.shape[1:3]
+    dw = xp.zeros((parallel.slots(dout), k * k * C, F), dtype=dout.dtype)  # partial sums, one per worker
+    db = xp.zeros((parallel.slots(dout), F), dtype=dout.dtype)
+    dx = xp.empty((N, H, W, C), dtype=dout.dtype) if input_grad else None
+    # dx by phases: pixel (s*y + i, s*x + j) of x_pad is pixel (y + i//s, x + j//s) of phase
+    # (i % s, j % s), so tap (i, j)'s gradient d W[i, j]^T adds into one phase as a block of
+    # whole rows (a col2im adding into x_pad itself runs over C values at a time: 3x slower).
+    Hq, Wq = max(Ho + (k - 1) // s, -(-(H + 2 * p) // s)), max(Wo + (k - 1) // s, -(-(W + 2 * p) // s))
+    w_taps = xp.ascontiguousarray(w.transpose(0, 1, 3, 2))  # (k, k, F, C)
+
+    def piece(n: slice, _: slice) -> None:
+        d = dout[n].reshape(-1, F)
+        dw[parallel.slot()] += weight_grad(cols[n].reshape(-1, k * k * C), d)
+        db[parallel.slot()] += column_sums(d)
+        if not input_grad:
+            return
+        n_ = n.stop - n.start
+        phases = scratch("strided_phases", (s, s, n_, Hq, Wq, C), d.dtype, d)
+        phases[...] = 0
+        tap = scratch("strided_tap", (n_, Ho, Wo, C), d.dtype, d)
+        for i in range(k):
+            for j in range(k):
+                xp.matmul(d, w_taps[i, j], out=tap.reshape(-1, C))
+                phases[i % s, j % s, :, i // s:i // s + Ho, j // s:j // s + Wo] += tap
+        # back to pixels: x_pad pixel (Y, X) is phase (Y % s, X % s) at (Y // s, X // s)
+        dx_pad = phases.transpose(2, 3, 0, 4, 1, 5).reshape(n_, s * Hq, s * Wq, C)
+        dx[n] = dx_pad[:, p:p + H, p:p + W]
+
+    parallel.run_pieces(piece, _pieces(N, Ho, Wo, dout, k * k * C), dout)
+    return dx, dw.sum(axis=0).reshape(w.shape), db.sum(axis=0)
