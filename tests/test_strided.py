@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from nanocolor import engine, fast
-from nanocolor.fast import network, strided
+from nanocolor.fast import conv as fast_conv, network, strided
+from nanocolor.fast.helpers import leaky_relu_into
+from nanocolor.fast.resample import leaky_relu_backward
 from nanocolor.gan import PatchCritic
 from nanocolor.layers import BatchNorm2d, Conv2d, LeakyReLU
 
@@ -21,6 +23,9 @@ STRIDED_CASES = [  # (shape, c_out, k, stride, padding)
     ((2, 6, 6, 2), 3, 5, 2, 2),    # a 5x5 kernel, padding 2
     ((1, 3, 3, 2), 2, 3, 2, 1),    # a 2x2 output from a 3x3 image
     ((5, 8, 6, 1), 5, 3, 2, 1),    # one input channel, more images than pieces
+    ((2, 9, 7, 8), 3, 3, 2, 1),    # 8 channels and more: dx by channels-last phases
+    ((1, 8, 10, 12), 4, 4, 2, 1),  # ... with an even kernel
+    ((3, 11, 8, 9), 2, 3, 3, 0),   # ... stride 3 without padding
 ]
 
 
@@ -50,7 +55,7 @@ def test_strided_conv_matches_textbook(shape, c_out, k, stride, padding, input_g
     out, _ = strided.forward(x, conv.params["W"], conv.params["b"], stride, padding, slope)
     dout = rng.standard_normal(out.shape)
     expected = textbook(conv, slope, x, dout, input_grad)
-    d_conv = dout if slope is None else strided.leaky_relu_backward(dout, out, slope)
+    d_conv = dout if slope is None else leaky_relu_backward(dout, out, slope)
     out, cache = strided.forward(x, conv.params["W"], conv.params["b"], stride, padding, slope)
     got = (out, *strided.backward(d_conv, cache, conv.params["W"], input_grad))
     for name, a, b in zip(("out", "dx", "dW", "db"), got, expected):
@@ -68,9 +73,9 @@ def test_leaky_relu_matches_the_textbook_layer(shape, workers, rng):
     layer = LeakyReLU(0.2)
     out, dout = layer.forward(x), rng.standard_normal(shape)
     fast_out = x.copy()
-    strided.leaky_relu_into(fast_out, 0.2)
+    leaky_relu_into(fast_out, 0.2)
     np.testing.assert_array_equal(fast_out, out)
-    np.testing.assert_allclose(strided.leaky_relu_backward(dout, out, 0.2), layer.backward(dout), rtol=1e-15)
+    np.testing.assert_allclose(leaky_relu_backward(dout, out, 0.2), layer.backward(dout), rtol=1e-15)
 
 
 def float64_critic(widths: tuple, seed: int = 0) -> PatchCritic:
@@ -121,3 +126,14 @@ def test_blocks_take_a_leaky_relu_after_a_conv_only_without_batchnorm():
     assert network.Block([conv, LeakyReLU(0.1)]).leaky.slope == 0.1
     with pytest.raises(ValueError, match="LeakyReLU"):
         network.Block([conv, BatchNorm2d(3), LeakyReLU()])
+
+
+@pytest.mark.parametrize("path", ["gemm", "winograd", "winograd4"])
+def test_same_conv_leaky_relu_matches_textbook(path, workers, rng):
+    """A 'same' conv then LeakyReLU: in Winograd F(4x4)'s epilogue, or one more pass after the others."""
+    conv = random_conv((2, 8, 8, 4), 6, 3, 1, 1, rng)
+    x = rng.standard_normal((2, 8, 8, 4))
+    expected = LeakyReLU(0.2).forward(conv.forward(x))
+    for inference in (False, True):
+        out, _ = fast_conv.conv2d_forward(x, conv.params["W"], conv.params["b"], path, inference=inference, slope=0.2)
+        np.testing.assert_allclose(out, expected, rtol=1e-11, atol=1e-12)

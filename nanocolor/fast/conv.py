@@ -9,6 +9,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import gemm, parallel, strided, upsampled, winograd, winograd4
+from .helpers import leaky_relu_into
 
 CONVS = ("auto", "gemm", "winograd", "winograd4")
 WINOGRAD_MIN_CHANNELS = 16  # thinner convs spend more time in Winograd's transforms than they save
@@ -62,18 +63,24 @@ def upsampled_conv_path(x_low, skip, w, conv: str = "auto", inference: bool = Fa
     return "winograd4" if conv2d_path(skip, w[:, :, x_low.shape[-1]:], conv) == "winograd4" else "phases+skip"
 
 
-def conv2d_forward(x, w, b, path: str, relu: bool = False, inference: bool = False) -> tuple:
+def conv2d_forward(x, w, b, path: str, relu: bool = False, inference: bool = False,
+                   slope: float | None = None) -> tuple:
     """'same' convolution by `path` ("gemm", "winograd" or "winograd4"): (out (N, H, W, F), cache);
-    with `relu`, max(out, 0) computed in the GEMMs' epilogue. With `inference` no backward will
-    read the cache, so it keeps only what it costs nothing to keep (Winograd F(4x4) keeps its
-    transformed input for a backward otherwise)."""
-    if path == "winograd":
-        return winograd.forward(x, w, b, relu)
+    with `relu`, max(out, 0) computed in the GEMMs' epilogue; with `slope`, the LeakyReLU
+    max(out, slope * out) (in Winograd F(4x4)'s epilogue, else one more pass). With `inference`
+    no backward will read the cache, so it keeps only what it costs nothing to keep (Winograd
+    F(4x4) keeps its transformed input for a backward otherwise)."""
     if path == "winograd4":
-        return winograd4.forward(x, w, b, relu, keep_v=not inference)
-    if path == "gemm":
-        return gemm.forward(x, w, b, relu)
-    raise ValueError(f"the fast engine has no conv path {path!r}")
+        return winograd4.forward(x, w, b, relu, keep_v=not inference, slope=slope)
+    if path == "winograd":
+        out, cache = winograd.forward(x, w, b, relu)
+    elif path == "gemm":
+        out, cache = gemm.forward(x, w, b, relu)
+    else:
+        raise ValueError(f"the fast engine has no conv path {path!r}")
+    if slope is not None:
+        parallel.map_elementwise(lambda part: leaky_relu_into(out[part], slope), out)
+    return out, cache
 
 
 def conv2d_backward(dout, w, cache: tuple, input_grad: bool = True) -> tuple:

@@ -85,6 +85,14 @@ def relu_into(a, out) -> None:
     per_channel(xp.maximum, a, _zero_rows[key], out)
 
 
+def leaky_relu_into(a, slope: float) -> None:
+    """a = max(a, slope * a) in place: the LeakyReLU for 0 <= slope < 1."""
+    xp = array_module(a)
+    scaled = scratch("leaky", a.shape, a.dtype, a)
+    xp.multiply(a, slope, out=scaled)
+    xp.maximum(a, scaled, out=a)
+
+
 SMALL_PRODUCT = 1_000_000  # OpenBLAS multiplies M x K by K x N without packing up to M*N*K this big
 
 

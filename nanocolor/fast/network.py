@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..layers import BatchNorm2d, Conv2d, LeakyReLU, ReLU, Tanh
-from . import gemm, parallel, strided, upsampled, winograd4
+from . import gemm, strided, upsampled, winograd4
 from .conv import conv2d_backward, conv2d_forward, conv2d_path, upsampled_conv_path
 from .helpers import column_sums
 from .norm import batchnorm2d_backward, batchnorm2d_forward, folded_weights, upsample_concat_forward
-from .resample import maxpool2d_backward, maxpool2d_forward, relu_backward, upsample2d_backward, upsample2d_forward
+from .resample import (leaky_relu_backward, maxpool2d_backward, maxpool2d_forward, relu_backward, upsample2d_backward,
+                       upsample2d_forward)
 from .workspace import prepared
 
 
@@ -62,9 +63,7 @@ class Block:
             out, cache = strided.forward(x, w, b, self.conv.stride, self.conv.padding, slope)
         else:
             out, cache = conv2d_forward(x, w, b, conv2d_path(x, w, conv), relu=self.relu is not None and bn is None,
-                                        inference=inference)
-            if slope is not None:
-                parallel.map_elementwise(lambda part: strided.leaky_relu_into(out[part], slope), out)
+                                        inference=inference, slope=slope)
         return self._after_conv(out, ("conv", cache), bn, inference)
 
     def forward_upsampled(self, x_low, skip, conv: str, inference: bool) -> tuple:
@@ -99,7 +98,7 @@ class Block:
         elif self.relu is not None and not relu_done:
             d = relu_backward(d, out)
         elif self.leaky is not None:
-            d = strided.leaky_relu_backward(d, out, self.leaky.slope)
+            d = leaky_relu_backward(d, out, self.leaky.slope)
         kind, w = conv_record[0], self.conv.params["W"]
         if kind == "conv":
             dx, dw, db = conv2d_backward(d, w, conv_record[1], self.conv.input_grad)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..backend import array_module
 from ..layers import conv_output_size
 from . import parallel
-from .helpers import column_sums, pixel_rows, weight_grad
+from .helpers import CHANNELS_LAST_MIN_F, column_sums, leaky_relu_into, pixel_rows, weight_grad
 from .workspace import scratch
 
 PIECE_PATCH_BYTES = 1 << 20  # pieces of about this much patch matrix, and at least 4096 output pixels
@@ -49,32 +49,6 @@ def patch_matrix(x, k: int, s: int, p: int, cols):
     Ho, Wo = conv_output_size(H, k, s, p), conv_output_size(W, k, s, p)
     array_module(x).copyto(cols.reshape(n, Ho, Wo, k, k, C), _patches(_padded(x, p, "strided_pad"), k, s, Ho, Wo))
     return cols
-
-
-def leaky_relu_into(a, slope: float) -> None:
-    """a = max(a, slope * a) in place: the LeakyReLU for 0 <= slope < 1."""
-    xp = array_module(a)
-    scaled = scratch("leaky", a.shape, a.dtype, a)
-    xp.multiply(a, slope, out=scaled)
-    xp.maximum(a, scaled, out=a)
-
-
-def leaky_relu_backward(dout, out, slope: float):
-    """dout -> dout where the LeakyReLU's output `out` was positive, slope * dout elsewhere: as
-    dout * (slope + (1 - slope) * [out > 0]), four fast passes (np.where and a masked copy
-    measured 4x slower)."""
-    xp = array_module(dout)
-    dx = xp.empty_like(dout)
-
-    def part(index) -> None:
-        factor = dx[index]
-        positive = xp.greater(out[index], 0, out=scratch("leaky_mask", factor.shape, bool, dout))
-        xp.multiply(positive, 1 - slope, out=factor, dtype=factor.dtype)
-        factor += slope
-        factor *= dout[index]
-
-    parallel.map_elementwise(part, dout)
-    return dx
 
 
 def _pieces(N: int, Ho: int, Wo: int, like, columns: int) -> list:
@@ -117,8 +91,11 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     # dx by phases: pixel (s*y + i, s*x + j) of x_pad is pixel (y + i//s, x + j//s) of phase
     # (i % s, j % s), so tap (i, j)'s gradient d W[i, j]^T adds into one phase as a block of
     # whole rows (a col2im adding into x_pad itself runs over C values at a time: 3x slower).
+    # Thin inputs (C < CHANNELS_LAST_MIN_F: the critic's pair) take one GEMM W dout^T whose rows
+    # are the taps' gradients as planes (n, Ho, Wo), added into channels-first phases.
     Hq, Wq = max(Ho + (k - 1) // s, -(-(H + 2 * p) // s)), max(Wo + (k - 1) // s, -(-(W + 2 * p) // s))
-    w_taps = xp.ascontiguousarray(w.transpose(0, 1, 3, 2))  # (k, k, F, C)
+    thin = C < CHANNELS_LAST_MIN_F
+    w_taps = xp.ascontiguousarray(w.reshape(k * k * C, F) if thin else w.transpose(0, 1, 3, 2))  # (k*k*C, F) or (k, k, F, C)
 
     def piece(n: slice, _: slice) -> None:
         d = dout[n].reshape(-1, F)
@@ -127,16 +104,30 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
         if not input_grad:
             return
         n_ = n.stop - n.start
-        phases = scratch("strided_phases", (s, s, n_, Hq, Wq, C), d.dtype, d)
+        if thin:
+            phases = scratch("strided_phases", (s, s, C, n_, Hq, Wq), d.dtype, d)
+            planes = xp.matmul(w_taps, d.T, out=scratch("strided_tap", (k * k * C, n_ * Ho * Wo), d.dtype, d))
+            planes = planes.reshape(k, k, C, n_, Ho, Wo)
+            phase = lambda r, q: phases[r, q].transpose(1, 2, 3, 0)  # (n_, Hq, Wq, C) view
+        else:
+            phases = scratch("strided_phases", (s, s, n_, Hq, Wq, C), d.dtype, d)
+            tap = scratch("strided_tap", (n_, Ho, Wo, C), d.dtype, d)
+            phase = lambda r, q: phases[r, q]
         phases[...] = 0
-        tap = scratch("strided_tap", (n_, Ho, Wo, C), d.dtype, d)
         for i in range(k):
             for j in range(k):
-                xp.matmul(d, w_taps[i, j], out=tap.reshape(-1, C))
-                phases[i % s, j % s, :, i // s:i // s + Ho, j // s:j // s + Wo] += tap
-        # back to pixels: x_pad pixel (Y, X) is phase (Y % s, X % s) at (Y // s, X // s)
-        dx_pad = phases.transpose(2, 3, 0, 4, 1, 5).reshape(n_, s * Hq, s * Wq, C)
-        dx[n] = dx_pad[:, p:p + H, p:p + W]
+                if thin:
+                    phases[i % s, j % s, :, :, i // s:i // s + Ho, j // s:j // s + Wo] += planes[i, j]
+                else:
+                    xp.matmul(d, w_taps[i, j], out=tap.reshape(-1, C))
+                    phases[i % s, j % s, :, i // s:i // s + Ho, j // s:j // s + Wo] += tap
+        # back to pixels, one phase at a time: pixel y of x is row (y + p) // s of phase (y + p) % s
+        for r in range(s):
+            for q in range(s):
+                y0, x0 = (r - p) % s, (q - p) % s  # the first pixels of x in this phase
+                rows, cols_ = len(range(y0, H, s)), len(range(x0, W, s))
+                Y0, X0 = (y0 + p) // s, (x0 + p) // s
+                dx[n, y0::s, x0::s] = phase(r, q)[:, Y0:Y0 + rows, X0:X0 + cols_]
 
     parallel.run_pieces(piece, _pieces(N, Ho, Wo, dout, k * k * C), dout)
     return dx, dw.sum(axis=0).reshape(w.shape), db.sum(axis=0)

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .helpers import column_sums, pad_rows, relu_into, small_matmul, transform_adjoint
+from .helpers import column_sums, leaky_relu_into, pad_rows, relu_into, small_matmul, transform_adjoint
 from .workspace import prepared, scratch
 
 B_T = np.array([[4, 0, -5, 0, 1, 0],
@@ -157,8 +157,9 @@ def _bs_t(dtype, like):
     return array_module(like).asarray((B_T @ UPSAMPLED_ROWS).astype(dtype))
 
 
-def forward(x, w, b, relu: bool = False, keep_v: bool = False, upsampled=None) -> tuple:
-    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0).
+def forward(x, w, b, relu: bool = False, keep_v: bool = False, upsampled=None, slope: float | None = None) -> tuple:
+    """'same' 3x3 convolution -> (out (N, H, W, F), cache for `backward`); with `relu`, max(out, 0),
+    with `slope` the LeakyReLU max(out, slope * out).
     With `keep_v` the cache keeps the transformed input V (2.25x the size of x) instead of x,
     which backward would otherwise transform again; without it (inference) V stays in scratch.
     With `upsampled` x_low (N, H/2, W/2, Cu), the conv of concat(upsample2x(x_low), x) by w
@@ -195,6 +196,8 @@ def forward(x, w, b, relu: bool = False, keep_v: bool = False, upsampled=None) -
         small_matmul(a_t, s.reshape(4, 6, P * F), y)           # then along the columns
         if relu:  # on the contiguous tiles, before they are scattered (much faster than on the way)
             relu_into(y, y)
+        elif slope is not None:
+            leaky_relu_into(y, slope)
         tiles = y.reshape(4, 4, N_, T_, tw, F).transpose(2, 3, 0, 4, 1, 5)
         xp.copyto(out[n, 4 * t.start:4 * t.stop].reshape(N_, T_, 4, tw, 4, F), tiles)
 
