@@ -2,7 +2,8 @@
 
 `Network(model, conv)` (network.py) runs a ColorNet's forward and backward from its layers'
 params and buffers, in fewer passes over memory than layer by layer, its caches in its own
-records; nanocolor/engine.py decides when it is used. `conv` picks how each convolution is
+records, and `Critic(model, conv)` the GAN's critic; nanocolor/engine.py decides when they are
+used. `conv` picks how each convolution is
 computed, and only that:
 
     "gemm"       gemm.py: one GEMM per piece of the batch (or, for few outputs, multiply first
@@ -12,11 +13,13 @@ computed, and only that:
     "auto"       per conv, what measured fastest for its shape (conv2d_path), and a conv after a
                  x2 upsampling at the low resolution (upsampled_conv_path)
 
+whatever `conv`, convs with a stride or other than 'same' padding (the critic's) run by strided.py.
+
 The modules, simplest first: parallel.py (the CPU workers and the cutting of work into pieces),
 workspace.py (scratch buffers, prepared weights), helpers.py (passes and products every
-algorithm shares), resample.py (max-pool, upsample, the ReLU's backward), norm.py (BatchNorm,
-Upsample + Concat), gemm.py, winograd.py, winograd4.py, upsampled.py (the conv algorithms, one
-a module), conv.py (which algorithm for which conv), network.py (the model's blocks put together).
+algorithm shares), resample.py (max-pool, upsample, the ReLU's and LeakyReLU's backward),
+norm.py (BatchNorm, Upsample + Concat), gemm.py, winograd.py, winograd4.py, upsampled.py,
+strided.py (the conv algorithms, one a module), conv.py (which algorithm for which conv), network.py (the model's blocks put together).
 """
 from __future__ import annotations
 

@@ -80,7 +80,12 @@ def forward(x, w, b, stride: int, padding: int, slope: float | None = None) -> t
 
 
 def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
-    """dout (N, Ho, Wo, F) -> (dx (N, H, W, C) or None without input_grad, dW (k, k, C, F), db (F,))."""
+    """dout (N, Ho, Wo, F) -> (dx (N, H, W, C) or None without input_grad, dW (k, k, C, F), db (F,)).
+
+    dx by phases: pixel (s*y + i, s*x + j) of x_pad is pixel (y + i//s, x + j//s) of phase
+    (i % s, j % s), so tap (i, j)'s gradient dout W[i, j]^T adds into one phase as a block of
+    whole rows (a col2im adding into x_pad itself runs over C values at a time: 3x slower).
+    """
     xp = array_module(dout)
     _, (N, H, W, C), s, p, cols = cache
     k, F = w.shape[0], w.shape[-1]
@@ -88,14 +93,10 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     dw = xp.zeros((parallel.slots(dout), k * k * C, F), dtype=dout.dtype)  # partial sums, one per worker
     db = xp.zeros((parallel.slots(dout), F), dtype=dout.dtype)
     dx = xp.empty((N, H, W, C), dtype=dout.dtype) if input_grad else None
-    # dx by phases: pixel (s*y + i, s*x + j) of x_pad is pixel (y + i//s, x + j//s) of phase
-    # (i % s, j % s), so tap (i, j)'s gradient d W[i, j]^T adds into one phase as a block of
-    # whole rows (a col2im adding into x_pad itself runs over C values at a time: 3x slower).
-    # Thin inputs (C < CHANNELS_LAST_MIN_F: the critic's pair) take one GEMM W dout^T whose rows
-    # are the taps' gradients as planes (n, Ho, Wo), added into channels-first phases.
     Hq, Wq = max(Ho + (k - 1) // s, -(-(H + 2 * p) // s)), max(Wo + (k - 1) // s, -(-(W + 2 * p) // s))
     thin = C < CHANNELS_LAST_MIN_F
     w_taps = xp.ascontiguousarray(w.reshape(k * k * C, F) if thin else w.transpose(0, 1, 3, 2))  # (k*k*C, F) or (k, k, F, C)
+    add_taps = _taps_as_planes if thin else _taps_channels_last
 
     def piece(n: slice, _: slice) -> None:
         d = dout[n].reshape(-1, F)
@@ -103,31 +104,43 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
         db[parallel.slot()] += column_sums(d)
         if not input_grad:
             return
-        n_ = n.stop - n.start
-        if thin:
-            phases = scratch("strided_phases", (s, s, C, n_, Hq, Wq), d.dtype, d)
-            planes = xp.matmul(w_taps, d.T, out=scratch("strided_tap", (k * k * C, n_ * Ho * Wo), d.dtype, d))
-            planes = planes.reshape(k, k, C, n_, Ho, Wo)
-            phase = lambda r, q: phases[r, q].transpose(1, 2, 3, 0)  # (n_, Hq, Wq, C) view
-        else:
-            phases = scratch("strided_phases", (s, s, n_, Hq, Wq, C), d.dtype, d)
-            tap = scratch("strided_tap", (n_, Ho, Wo, C), d.dtype, d)
-            phase = lambda r, q: phases[r, q]
-        phases[...] = 0
-        for i in range(k):
-            for j in range(k):
-                if thin:
-                    phases[i % s, j % s, :, :, i // s:i // s + Ho, j // s:j // s + Wo] += planes[i, j]
-                else:
-                    xp.matmul(d, w_taps[i, j], out=tap.reshape(-1, C))
-                    phases[i % s, j % s, :, i // s:i // s + Ho, j // s:j // s + Wo] += tap
-        # back to pixels, one phase at a time: pixel y of x is row (y + p) // s of phase (y + p) % s
-        for r in range(s):
+        phase = add_taps(d, w_taps, k, (n.stop - n.start, Ho, Wo, C), s, (Hq, Wq))
+        for r in range(s):  # back to pixels: pixel y of x is row (y + p) // s of phase (y + p) % s
             for q in range(s):
                 y0, x0 = (r - p) % s, (q - p) % s  # the first pixels of x in this phase
-                rows, cols_ = len(range(y0, H, s)), len(range(x0, W, s))
                 Y0, X0 = (y0 + p) // s, (x0 + p) // s
-                dx[n, y0::s, x0::s] = phase(r, q)[:, Y0:Y0 + rows, X0:X0 + cols_]
+                dx[n, y0::s, x0::s] = phase(r, q)[:, Y0:Y0 + len(range(y0, H, s)), X0:X0 + len(range(x0, W, s))]
 
     parallel.run_pieces(piece, _pieces(N, Ho, Wo, dout, k * k * C), dout)
     return dx, dw.sum(axis=0).reshape(w.shape), db.sum(axis=0)
+
+
+def _taps_channels_last(d, w_taps, k: int, shape: tuple, s: int, phase_size: tuple):
+    """Every tap's d W[i, j]^T (one GEMM each, d (P, F), w_taps (k, k, F, C)) added into its phase
+    (s, s, n, Hq, Wq, C) in scratch; returns phase(r, q), a (n, Hq, Wq, C) view."""
+    xp = array_module(d)
+    n, Ho, Wo, C = shape
+    phases = scratch("strided_phases", (s, s, n) + phase_size + (C,), d.dtype, d)
+    phases[...] = 0
+    tap = scratch("strided_tap", shape, d.dtype, d)
+    for i in range(k):
+        for j in range(k):
+            xp.matmul(d, w_taps[i, j], out=tap.reshape(-1, C))
+            phases[i % s, j % s, :, i // s:i // s + Ho, j // s:j // s + Wo] += tap
+    return lambda r, q: phases[r, q]
+
+
+def _taps_as_planes(d, w_taps, k: int, shape: tuple, s: int, phase_size: tuple):
+    """For thin inputs (C < CHANNELS_LAST_MIN_F: the critic's pair): one GEMM W dout^T whose rows
+    are the taps' gradients as planes (n, Ho, Wo), added along whole rows into channels-first
+    phases (s, s, C, n, Hq, Wq) in scratch; returns phase(r, q), a (n, Hq, Wq, C) view."""
+    xp = array_module(d)
+    n, Ho, Wo, C = shape
+    phases = scratch("strided_phases", (s, s, C, n) + phase_size, d.dtype, d)
+    phases[...] = 0
+    planes = xp.matmul(w_taps, d.T, out=scratch("strided_tap", (k * k * C, n * Ho * Wo), d.dtype, d))
+    planes = planes.reshape(k, k, C, n, Ho, Wo)
+    for i in range(k):
+        for j in range(k):
+            phases[i % s, j % s, :, :, i // s:i // s + Ho, j // s:j // s + Wo] += planes[i, j]
+    return lambda r, q: phases[r, q].transpose(1, 2, 3, 0)
