@@ -28,13 +28,12 @@ from pathlib import Path
 
 from nanocolor import backend, engine, options
 from nanocolor.data import IMAGE_EXTENSIONS, ImageError, decode_image, photo_arrays
-from nanocolor.infer import (MAX_WORK_SIZE, check_work_size, colorize_array, colorize_file, compare_png,
-                             encode_png, frame_count, is_colorize_output, load_colorizer)
+from nanocolor.infer import (DEFAULT_WEIGHTS, MAX_WORK_SIZE, check_work_size, colorize_array, colorize_file,
+                             compare_png, encode_png, frame_count, is_colorize_output, load_colorizer)
 from nanocolor.pipes import ends_quietly_on_closed_stdout, print_listing
 from nanocolor.serialize import atomic_write_bytes
 from nanocolor.video import VIDEO_EXTENSIONS, colorize_video, is_video, is_video_output
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
 FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | {".gif"} | VIDEO_EXTENSIONS  # what a folder search picks up
 
 
@@ -63,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-smooth", action="store_true",
                    help="videos: colorize every frame alone (colors flicker; for comparison)")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
-                   help="model weights (.npz from train.py: model.npz or checkpoint.npz); default: the shipped model")
+                   help="model weights (.npz from train.py: model.npz or checkpoint.npz), or the name of a "
+                        "shipped model (colornet-v1: the previous one); default: the shipped model")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side, in pixels, at which the network predicts color "
                         f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")

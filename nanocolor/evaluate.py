@@ -24,13 +24,12 @@ from PIL import Image
 from . import backend, engine, options
 from .data import DataError, ImageError, find_images, is_grayscale, read_photo
 from .images import gray_of, side_by_side, to_uint8, write_png
-from .infer import check_work_size, colorize_array, load_colorizer
+from .infer import DEFAULT_WEIGHTS, check_work_size, colorize_array, load_colorizer
 from .progress import progress_bar
 from .metrics import colorfulness, colorization_scores, summarize
 from .pipes import ends_quietly_on_closed_stdout
 from .model import ColorNet
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
 GALLERY_PHOTOS = 8
 
 
@@ -164,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder of color photos, searched recursively")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="model weights or checkpoint (default: the shipped model)")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="model weights or checkpoint, or a shipped model's name (default: the shipped model)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N color photos (sorted by path)")
     p.add_argument("--gallery", metavar="PNG", help=f"write gray | original | colorized of {GALLERY_PHOTOS} photos")
     p.add_argument("--gallery-every", type=int, default=1, metavar="K",

@@ -163,9 +163,25 @@ def read_pixels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
         raise ImageError(f"{path}: cannot convert a {img.mode} image to RGB ({err})") from None
 
 
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"  # the weight files that come with nanocolor
+DEFAULT_WEIGHTS = SHIPPED_WEIGHTS / "colornet.npz"
+
+
+def weights_file(name: str | os.PathLike) -> Path:
+    """The weights `name` stands for: a file path, or the name of a shipped file without its
+    .npz ("colornet-v1": nanocolor/weights/colornet-v1.npz) when no such path exists."""
+    path = Path(name)
+    shipped = SHIPPED_WEIGHTS / f"{name}.npz"
+    if not path.exists() and path.name == str(name) and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
-    """A model for colorize_array from a weights file or checkpoint, and its default work size
-    (twice its training size). Raises CorruptFileError, naming the file, for anything unusable."""
+    """A model for colorize_array from a weights file or checkpoint (or a shipped file's name,
+    weights_file), and its default work size (twice its training size). Raises
+    CorruptFileError, naming the file, for anything unusable."""
+    path = weights_file(path)
     try:
         arrays, meta = load_npz(path)
         model = ColorNet.from_contents(arrays, meta, source=str(path))

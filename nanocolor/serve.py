@@ -54,11 +54,11 @@ from starlette.routing import Route
 from . import __version__, backend, engine, options
 from .data import ImageError, photo_arrays
 from .data import decode_image as decode_image_file
-from .infer import MAX_WORK_SIZE, check_work_size, colorize_array, encode_png, load_colorizer
+from .infer import (DEFAULT_WEIGHTS, MAX_WORK_SIZE, check_work_size, colorize_array, encode_png, load_colorizer,
+                    weights_file)
 from .pipes import ends_quietly_on_closed_stdout
 from .serialize import CorruptFileError
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "colornet.npz"
 PAGE = Path(__file__).resolve().parent / "serve_page.html"
 FORM_OVERHEAD = 64 * 1024  # bytes of multipart boundaries, headers and small fields around a file
 
@@ -103,13 +103,13 @@ def load_colorizers(weights: list[str], work_size: int | None = None) -> list[Co
     """The models to offer, loaded once: each --weights file (the first is the default), then the
     shipped model. Raises CorruptFileError, naming the file, for a missing or unusable one."""
     colorizers, seen = [], set()
-    for path in [*weights, str(SHIPPED_WEIGHTS)]:
-        resolved = Path(path).resolve()
+    for path in [*weights, str(DEFAULT_WEIGHTS)]:
+        resolved = weights_file(path).resolve()
         if resolved in seen:
             continue
         seen.add(resolved)
         model, default_size = load_colorizer(path)
-        name = "shipped (colornet.npz)" if resolved == SHIPPED_WEIGHTS else str(path)
+        name = "shipped (colornet.npz)" if resolved == DEFAULT_WEIGHTS else str(path)
         colorizers.append(Colorizer(name, resolved, model, work_size or default_size))
     return colorizers
 
@@ -279,8 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--weights", action="append", default=[], metavar="NPZ",
-                   help="also offer this model (model.npz or checkpoint.npz; repeatable); the first "
-                        "given is the default, the shipped model is always offered")
+                   help="also offer this model (model.npz or checkpoint.npz, or a shipped model's name such "
+                        "as colornet-v1; repeatable); the first given is the default, the shipped model is always offered")
     p.add_argument("--max-megapixels", type=float, default=Limits.max_megapixels,
                    help=f"refuse larger images (default {Limits.max_megapixels:g})")
     p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_mb,

@@ -31,6 +31,7 @@ from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset
 from .distributed import GradientAverager, World
 from .gan import CRITIC_LR, CRITIC_WIDTHS, GAN, LAMBDA, WARMUP
 from .images import side_by_side
+from .infer import weights_file
 from .layers import BatchNorm2d
 from .loss import MSELoss
 from .metrics import psnr
@@ -232,7 +233,7 @@ class Trainer:
 
     def _load_initial_weights(self, path: str) -> None:
         """Fine-tune: copy the weights of a file whose architecture matches this run's."""
-        arrays, meta = load_npz(path)
+        arrays, meta = load_npz(weights_file(path))
         config = full_config(meta.get("config") or {})
         if config != self.model.config:
             raise ValueError(f"{path}: architecture {config} does not match this run's "

@@ -334,3 +334,15 @@ def test_train_off_a_terminal_writes_a_few_progress_lines(tmp_path):
         assert "loss=" in progress[-1]
     assert "\r" not in result.stderr
     assert sum("loading images" in line for line in lines) <= 10
+
+
+def test_weights_by_the_name_of_a_shipped_file(tmp_path, monkeypatch):
+    """--weights NAME finds nanocolor/weights/NAME.npz, unless NAME is a file of its own."""
+    from nanocolor.infer import DEFAULT_WEIGHTS, weights_file
+    monkeypatch.chdir(tmp_path)
+    assert weights_file("colornet") == DEFAULT_WEIGHTS
+    assert weights_file("no-such-model") == tmp_path.joinpath("no-such-model").relative_to(tmp_path)
+    assert weights_file(tmp_path / "colornet") == tmp_path / "colornet"  # a path is a path
+    (tmp_path / "colornet").write_bytes(b"a file of that name here")
+    assert weights_file("colornet").resolve() == tmp_path / "colornet"
+    assert weights_file("sub/colornet").name == "colornet" and weights_file("sub/colornet") != DEFAULT_WEIGHTS

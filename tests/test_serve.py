@@ -332,7 +332,7 @@ def start_command(*args: str) -> subprocess.Popen:
                          ids=["ctrl-c", "sigterm"])
 def test_nanocolor_serve_command_serves_until_stopped(tmp_path, stop, exit_code):
     weights = tmp_path / "mine.npz"
-    shutil.copy(serve.SHIPPED_WEIGHTS, weights)
+    shutil.copy(serve.DEFAULT_WEIGHTS, weights)
     process = start_command("--port", "0", "--weights", str(weights))
     try:
         line = process.stdout.readline()  # printed once the models are loaded and the port is bound
