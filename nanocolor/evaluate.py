@@ -24,7 +24,8 @@ from PIL import Image
 from . import backend, engine, options
 from .data import DataError, ImageError, find_images, is_grayscale, read_photo
 from .images import gray_of, side_by_side, to_uint8, write_png
-from .infer import DEFAULT_WEIGHTS, check_work_size, colorize_array, load_colorizer
+from .infer import (DEFAULT_WEIGHTS, check_work_size, full_lightness, join_color, load_colorizer, predict_working_ab,
+                    working_lightness)
 from .progress import progress_bar
 from .metrics import colorfulness, colorization_scores, summarize
 from .pipes import ends_quietly_on_closed_stdout
@@ -79,9 +80,12 @@ def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, li
             skipped_gray += 1
             continue
         original = to_uint8(rgb)
-        colorized, gray = colorize_array(model, rgb, work_size), gray_of(rgb)
-        for gain, scores in gain_scores.items():
-            scores.append(colorization_scores(to_uint8(_with_gain(model, gain, rgb, work_size)), original))
+        # as colorize_array, at the model's gain and every other one from one pass of the network
+        L = full_lightness(rgb, np.float64)
+        abs_ = predict_working_ab(model, working_lightness(model, L, work_size), (model.chroma_gain, *gain_scores))
+        colorized, gray = join_color(L, abs_[0]), gray_of(rgb)
+        for scores, ab in zip(gain_scores.values(), abs_[1:]):
+            scores.append(colorization_scores(to_uint8(join_color(L, ab)), original))
         folders.append(_first_folder(path, data))
         model_scores.append(colorization_scores(to_uint8(colorized), original))
         gray_scores.append(colorization_scores(to_uint8(gray), original))
@@ -107,15 +111,6 @@ def evaluate_folder(model: ColorNet, data: str | os.PathLike, work_size: int, li
                       gray=summarize(gray_scores, original_colorfulness), chroma_gain=model.chroma_gain,
                       other_gains={g: summarize(sc, original_colorfulness) for g, sc in gain_scores.items()},
                       per_folder=per_folder, gallery_rows=rows)
-
-
-def _with_gain(model: ColorNet, gain: float, rgb: np.ndarray, work_size: int) -> np.ndarray:
-    """colorize_array with the model's chroma gain set to `gain` for this call."""
-    kept, model.chroma_gain = model.chroma_gain, gain
-    try:
-        return colorize_array(model, rgb, work_size)
-    finally:
-        model.chroma_gain = kept
 
 
 def _first_folder(path: Path, root: str | os.PathLike) -> str:

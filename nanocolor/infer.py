@@ -86,8 +86,9 @@ def predict_small_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarr
     return predict_working_ab(model, working_lightness(model, L, work_size))
 
 
-def predict_working_ab(model: ColorNet, small: np.ndarray) -> np.ndarray:
-    """L* (h, w) already at the working size -> predicted a*b* (h, w, 2) in LAB units (chroma gain applied)."""
+def predict_working_ab(model: ColorNet, small: np.ndarray, gains: tuple | None = None):
+    """L* (h, w) already at the working size -> predicted a*b* (h, w, 2) in LAB units (chroma gain
+    applied); with `gains`, a list of them, one per chroma gain, from one pass of the network."""
     lightness_in = backend.xp.asarray(scale_lightness(small)[None, ..., None].astype(np.float32))
     out = engine.network(model).forward(lightness_in)
     if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
@@ -95,6 +96,8 @@ def predict_working_ab(model: ColorNet, small: np.ndarray) -> np.ndarray:
         ab = backend.to_numpy(annealed_mean(out))[0]
     else:
         ab = unscale_ab(backend.to_numpy(out)[0])
+    if gains is not None:
+        return [(ab * gain).astype(np.float32) for gain in gains]
     return (ab * model.chroma_gain).astype(np.float32)
 
 

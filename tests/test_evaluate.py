@@ -125,3 +125,12 @@ def test_chroma_gains_get_a_row_each(photos, weights, capsys):
     assert colorful[1] < colorful[0] < colorful[2]  # the gain scales the colors
     assert any("chroma gain 2" in line for line in lines)
     assert main(["--data", str(photos), "--weights", str(weights), "--chroma-gain", "0"]) == 2
+
+
+def test_other_gains_score_as_the_model_at_that_gain(photos, weights):
+    """The rows of other gains (one pass of the network, scaled) equal whole evaluations at each gain."""
+    model = ColorNet.load(weights)
+    ev = evaluate_folder(model, photos, 64, gallery_photos=0, other_gains=(0.5, 1.7))
+    for gain in (0.5, 1.7):
+        model.chroma_gain = gain
+        assert evaluate_folder(model, photos, 64, gallery_photos=0).model == ev.other_gains[gain]
