@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import colorful_rgb, gray_rgb, save_image
 from nanocolor.evaluate import evaluate_folder, main
+from nanocolor.infer import colorize_array
 from nanocolor.model import ColorNet
 
 
@@ -133,4 +134,7 @@ def test_other_gains_score_as_the_model_at_that_gain(photos, weights):
     ev = evaluate_folder(model, photos, 64, gallery_photos=0, other_gains=(0.5, 1.7))
     for gain in (0.5, 1.7):
         model.chroma_gain = gain
-        assert evaluate_folder(model, photos, 64, gallery_photos=0).model == ev.other_gains[gain]
+        at_gain = evaluate_folder(model, photos, 64, gallery_photos=2)
+        assert at_gain.model == ev.other_gains[gain]
+        for _, original, colorized in at_gain.gallery_rows:  # as colorize.py colorizes at that gain
+            np.testing.assert_array_equal(colorized, colorize_array(model, original, 64))
