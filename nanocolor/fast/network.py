@@ -8,11 +8,12 @@ layers' grads and BatchNorm's running statistics. Its caches are its own: `forwa
 record per step of the network, `backward` takes them back in reverse order.
 
 What runs as one:
-- A block, Conv2d (+ BatchNorm2d) (+ ReLU or LeakyReLU) (+ Tanh). In inference BatchNorm is folded into the
-  conv and the ReLU runs in the conv's last pass: one pass over the output instead of four. In
-  training the ReLU runs inside BatchNorm's normalizing pass, and its mask inside BatchNorm's
-  backward; without BatchNorm (the seed network) the ReLU runs in the conv's last pass. A conv
-  with a stride (the critic's) runs by strided.py, its LeakyReLU on each piece of its output.
+- A block, Conv2d (+ BatchNorm2d) (+ ReLU or LeakyReLU) (+ Tanh). In inference BatchNorm is
+  folded into the conv and the ReLU runs in the conv's last pass: one pass over the output
+  instead of four. In training the ReLU runs inside BatchNorm's normalizing pass, and its mask
+  inside BatchNorm's backward; without BatchNorm (the seed network) the ReLU runs in the conv's
+  last pass. A conv with a stride (the critic's) runs by strided.py, its LeakyReLU on each
+  piece of its output.
 - Upsample2d (+ Concat with the skip) and the block after it: the conv taken at the low
   resolution where `upsampled_conv_path` finds a way (no upsampled or joined map is made),
   else Upsample + Concat in one pass and the block.

@@ -1,0 +1,62 @@
+"""Choose a chroma gain on a training run's validation photos, never on the test sets.
+
+    python bench/val_gains.py --data ../shared/data/mixed128/train ../shared/data/scenes150/train \\
+        --model runs/long/model.npz --model runs/big/model.npz --gains 0.9 1 1.1 1.2 1.3
+
+loads the photos as train.py does (--size, --val-fraction and --seed as the run had them; the
+defaults are train.py's) and scores each model on the held-out split, the central size x size
+crops the trainer validates on: mean PSNR (8-bit RGB) and colorfulness ratio, one row per gain.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+from nanocolor import engine  # noqa: E402
+from nanocolor.data import center_crop, load_dataset, split_indices  # noqa: E402
+from nanocolor.infer import load_colorizer  # noqa: E402
+from nanocolor.metrics import colorfulness, psnr  # noqa: E402
+from nanocolor.trainer import TrainConfig, lab_to_rgb_batch  # noqa: E402
+
+
+def scores(model, lightness, ab_true, gains: tuple, batch: int = 64) -> dict:
+    """{gain: (mean PSNR, colorfulness ratio)} of `model` on scaled lightness and ab (N, S, S, 1 and 2)."""
+    net = engine.network(model.eval())
+    ab_pred = np.concatenate([net.forward(lightness[i:i + batch]) for i in range(0, len(lightness), batch)])
+    truth = np.round(lab_to_rgb_batch(lightness, ab_true) * 255)
+    reference = np.mean([colorfulness(t) for t in truth])
+    rows = {}
+    for gain in gains:
+        rgb = np.round(lab_to_rgb_batch(lightness, ab_pred * gain) * 255)
+        rows[gain] = (float(np.mean([psnr(p, t) for p, t in zip(rgb, truth)])),
+                      float(np.mean([colorfulness(p) for p in rgb]) / reference))
+    return rows
+
+
+def main(argv=None) -> int:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, help="the run's --data folders")
+    p.add_argument("--model", action="append", required=True, metavar="NPZ", help="weights or checkpoint (repeat)")
+    p.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1, 1.2, 1.3])
+    p.add_argument("--size", type=int, default=defaults.size)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    args = p.parse_args(argv)
+    lightness, ab = load_dataset(args.data, args.size + args.size // 4, progress=True)
+    _, val = split_indices(len(lightness), args.val_fraction, args.seed)
+    lightness, ab = center_crop(lightness[val], args.size), center_crop(ab[val], args.size)
+    print(f"{len(val)} validation photos, {args.size}x{args.size} center crops")
+    for path in args.model:
+        model, _ = load_colorizer(path)
+        for gain, (db, ratio) in scores(model, lightness, ab, tuple(args.gains)).items():
+            print(f"{path}  gain {gain:g}: PSNR {db:.2f} dB, colorfulness ratio {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
