@@ -301,3 +301,18 @@ def test_make_batch_gathers_and_flips_left_right(rng):
     # the dataset itself is untouched
     np.testing.assert_array_equal(lightness, lightness_before)
     np.testing.assert_array_equal(ab, ab_before)
+
+
+def test_photos_convert_to_lab_in_chunks_with_the_same_numbers(tmp_path, monkeypatch):
+    """Chunks of LOAD_CHUNK photos (the memory of a big dataset's conversion), gray ones skipped
+    between them: the arrays of a conversion all at once, in the same order."""
+    import nanocolor.data as data
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        save_image(tmp_path / f"{i:02d}.png", gray_rgb(12, 10) if i in (3, 7) else colorful_rgb(12, 10, rng))
+    whole = load_dataset(tmp_path, 8, progress=False)
+    monkeypatch.setattr(data, "LOAD_CHUNK", 3)
+    chunked = load_dataset(tmp_path, 8, progress=False)
+    assert whole[0].shape == (9, 8, 8, 1)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
