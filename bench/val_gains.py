@@ -38,7 +38,7 @@ def scores(model, lightness, ab_true, gains: tuple, batch: int = 64) -> dict:
 
 
 def main(argv=None) -> int:
-    defaults = TrainConfig()
+    defaults = TrainConfig(data=[], out="")  # train.py's defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="the run's --data folders")
     p.add_argument("--model", action="append", required=True, metavar="NPZ", help="weights or checkpoint (repeat)")
