@@ -5,7 +5,8 @@
 
 loads the photos as train.py does (--size, --val-fraction and --seed as the run had them; the
 defaults are train.py's) and scores each model on the held-out split, the central size x size
-crops the trainer validates on: mean PSNR (8-bit RGB) and colorfulness ratio, one row per gain.
+crops the trainer validates on: mean PSNR (8-bit RGB) and colorfulness ratio, one row per gain,
+after the gray baseline's PSNR (a*b* = 0).
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     _, val = split_indices(len(lightness), args.val_fraction, args.seed)
     lightness, ab = center_crop(lightness[val], args.size), center_crop(ab[val], args.size)
     print(f"{len(val)} validation photos, {args.size}x{args.size} center crops")
+    gray = np.round(lab_to_rgb_batch(lightness, np.zeros_like(ab)) * 255)
+    truth = np.round(lab_to_rgb_batch(lightness, ab) * 255)
+    print(f"gray baseline: PSNR {np.mean([psnr(g, t) for g, t in zip(gray, truth)]):.2f} dB")
     for path in args.model:
         model, _ = load_colorizer(path)
         for gain, (db, ratio) in scores(model, lightness, ab, tuple(args.gains)).items():

@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side, in pixels, at which the network predicts color "
                         f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
+    p.add_argument("--chroma-gain", type=float, default=None, metavar="GAIN",
+                   help="multiply the predicted a*b* by GAIN: above 1 bolder colors, less faithful "
+                        "(default: the model's own, 1 for the shipped one; see docs/training.md)")
     engine.add_options(p)
     return p.parse_args(argv)
 
@@ -74,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_options(args: argparse.Namespace) -> None:
     """ValueError or OSError, one line each, for settings that would fail every image."""
     check_work_size(args.work_size)
+    options.check_number("--chroma-gain", args.chroma_gain, low=0)
     if args.inputs == ["-"]:  # one image from stdin: --output is the file to write
         check_stdin_outputs(args)
         return
@@ -249,6 +253,8 @@ def main(argv=None) -> int:
         backend.use_device(args.device)
         engine.set_conv(args.conv)
         model, work_size = load_colorizer(args.weights)
+        if args.chroma_gain is not None:
+            model.chroma_gain = args.chroma_gain
     except (ValueError, OSError, backend.DeviceError) as err:  # CorruptFileError is a ValueError
         error(f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else err)
         return 2

@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import (REPO, colorful_rgb, load_script, make_photos, run_colorize, run_train, save_image, script_env,
                       tiny_weights, with_closed_stdout)
 from nanocolor import evaluate, infer, serialize
+from nanocolor.color import rgb_to_lab
 from nanocolor.serialize import load_npz
 
 train_cli = load_script("train.py", "train_cli")
@@ -126,7 +127,8 @@ def test_bad_output_and_weights_places_are_one_line_before_any_work(tmp_path, ca
     cases = [(["--weights", tmp_path], "is a folder"),
              (["--weights", weights, "--output", tmp_path / "x.png"], "looks like a file name"),
              (["--weights", weights, "--output", a_file], "is a file, not a folder"),
-             (["--weights", weights, "--work-size", 3000], "memory grows with its square")]
+             (["--weights", weights, "--work-size", 3000], "memory grows with its square"),
+             (["--weights", weights, "--chroma-gain", -1], "--chroma-gain must be at least 0")]
     for args, reason in cases:
         code, stdout, err = run_colorize(capsys, photo, other, *args)
         assert code == 2 and len(err) == 1 and reason in err[0], (args, err)
@@ -472,3 +474,16 @@ def test_init_with_a_folder_says_what_every_command_says(tmp_path, capsys, photo
     _, _, colorize_err = run_colorize(capsys, tmp_path, "--weights", tmp_path)
     assert err[0].split("error: ", 1)[1] == colorize_err[0].split("error: ", 1)[1] == (
         f"{tmp_path}: is a folder; weights are a .npz file (a run's model.npz or checkpoint.npz)")
+
+
+def test_chroma_gain_option_scales_the_colors_of_the_output(tmp_path, capsys):
+    weights = tiny_weights(tmp_path / "w.npz")
+    photo = save_image(tmp_path / "p.png", colorful_rgb(16, 16))
+    chroma = {}
+    for gain in (None, 1, 0, 2.5):
+        out = tmp_path / f"out_{gain}"
+        args = ["--weights", weights, "--output", out] + ([] if gain is None else ["--chroma-gain", gain])
+        assert run_colorize(capsys, photo, *args)[0] == 0
+        lab = rgb_to_lab(np.asarray(Image.open(out / "p.png"), np.float64) / 255)
+        chroma[gain] = np.hypot(lab[..., 1], lab[..., 2]).mean()
+    assert chroma[None] == chroma[1] and chroma[0] < 1.0 < chroma[1] < chroma[2.5]
