@@ -38,9 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SIZES = ("1024x768", "2592x1944", "5472x3648")  # 0.8, 5.0 and 20.0 megapixels
 VIDEO_SIZES = ("640x360", "1280x720", "1920x1080")
-# Run in a fresh process: colorize argv[1] into argv[2], print "frames seconds" of colorize_video alone.
+# Run in a fresh process: colorize argv[1] into argv[2] with weights argv[3], print "frames seconds" of
+# colorize_video alone.
 VIDEO_RUN = ("import sys, time; from nanocolor.infer import load_colorizer; from nanocolor.video import colorize_video; "
-             "model, work = load_colorizer('nanocolor/weights/colornet.npz'); t0 = time.perf_counter(); "
+             "model, work = load_colorizer(sys.argv[3]); t0 = time.perf_counter(); "
              "n = colorize_video(model, sys.argv[1], sys.argv[2], work, progress=False); "
              "print(n, time.perf_counter() - t0)")
 
@@ -110,7 +111,7 @@ def synthetic_clip(path: Path, width: int, height: int, frames: int) -> None:
         writer.finish()
 
 
-def video_rows(sizes: list[tuple[int, int]], frames: int, runs: int, folder: Path) -> list[dict]:
+def video_rows(sizes: list[tuple[int, int]], frames: int, runs: int, folder: Path, weights: str) -> list[dict]:
     """For each size: frames/s of colorize_video (median and range over `runs` fresh processes), peak RSS."""
     rows = []
     for width, height in sizes:
@@ -119,7 +120,7 @@ def video_rows(sizes: list[tuple[int, int]], frames: int, runs: int, folder: Pat
         rates, peaks = [], []
         for run in range(runs):
             printed = []
-            _, peak = run_measured([sys.executable, "-c", VIDEO_RUN, str(clip), str(folder / f"out_{run}.mp4")],
+            _, peak = run_measured([sys.executable, "-c", VIDEO_RUN, str(clip), str(folder / f"out_{run}.mp4"), weights],
                                    output=printed)
             count, seconds = printed[0].split()
             rates.append(int(count) / float(seconds))
@@ -154,6 +155,8 @@ def main(argv: list | None = None) -> int:
                         help="video frame sizes (default: 640x360 1280x720 1920x1080; none: no videos)")
     parser.add_argument("--frames", type=int, default=96, help="frames per video clip (default 96)")
     parser.add_argument("--runs", type=int, default=3, help="colorize.py runs per size (default 3)")
+    parser.add_argument("--weights", default="nanocolor/weights/colornet.npz",
+                        help="the model to colorize with (default: the shipped one)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="passed to colorize.py (gpu: the network on CuPy; default cpu)")
@@ -172,13 +175,13 @@ def main(argv: list | None = None) -> int:
             for run in range(args.runs):
                 out = Path(tmp) / f"out_{width}x{height}_{run}"
                 wall, peak = run_measured([sys.executable, "colorize.py", str(photo), "--output", str(out),
-                                           "--device", args.device])
+                                           "--device", args.device, "--weights", args.weights])
                 walls.append(wall)
                 peaks.append(peak)
             rows.append({"size": f"{width}x{height}", "megapixels": width * height / 1e6,
                          "wall_s": statistics.median(walls), "wall_min_s": min(walls), "wall_max_s": max(walls),
                          "peak_rss_mb": max(peaks), "runs": args.runs})
-        clips = video_rows(videos, args.frames, args.runs, Path(tmp)) if videos else []
+        clips = video_rows(videos, args.frames, args.runs, Path(tmp), args.weights) if videos else []
     start = startup_costs(args.runs)
     if len(rows) > 1:
         small, big = min(rows, key=lambda r: r["megapixels"]), max(rows, key=lambda r: r["megapixels"])
@@ -197,7 +200,7 @@ def main(argv: list | None = None) -> int:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"colorize.py --device {args.device}, shipped weights, default work size; {cpu}, {os.cpu_count()} logical CPUs; "
+    print(f"colorize.py --device {args.device}, --weights {args.weights}, default work size; {cpu}, {os.cpu_count()} logical CPUs; "
           f"load average at end {os.getloadavg()[0]:.2f}")
     if rows:
         print(f"{'photo':>12s}{'MP':>7s}{'wall s (median)':>17s}{'range':>16s}{'peak RSS MiB':>14s}")
