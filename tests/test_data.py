@@ -310,9 +310,11 @@ def test_photos_convert_to_lab_in_chunks_with_the_same_numbers(tmp_path, monkeyp
     rng = np.random.default_rng(0)
     for i in range(11):
         save_image(tmp_path / f"{i:02d}.png", gray_rgb(12, 10) if i in (3, 7) else colorful_rgb(12, 10, rng))
-    whole = load_dataset(tmp_path, 8, progress=False)
+    with pytest.warns(UserWarning, match="2 gray"):
+        whole = load_dataset(tmp_path, 8, progress=False)
     monkeypatch.setattr(data, "LOAD_CHUNK", 3)
-    chunked = load_dataset(tmp_path, 8, progress=False)
+    with pytest.warns(UserWarning, match="2 gray"):
+        chunked = load_dataset(tmp_path, 8, progress=False)
     assert whole[0].shape == (9, 8, 8, 1)
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(a, b)
