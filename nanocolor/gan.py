@@ -72,7 +72,7 @@ class PatchCritic(Module):
         self.to_device()
 
     def output_size(self, size: int) -> int:
-        """Patches along a side of `size` pixels (below 1: too small for this critic)."""
+        """Logits along a side of `size` pixels: size / 4 rounded up, for three widths."""
         for layer in self.layers:
             if isinstance(layer, Conv2d):
                 size = (size + 2 * layer.padding - layer.k) // layer.stride + 1
