@@ -2,9 +2,9 @@
 fewer passes over memory.
 
 `Network(model, conv)` reads a ColorNet's structure (model.down, bottleneck, up, head),
-`Critic(model, conv)` a critic's (model.join, then model.layers), and both their layers'
-params, buffers and settings; it writes only what the textbook would write: the
-layers' grads and BatchNorm's running statistics. Its caches are its own: `forward` keeps one
+`Critic(model, conv)` a critic's (model.layers, after the join of lightness and ab), and both
+their layers' params, buffers and settings; they write only what the textbook would write: the
+layers' grads, BatchNorm's running statistics and the critic's first `input_grad`. Their caches are its own: `forward` keeps one
 record per step of the network, `backward` takes them back in reverse order.
 
 What runs as one:
@@ -222,9 +222,9 @@ class Network:
 
 
 class Critic:
-    """Runs `model` (the GAN's critic: `join`, a Concat of the lightness and ab, then `layers`,
-    Conv2d each followed by a LeakyReLU but the last) with the fast engine: forward and backward
-    as the model's."""
+    """Runs `model` (the GAN's critic: the lightness and ab joined along channels, then
+    `model.layers`, Conv2d each followed by a LeakyReLU but the last) with the fast engine:
+    forward and backward as the model's."""
 
     def __init__(self, model, conv: str = "auto"):
         self.model, self.conv = model, conv
