@@ -4,8 +4,9 @@ fewer passes over memory.
 `Network(model, conv)` reads a ColorNet's structure (model.down, bottleneck, up, head),
 `Critic(model, conv)` a critic's (model.layers, after the join of lightness and ab), and both
 their layers' params, buffers and settings; they write only what the textbook would write: the
-layers' grads, BatchNorm's running statistics and the critic's first `input_grad`. Their caches are its own: `forward` keeps one
-record per step of the network, `backward` takes them back in reverse order.
+layers' grads, BatchNorm's running statistics and the critic's first `input_grad`. Their
+caches are their own: `forward` keeps one record per step of the network, `backward` takes
+them back in reverse order.
 
 What runs as one:
 - A block, Conv2d (+ BatchNorm2d) (+ ReLU or LeakyReLU) (+ Tanh). In inference BatchNorm is
