@@ -24,11 +24,11 @@ from nanocolor.metrics import colorfulness, psnr  # noqa: E402
 from nanocolor.trainer import TrainConfig, lab_to_rgb_batch  # noqa: E402
 
 
-def scores(model, lightness, ab_true, gains: tuple, batch: int = 64) -> dict:
-    """{gain: (mean PSNR, colorfulness ratio)} of `model` on scaled lightness and ab (N, S, S, 1 and 2)."""
+def scores(model, lightness, truth, gains: tuple, batch: int = 64) -> dict:
+    """{gain: (mean PSNR, colorfulness ratio)} of `model` on scaled lightness (N, S, S, 1) against
+    the true photos, 8-bit RGB (N, S, S, 3)."""
     net = engine.network(model.eval())
     ab_pred = np.concatenate([net.forward(lightness[i:i + batch]) for i in range(0, len(lightness), batch)])
-    truth = np.round(lab_to_rgb_batch(lightness, ab_true) * 255)
     reference = np.mean([colorfulness(t) for t in truth])
     rows = {}
     for gain in gains:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     print(f"gray baseline: PSNR {np.mean([psnr(g, t) for g, t in zip(gray, truth)]):.2f} dB")
     for path in args.model:
         model, _ = load_colorizer(path)
-        for gain, (db, ratio) in scores(model, lightness, ab, tuple(args.gains)).items():
+        for gain, (db, ratio) in scores(model, lightness, truth, tuple(args.gains)).items():
             print(f"{path}  gain {gain:g}: PSNR {db:.2f} dB, colorfulness ratio {ratio:.3f}")
     return 0
 

@@ -89,8 +89,8 @@ class Conv2d(Layer):
 
     x_pad is x with p rows and columns of zeros around it, s the stride, and
     Ho = (H + 2p - k) // s + 1 (conv_output_size). By default s = 1 and p = k // 2 for an odd k:
-    'same' padding, Ho, Wo = H, W, the convs of the colorization network. A critic halves the
-    size with s = 2 (pix2pix: k = 4, p = 1, so Ho = H // 2 for an even H).
+    'same' padding, Ho, Wo = H, W, the convs of the colorization network. The GAN's critic halves
+    the size with s = 2 (k = 3, p = 1, so Ho = H // 2 for an even H).
 
     Forward: im2col lays every k x k patch out as a row, so the conv is one matrix multiply,
     cols (P, k*k*C) @ W (k*k*C, F). Backward: dW = cols^T dout, db = dout summed over pixels,
@@ -118,7 +118,7 @@ class Conv2d(Layer):
 
     @property
     def same(self) -> bool:
-        """Stride 1 and 'same' padding: the output has the input's size (the only convs the fast engine runs)."""
+        """Stride 1 and 'same' padding: the output has the input's size."""
         return self.stride == 1 and self.k % 2 == 1 and self.padding == self.k // 2
 
     @property

@@ -12,6 +12,7 @@ from nanocolor.fast import conv as fast_conv, network, strided
 from nanocolor.fast.helpers import leaky_relu_into
 from nanocolor.fast.resample import leaky_relu_backward
 from nanocolor.gan import PatchCritic
+from test_gan import float64_critic
 from nanocolor.layers import BatchNorm2d, Conv2d, LeakyReLU
 
 STRIDED_CASES = [  # (shape, c_out, k, stride, padding)
@@ -76,13 +77,6 @@ def test_leaky_relu_matches_the_textbook_layer(shape, workers, rng):
     leaky_relu_into(fast_out, 0.2)
     np.testing.assert_array_equal(fast_out, out)
     np.testing.assert_allclose(leaky_relu_backward(dout, out, 0.2), layer.backward(dout), rtol=1e-15)
-
-
-def float64_critic(widths: tuple, seed: int = 0) -> PatchCritic:
-    critic = PatchCritic(widths, seed=seed, dtype=np.float64)
-    for layer in critic.param_layers:  # non-zero biases, so their gradients are exercised
-        layer.params["b"] = np.random.default_rng(seed + 1).standard_normal(layer.params["b"].shape) * 0.1
-    return critic
 
 
 @pytest.mark.parametrize("widths,shape", [((4, 6, 8), (2, 17, 23)), ((3, 5), (3, 16, 16)),

@@ -3,8 +3,7 @@
 `Network(model, conv)` (network.py) runs a ColorNet's forward and backward from its layers'
 params and buffers, in fewer passes over memory than layer by layer, its caches in its own
 records, and `Critic(model, conv)` the GAN's critic; nanocolor/engine.py decides when they are
-used. `conv` picks how each convolution is
-computed, and only that:
+used. `conv` picks how each 'same' convolution is computed, and only that:
 
     "gemm"       gemm.py: one GEMM per piece of the batch (or, for few outputs, multiply first
                  and add the k*k shifted products)
@@ -19,7 +18,8 @@ The modules, simplest first: parallel.py (the CPU workers and the cutting of wor
 workspace.py (scratch buffers, prepared weights), helpers.py (passes and products every
 algorithm shares), resample.py (max-pool, upsample, the ReLU's and LeakyReLU's backward),
 norm.py (BatchNorm, Upsample + Concat), gemm.py, winograd.py, winograd4.py, upsampled.py,
-strided.py (the conv algorithms, one a module), conv.py (which algorithm for which conv), network.py (the model's blocks put together).
+strided.py (the conv algorithms, one a module), conv.py (which algorithm for which conv),
+network.py (the model's blocks put together).
 """
 from __future__ import annotations
 

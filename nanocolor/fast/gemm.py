@@ -15,7 +15,8 @@ import numpy as np
 
 from ..backend import array_module
 from . import parallel
-from .helpers import CHANNELS_LAST_MIN_F, add_thin_product, column_sums, pad_rows, pixel_rows, relu_into, weight_grad
+from .helpers import (CHANNELS_LAST_MIN_F, add_thin_product, column_sums, pad_rows, patch_matrix_pieces, pixel_rows,
+                      relu_into, weight_grad)
 from .workspace import scratch
 
 
@@ -63,16 +64,6 @@ def flipped_weights(w):
     return w[::-1, ::-1].transpose(0, 1, 3, 2).reshape(k * k * F, C)
 
 
-PIECE_PATCH_BYTES = 1 << 20  # thin patch matrices (few input channels) come in pieces of about this much
-
-
-def _patch_matrix_pieces(N: int, H: int, W: int, like, columns: int) -> list:
-    """parallel.pieces for a patch matrix of `columns` columns: pieces of at least 4096 pixels and
-    about PIECE_PATCH_BYTES, since for thin ones (the lightness image's 9 columns) the numpy calls
-    per piece cost more than the bytes; measured 2x faster for the first conv than 4096 pixels."""
-    return parallel.pieces(N, H, W, like, target=max(4096, PIECE_PATCH_BYTES // (columns * like.itemsize)))
-
-
 def forward(x, w, b, relu: bool = False) -> tuple:
     """'same' convolution, x (N, H, W, C) -> (out (N, H, W, F), cache for `backward`); with
     `relu`, max(conv, 0) on each piece of the output while it is in cache."""
@@ -95,7 +86,7 @@ def forward(x, w, b, relu: bool = False) -> tuple:
         if relu:
             relu_into(o, o)
 
-    parallel.run_pieces(piece, _patch_matrix_pieces(N, H, W, x, k * k * C), x)
+    parallel.run_pieces(piece, patch_matrix_pieces(N, H, W, x, k * k * C), x)
     return out, cache
 
 
@@ -105,7 +96,7 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
     _, x = cache
     N, H, W, C = x.shape
     k, F = w.shape[0], w.shape[-1]
-    work = _patch_matrix_pieces(N, H, W, dout, k * k * (F if input_grad else C))  # the patch matrix of dout, or of x
+    work = patch_matrix_pieces(N, H, W, dout, k * k * (F if input_grad else C))  # the patch matrix of dout, or of x
     db = xp.zeros((parallel.slots(dout), F), dtype=dout.dtype)  # partial sums, one per worker
     if not input_grad:  # only dW = cols^T dout, with x's patch matrix rebuilt piece by piece
         dw = xp.zeros((parallel.slots(dout), k * k * C, F), dtype=dout.dtype)

@@ -93,6 +93,18 @@ def leaky_relu_into(a, slope: float) -> None:
     xp.maximum(a, scaled, out=a)
 
 
+PIECE_PATCH_BYTES = 1 << 20  # thin patch matrices (few input channels) come in pieces of about this much
+
+
+def patch_matrix_pieces(N: int, H: int, W: int, like, columns: int, bands: bool = True) -> list:
+    """parallel.pieces for a patch matrix of `columns` columns: pieces of at least 4096 pixels and
+    about PIECE_PATCH_BYTES, since for thin ones (the lightness image's 9 columns) the numpy calls
+    per piece cost more than the bytes; measured 2x faster for the first conv than 4096 pixels.
+    `bands=False`: whole images per piece only."""
+    return parallel.pieces(N, H, W, like, bands=bands,
+                           target=max(4096, PIECE_PATCH_BYTES // (columns * like.itemsize)))
+
+
 SMALL_PRODUCT = 1_000_000  # OpenBLAS multiplies M x K by K x N without packing up to M*N*K this big
 
 

@@ -1,5 +1,6 @@
-"""Max-pool, upsample and the ReLU's and LeakyReLU's backward split over the CPU workers: memory-bound work that one core
-cannot keep up with, into preallocated outputs, through strided views.
+"""Max-pool, upsample and the ReLU's and LeakyReLU's backward split over the CPU workers:
+memory-bound work that one core cannot keep up with, into preallocated outputs, through
+strided views.
 
 The same numbers as the textbook layers in nanocolor/layers.py (max-pool routes each gradient to
 the first maximum of its window in the order (0,0), (0,1), (1,0), (1,1), as an argmax does).

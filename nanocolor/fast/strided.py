@@ -16,24 +16,9 @@ from __future__ import annotations
 from ..backend import array_module
 from ..layers import conv_output_size
 from . import parallel
-from .helpers import CHANNELS_LAST_MIN_F, column_sums, leaky_relu_into, pixel_rows, weight_grad
+from .helpers import (CHANNELS_LAST_MIN_F, column_sums, leaky_relu_into, pad_rows, patch_matrix_pieces, pixel_rows,
+                      weight_grad)
 from .workspace import scratch
-
-PIECE_PATCH_BYTES = 1 << 20  # pieces of about this much patch matrix, and at least 4096 output pixels
-
-
-def _padded(x, p: int, tag: str):
-    """x (n, H, W, C) with p zero rows and columns around it, (n, H + 2p, W + 2p, C), in scratch."""
-    n, H, W, C = x.shape
-    x_pad = scratch(tag, (n, H + 2 * p, W + 2 * p, C), x.dtype, x)
-    if p:
-        x_pad[:, :p] = 0
-        x_pad[:, H + p:] = 0
-        x_pad[:, p:H + p, :p] = 0
-        x_pad[:, p:H + p, W + p:] = 0
-    x_pad[:, p:H + p, p:W + p] = x
-    return x_pad
-
 
 def _patches(x_pad, k: int, s: int, Ho: int, Wo: int):
     """Every k x k patch of x_pad at stride s, a (n, Ho, Wo, k, k, C) view (no copy)."""
@@ -47,14 +32,8 @@ def patch_matrix(x, k: int, s: int, p: int, cols):
     """im2col of x (n, H, W, C) at stride s with padding p into cols (n*Ho*Wo, k*k*C)."""
     n, H, W, C = x.shape
     Ho, Wo = conv_output_size(H, k, s, p), conv_output_size(W, k, s, p)
-    array_module(x).copyto(cols.reshape(n, Ho, Wo, k, k, C), _patches(_padded(x, p, "strided_pad"), k, s, Ho, Wo))
+    array_module(x).copyto(cols.reshape(n, Ho, Wo, k, k, C), _patches(pad_rows(x, slice(0, H), p, "strided_pad"), k, s, Ho, Wo))
     return cols
-
-
-def _pieces(N: int, Ho: int, Wo: int, like, columns: int) -> list:
-    """Whole images per piece (their dx must not overlap), about PIECE_PATCH_BYTES of patches."""
-    return parallel.pieces(N, Ho, Wo, like, bands=False,
-                           target=max(4096, PIECE_PATCH_BYTES // (columns * like.itemsize)))
 
 
 def forward(x, w, b, stride: int, padding: int, slope: float | None = None) -> tuple:
@@ -75,7 +54,7 @@ def forward(x, w, b, stride: int, padding: int, slope: float | None = None) -> t
         if slope is not None:
             leaky_relu_into(o, slope)
 
-    parallel.run_pieces(piece, _pieces(N, Ho, Wo, x, k * k * C), x)
+    parallel.run_pieces(piece, patch_matrix_pieces(N, Ho, Wo, x, k * k * C, bands=False), x)
     return out, ("strided", x.shape, stride, padding, cols)
 
 
@@ -111,7 +90,8 @@ def backward(dout, cache: tuple, w, input_grad: bool = True) -> tuple:
                 Y0, X0 = (y0 + p) // s, (x0 + p) // s
                 dx[n, y0::s, x0::s] = phase(r, q)[:, Y0:Y0 + len(range(y0, H, s)), X0:X0 + len(range(x0, W, s))]
 
-    parallel.run_pieces(piece, _pieces(N, Ho, Wo, dout, k * k * C), dout)
+    # whole images per piece: no two workers add into the same pixels of dx
+    parallel.run_pieces(piece, patch_matrix_pieces(N, Ho, Wo, dout, k * k * C, bands=False), dout)
     return dx, dw.sum(axis=0).reshape(w.shape), db.sum(axis=0)
 
 
