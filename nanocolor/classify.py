@@ -259,3 +259,36 @@ class ClassificationLoss:
 
     def decode(self, logits, temperature: float = ANNEAL_T):
         return scale_ab(annealed_mean(logits, self.centers, temperature))
+
+
+class RebalancedMSELoss:
+    """MSE on scaled a*b* with each pixel weighed by the rebalancing weight of its true color's
+    nearest bin: Zhang et al.'s class rebalancing applied to regression.
+
+    The optimum of a weighted MSE is the weighted mean of the plausible colors; rare (saturated)
+    colors weigh more, so where a texture is sometimes red and often beige the prediction moves
+    towards red, while a pixel that is always gray keeps its gray. Weights all 1 give MSELoss.
+    forward(ab_pred, ab_true (N, H, W, 2) scaled) -> the loss, mean over every element of
+    w * (pred - true)^2; backward() -> dloss/dab_pred (N, H, W, 2).
+    """
+
+    def __init__(self, weights: np.ndarray, centers: np.ndarray | None = None):
+        self.centers = ab_bins() if centers is None else centers
+        self.weights = np.asarray(weights, dtype=np.float64)
+        if self.weights.shape != (len(self.centers),):
+            raise ValueError(f"class weights of shape {self.weights.shape} for {len(self.centers)} bins")
+
+    @classmethod
+    def from_training_ab(cls, ab_scaled, lam: float = REBALANCE_LAMBDA) -> "RebalancedMSELoss":
+        """Rebalancing weights estimated from the scaled training targets (..., 2)."""
+        return cls(class_weights(ab_scaled, ab_scale=AB_SCALE, lam=lam))
+
+    def forward(self, ab_pred, ab_true):
+        xp = array_module(ab_pred)
+        bins = nearest_bin(unscale_ab(ab_true), self.centers)
+        self.pixel_weights = xp.asarray(self.weights, dtype=ab_pred.dtype)[bins][..., None]  # (N, H, W, 1)
+        self.diff = ab_pred - ab_true
+        return (self.pixel_weights * self.diff * self.diff).mean()
+
+    def backward(self):
+        return self.pixel_weights * self.diff * (2.0 / self.diff.size)

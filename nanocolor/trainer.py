@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend, engine
-from .classify import ClassificationLoss
+from .classify import REBALANCE_LAMBDA, ClassificationLoss, RebalancedMSELoss
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, split_indices
 from .distributed import GradientAverager, World
@@ -63,6 +63,7 @@ class TrainConfig:
     arch: str = DEFAULT_ARCH          # 'unet' (BatchNorm + skips) or 'seed' (plain autoencoder), see model.py
     crop_margin: int | None = None    # photos stored at size + margin (None: size // 4); batches take random size x size crops
     loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
+    rebalance: float | None = None    # lambda of the class rebalancing (None: 0.5 for classify, off for mse)
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
     photos: dict | None = None        # data.photo_record of `data`: --resume checks photos that moved
@@ -156,10 +157,14 @@ class Trainer:
             raise ValueError(f"loss must be 'mse' or 'classify', got {cfg.loss!r}")
         if cfg.gan and cfg.loss != "mse":
             raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
-        if cfg.loss == "classify":
+        if cfg.rebalance is not None and not 0 < cfg.rebalance <= 1:
+            raise ValueError(f"--rebalance must be in (0, 1], got {cfg.rebalance}")
+        weighted = {"classify": ClassificationLoss, "mse": RebalancedMSELoss}[cfg.loss]
+        if cfg.loss == "classify" or cfg.rebalance not in (None, 1):
             if getattr(self, "class_weights", None) is None:  # estimated once, then kept in the checkpoint
-                self.class_weights = ClassificationLoss.from_training_ab(self.ab[self.train_idx]).weights
-            self.loss = ClassificationLoss(self.class_weights)
+                lam = REBALANCE_LAMBDA if cfg.rebalance is None else cfg.rebalance
+                self.class_weights = weighted.from_training_ab(self.ab[self.train_idx], lam).weights
+            self.loss = weighted(self.class_weights)
         else:
             self.loss = MSELoss()
         if not resume:
@@ -208,7 +213,7 @@ class Trainer:
         stored = meta["train_config"]
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
-        self.cfg.loss = stored.get("loss", "mse")
+        self.cfg.loss, self.cfg.rebalance = stored.get("loss", "mse"), stored.get("rebalance")
         self.cfg.crop_margin = stored.get("crop_margin", 0)
         self.cfg.schedule, self.cfg.warmup = stored.get("schedule", "constant"), stored.get("warmup", 0)
         self.cfg.arch = meta["config"].get("arch", "seed")
