@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from nanocolor.classify import (ClassificationLoss, SoftmaxCrossEntropy, ab_bins, annealed_mean, class_weights,
+from nanocolor.classify import (ClassificationLoss, RebalancedMSELoss, SoftmaxCrossEntropy, ab_bins, annealed_mean, class_weights,
                                 empirical_distribution, nearest_bin, rebalancing_weights, smooth_distribution,
                                 soft_encode)
 from nanocolor.color import AB_SCALE, rgb_to_lab
 from nanocolor.gradcheck import numeric_gradient, relative_error
+from nanocolor.loss import MSELoss
 
 
 def _brute_nearest(ab: np.ndarray, centers: np.ndarray, k: int) -> np.ndarray:
@@ -240,3 +241,48 @@ def test_classification_loss_defaults_to_the_gamut_bins():
     logits = np.log(soft_encode(ab) + 1e-30)
     assert loss.forward(logits, ab / AB_SCALE) > 0
     np.testing.assert_allclose(loss.decode(logits) * AB_SCALE, ab, atol=1.0)
+
+
+# -- class rebalancing for the regression loss --------------------------------------------------
+
+GRID_25 = np.stack(np.meshgrid(np.arange(-20.0, 21, 10), np.arange(-20.0, 21, 10), indexing="ij"),
+                   axis=-1).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 1), (3, 4, 1)])
+def test_rebalanced_mse_value_and_gradient(shape, rng):
+    weights = rng.uniform(0.2, 3.0, len(GRID_25))
+    loss = RebalancedMSELoss(weights, GRID_25)
+    ab_true = rng.uniform(-25, 25, (*shape, 2)) / AB_SCALE
+    ab_pred = rng.uniform(-0.3, 0.3, (*shape, 2))
+    pixel_weights = weights[nearest_bin(ab_true * AB_SCALE, GRID_25)]
+    assert loss.forward(ab_pred, ab_true) == pytest.approx(
+        np.mean(pixel_weights[..., None] * (ab_pred - ab_true) ** 2), rel=1e-12)
+    numeric = numeric_gradient(lambda: loss.forward(ab_pred, ab_true), ab_pred)
+    loss.forward(ab_pred, ab_true)
+    assert relative_error(loss.backward(), numeric) < 1e-8
+    with pytest.raises(ValueError):
+        RebalancedMSELoss(np.ones(3), GRID_25)
+
+
+def test_rebalanced_mse_with_unit_weights_is_mse(rng):
+    ab_true, ab_pred = rng.uniform(-0.5, 0.5, (2, 3, 4, 5, 2))
+    loss, mse = RebalancedMSELoss(np.ones(len(ab_bins()))), MSELoss()
+    assert loss.forward(ab_pred, ab_true) == pytest.approx(mse.forward(ab_pred, ab_true), rel=1e-14)
+    np.testing.assert_allclose(loss.backward(), mse.backward(), rtol=1e-14)
+
+
+def test_rebalanced_mse_moves_the_optimum_toward_the_rare_color():
+    """Nine beige pixels and one red one: MSE's best single guess is their mean; the rebalanced
+    loss's is the weighted mean, nearer the red."""
+    beige, red = np.array([10.0, 10.0]), np.array([-20.0, 20.0])  # two bin centers of GRID_25
+    weights = np.ones(len(GRID_25))
+    weights[_index_of(GRID_25, beige)], weights[_index_of(GRID_25, red)] = 0.5, 4.5
+    ab_true = np.stack([beige] * 9 + [red])[:, None, None, :] / AB_SCALE     # (10, 1, 1, 2)
+    best = (9 * 0.5 * beige + 4.5 * red) / (9 * 0.5 + 4.5) / AB_SCALE        # halfway between them
+    loss = RebalancedMSELoss(weights, GRID_25)
+    loss.forward(np.broadcast_to(best, ab_true.shape).copy(), ab_true)
+    np.testing.assert_allclose(loss.backward().sum(axis=0), 0, atol=1e-15)   # a shared guess's gradient
+    mean = ab_true.mean(axis=0)
+    loss.forward(np.broadcast_to(mean, ab_true.shape).copy(), ab_true)
+    assert np.abs(loss.backward().sum(axis=0)).max() > 1e-3                  # the plain mean is not it

@@ -286,6 +286,30 @@ def test_train_refuses_a_non_positive_learning_rate(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_rebalanced_run_keeps_its_weights_and_resumes_bit_identically(trained_run, tmp_path):
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    result = run_script("train.py", *TINY_RUN, "--rebalance", "0.5", "--out", resumed)
+    assert result.returncode == 0, result.stderr
+    arrays, meta = load_npz(resumed / "checkpoint.npz", kinds=("checkpoint",))
+    assert meta["train_config"]["rebalance"] == 0.5
+    assert arrays["class_weights"].shape == (258,) and arrays["class_weights"].max() > 2
+    plain = weights_of(trained_run[0] / "checkpoint.npz")  # the same run without rebalancing
+    assert any(not np.array_equal(a, plain[k]) for k, a in weights_of(resumed / "checkpoint.npz").items())
+    assert run_script("train.py", "--resume", resumed, "--epochs", "2", "--quiet").returncode == 0
+    result = run_script("train.py", *tiny_run(epochs=2), "--rebalance", "0.5", "--out", straight)
+    assert result.returncode == 0, result.stderr
+    a, b = weights_of(resumed / "checkpoint.npz"), weights_of(straight / "checkpoint.npz")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_train_refuses_a_rebalance_outside_0_to_1(value, tmp_path):
+    result = run_script("train.py", "--rebalance", value, "--out", tmp_path / "run")
+    assert result.returncode == 2 and "--rebalance must be" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_init_starts_from_given_weights_and_rejects_another_architecture(tmp_path):
     common = [*TINY_RUN, "--lr", "1e-9"]  # a negligible step: the result stays at the initial weights
     start = ColorNet((4, 8), seed=7, arch="seed")
