@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "shipped model (colornet-v1: the previous one); default: the shipped model")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side, in pixels, at which the network predicts color "
-                        f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
+                        "(default: the one stored with the weights, 128 for the shipped model, else the "
+                        f"training size x 2; at most {MAX_WORK_SIZE})")
     p.add_argument("--chroma-gain", type=float, default=None, metavar="GAIN",
                    help="multiply the predicted a*b* by GAIN: above 1 bolder colors, less faithful "
                         "(default: the model's own, 1 for the shipped one; see docs/training.md)")

@@ -164,7 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gallery-every", type=int, default=1, metavar="K",
                    help="gallery photos are every K-th scored photo (default 1: the first ones)")
     p.add_argument("--work-size", type=int, default=None,
-                   help="longer side at which the network predicts color (default: the model's training size x 2)")
+                   help="longer side at which the network predicts color (default: the one stored with the "
+                        "weights, else the model's training size x 2)")
     p.add_argument("--chroma-gain", type=float, nargs="+", metavar="G",
                    help="multiply the predicted a*b* by G instead of the weights' own gain; several values: "
                         "one row each (the first is the model's row, of the gallery and per-folder tables)")

@@ -182,8 +182,9 @@ def weights_file(name: str | os.PathLike) -> Path:
 
 def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     """A model for colorize_array from a weights file or checkpoint (or a shipped file's name,
-    weights_file), and its default work size (twice its training size). Raises
-    CorruptFileError, naming the file, for anything unusable."""
+    weights_file), and its default work size: the one stored with the weights (chosen on
+    validation photos), else twice its training size. Raises CorruptFileError, naming the file,
+    for anything unusable."""
     path = weights_file(path)
     try:
         arrays, meta = load_npz(path)
@@ -203,7 +204,7 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
         raise CorruptFileError(f"{path}: a {model.config.get('head')!r} model with {model.config.get('out_channels')} "
                                f"outputs; colorizing needs 2 a*b* outputs (tanh) or {bins} bin logits")
     train_size = meta.get("train_size") or (meta.get("train_config") or {}).get("size") or 64
-    return model, 2 * int(train_size)
+    return model, int(meta.get("work_size") or 2 * int(train_size))
 
 
 def is_colorize_output(path: str | os.PathLike) -> bool:

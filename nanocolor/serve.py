@@ -296,7 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"see --upload-timeout (default {Limits.min_upload_kib:g} KiB/s)")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side at which the network predicts color "
-                        f"(default: the model's training size x 2; at most {MAX_WORK_SIZE})")
+                        "(default: the one stored with the weights, 128 for the shipped model, else the "
+                        f"training size x 2; at most {MAX_WORK_SIZE})")
     engine.add_options(p)
     return p.parse_args(argv)
 

@@ -32,6 +32,15 @@ def weights(tmp_path):
     return path
 
 
+def test_a_work_size_stored_with_the_weights_is_the_default(photos, tmp_path, capsys):
+    path = tmp_path / "chosen.npz"
+    ColorNet(widths=(4, 8), seed=0, arch="seed").save(path, train_size=8, work_size=24)
+    assert main(["--data", str(photos), "--weights", str(path), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["work_size"] == 24
+    assert main(["--data", str(photos), "--weights", str(path), "--work-size", "40", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["work_size"] == 40
+
+
 def test_table_json_and_gallery(photos, weights, tmp_path, capsys):
     gallery = tmp_path / "gallery.png"
     rc = main(["--data", str(photos), "--weights", str(weights), "--gallery", str(gallery), "--json", "--quiet"])
