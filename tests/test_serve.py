@@ -130,7 +130,7 @@ def test_health_weights_and_page(url):
     health = httpx.get(f"{url}/api/health").json()
     assert health["status"] == "ok" and health["models"] == 1
     assert httpx.get(f"{url}/api/weights").json() == [
-        {"name": "shipped (colornet.npz)", "work_size": 192, "default": True}]
+        {"name": "shipped (colornet.npz)", "work_size": 128, "default": True}]
     page = httpx.get(url)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'type="file"' in page.text and "/api/colorize" in page.text
