@@ -6,11 +6,19 @@
 loads the photos as train.py does (--size, --val-fraction and --seed as the run had them; the
 defaults are train.py's) and scores each model on the held-out split, the central size x size
 crops the trainer validates on: mean PSNR (8-bit RGB) and colorfulness ratio, one row per gain,
-after the gray baseline's PSNR (a*b* = 0).
+after the gray baseline's PSNR (a*b* = 0). With --link DIR it also links the held-out photos
+themselves into DIR/<data folder's parent>/<path under it>, so that nanocolor.evaluate can score
+them whole, as it scores the test sets (say, to choose a work size):
+
+    python bench/val_gains.py --data ../shared/data/mixed128/train ../shared/data/scenes150/train \
+        --size 96 --model nanocolor/weights/colornet.npz --link runs/val
+    python -m nanocolor.evaluate --data runs/val/mixed128 --work-size 128 --chroma-gain 1 1.2
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +46,19 @@ def scores(model, lightness, truth, gains: tuple, batch: int = 64) -> dict:
     return rows
 
 
+def link_photos(paths: list, roots: list, out: Path) -> None:
+    """Each photo as out/<its data folder's parent name>/<its path under that folder>."""
+    for path in paths:
+        root = next(Path(r) for r in roots if Path(r).resolve() in Path(path).resolve().parents)
+        dest = out / root.resolve().parent.name / Path(path).resolve().relative_to(root.resolve())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(Path(path).resolve(), dest)
+        except OSError:
+            shutil.copy2(path, dest)
+    print(f"{len(paths)} validation photos linked under {out}")
+
+
 def main(argv=None) -> int:
     defaults = TrainConfig(data=[], out="")  # train.py's defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,9 +68,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=defaults.size)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--link", metavar="DIR", help="also link the validation photos into DIR (copies where "
+                                                 "links are not allowed)")
     args = p.parse_args(argv)
-    lightness, ab = load_dataset(args.data, args.size + args.size // 4, progress=True)
+    lightness, ab, paths = load_dataset(args.data, args.size + args.size // 4, progress=True, with_paths=True)
     _, val = split_indices(len(lightness), args.val_fraction, args.seed)
+    if args.link:
+        link_photos([paths[i] for i in val], args.data, Path(args.link))
     lightness, ab = center_crop(lightness[val], args.size), center_crop(ab[val], args.size)
     print(f"{len(val)} validation photos, {args.size}x{args.size} center crops")
     gray = np.round(lab_to_rgb_batch(lightness, np.zeros_like(ab)) * 255)

@@ -180,12 +180,13 @@ LOAD_CHUNK = 1024  # photos converted to LAB together (float64 on the way)
 
 
 def load_dataset(root: str | os.PathLike | list, size: int, limit: int | None = None,
-                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool = True, with_paths: bool = False) -> tuple:
     """Load every color photo under `root` (a folder, or a list of folders), center-cropped and
     resized to size x size.
 
-    Returns lightness (N, S, S, 1) and ab (N, S, S, 2), scaled to [-1, 1]. Unreadable and
-    already-gray images are skipped and counted in one warning.
+    Returns lightness (N, S, S, 1) and ab (N, S, S, 2), scaled to [-1, 1], and with `with_paths`
+    also the N photos' paths. Unreadable and already-gray images are skipped and counted in one
+    warning.
     """
     if size < 1:
         raise ValueError(f"image size must be at least 1 pixel, got {size}")
@@ -196,7 +197,7 @@ def load_dataset(root: str | os.PathLike | list, size: int, limit: int | None = 
         raise DataError(f"{root}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if limit:
         paths = paths[:limit]
-    photos, pairs, unreadable, gray = [], [], 0, 0
+    photos, pairs, kept, unreadable, gray = [], [], [], 0, 0
     bar = progress_bar(len(paths), "loading images", "images", progress)
     for path in paths:
         if len(photos) == LOAD_CHUNK:  # to LAB a chunk at a time: all at once needs ~6x the data's memory
@@ -213,6 +214,7 @@ def load_dataset(root: str | os.PathLike | list, size: int, limit: int | None = 
             gray += 1
             continue
         photos.append(rgb)
+        kept.append(path)
     if unreadable or gray:
         warnings.warn(f"skipped {unreadable} unreadable and {gray} gray (colorless) images "
                       f"of {len(paths)} under {root}", stacklevel=2)
@@ -220,10 +222,8 @@ def load_dataset(root: str | os.PathLike | list, size: int, limit: int | None = 
         pairs.append(lab_pair(np.stack(photos)))
     if not pairs:
         raise DataError(f"{root}: none of the {len(paths)} image files is a readable color photo")
-    if len(pairs) == 1:
-        return pairs[0]
-    lightness, ab = (np.concatenate([pair[i] for pair in pairs]) for i in (0, 1))
-    return lightness, ab
+    lightness, ab = pairs[0] if len(pairs) == 1 else (np.concatenate([pair[i] for pair in pairs]) for i in (0, 1))
+    return (lightness, ab, kept) if with_paths else (lightness, ab)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

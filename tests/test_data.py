@@ -318,3 +318,9 @@ def test_photos_convert_to_lab_in_chunks_with_the_same_numbers(tmp_path, monkeyp
     assert whole[0].shape == (9, 8, 8, 1)
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(a, b)
+    # with_paths names each photo of the arrays, in their order, the gray ones left out
+    with pytest.warns(UserWarning, match="2 gray"):
+        *arrays, paths = load_dataset(tmp_path, 8, progress=False, with_paths=True)
+    assert [p.name for p in paths] == [f"{i:02d}.png" for i in range(11) if i not in (3, 7)]
+    for a, b in zip(arrays, chunked):
+        np.testing.assert_array_equal(a, b)
