@@ -46,7 +46,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     folders = sorted({data for per_model in results.values() for data in per_model})
-    fig, axes = plt.subplots(1, len(folders), figsize=(5.5 * len(folders), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(folders), figsize=(6.5 * len(folders), 5), squeeze=False)
     for ax, data in zip(axes[0], folders):
         for label, per_model in results.items():
             if data not in per_model:
@@ -60,6 +60,8 @@ def plot(results: dict, path: Path) -> None:
         if name in TARGETS:
             ax.plot(*TARGETS[name], "k*", markersize=12, label="target")
         ax.axhline(0, color="gray", lw=0.8)
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], -1.5))  # below that, no model is worth a look
+        ax.set_xlim(right=min(ax.get_xlim()[1], 1.25))
         ax.set_title(name)
         ax.set_xlabel("colorfulness ratio (model / originals)")
         ax.set_ylabel("PSNR above the gray baseline (dB)")
