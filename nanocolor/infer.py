@@ -203,8 +203,12 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     if model.config.get("out_channels", 2) != expected:
         raise CorruptFileError(f"{path}: a {model.config.get('head')!r} model with {model.config.get('out_channels')} "
                                f"outputs; colorizing needs 2 a*b* outputs (tanh) or {bins} bin logits")
+    work_size = meta.get("work_size")
+    if work_size is not None and not (isinstance(work_size, int) and 1 <= work_size <= MAX_WORK_SIZE):
+        raise CorruptFileError(f"{path}: its work size {work_size!r} is not a number of pixels "
+                               f"from 1 to {MAX_WORK_SIZE}")
     train_size = meta.get("train_size") or (meta.get("train_config") or {}).get("size") or 64
-    return model, int(meta.get("work_size") or 2 * int(train_size))
+    return model, work_size or 2 * int(train_size)
 
 
 def is_colorize_output(path: str | os.PathLike) -> bool:

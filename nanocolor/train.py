@@ -124,9 +124,9 @@ def main(argv=None, on_step=None) -> int:
         data = [str(Path(d).resolve()) for d in args.data] if args.data else \
             (None if args.resume else str(SAMPLE))
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size,
-                          lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                          widths=widths, arch=arch, crop_margin=args.crop_margin, loss=args.loss,
-                          rebalance=args.rebalance, limit=args.limit,
+                          lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size,
+                          val_fraction=args.val_fraction, seed=args.seed, widths=widths, arch=arch,
+                          crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance, limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root, gan=args.gan,
                           gan_lambda=args.gan_lambda, critic_lr=args.critic_lr, critic_warmup=args.critic_warmup,
                           critic_widths=options.parse_widths(args.critic_widths, "--critic-widths")

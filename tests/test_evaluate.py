@@ -39,6 +39,10 @@ def test_a_work_size_stored_with_the_weights_is_the_default(photos, tmp_path, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["work_size"] == 24
     assert main(["--data", str(photos), "--weights", str(path), "--work-size", "40", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["work_size"] == 40
+    for bad in (0, "big", 4096):
+        ColorNet(widths=(4, 8), seed=0, arch="seed").save(path, train_size=8, work_size=bad)
+        assert main(["--data", str(photos), "--weights", str(path), "--quiet"]) == 2
+        assert "work size" in capsys.readouterr().err
 
 
 def test_table_json_and_gallery(photos, weights, tmp_path, capsys):
