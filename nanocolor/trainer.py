@@ -159,8 +159,8 @@ class Trainer:
             raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
         if cfg.rebalance is not None and not 0 < cfg.rebalance <= 1:
             raise ValueError(f"--rebalance must be in (0, 1], got {cfg.rebalance}")
-        weighted = {"classify": ClassificationLoss, "mse": RebalancedMSELoss}[cfg.loss]
         if cfg.loss == "classify" or cfg.rebalance not in (None, 1):
+            weighted = ClassificationLoss if cfg.loss == "classify" else RebalancedMSELoss
             if getattr(self, "class_weights", None) is None:  # estimated once, then kept in the checkpoint
                 lam = REBALANCE_LAMBDA if cfg.rebalance is None else cfg.rebalance
                 self.class_weights = weighted.from_training_ab(self.ab[self.train_idx], lam).weights

@@ -6,12 +6,17 @@ import math
 import numpy as np
 import pytest
 
-from nanocolor.classify import (ClassificationLoss, RebalancedMSELoss, SoftmaxCrossEntropy, ab_bins, annealed_mean, class_weights,
-                                empirical_distribution, nearest_bin, rebalancing_weights, smooth_distribution,
-                                soft_encode)
+from nanocolor.classify import (ClassificationLoss, RebalancedMSELoss, SoftmaxCrossEntropy, ab_bins, annealed_mean,
+                                class_weights, empirical_distribution, nearest_bin, rebalancing_weights,
+                                smooth_distribution, soft_encode)
 from nanocolor.color import AB_SCALE, rgb_to_lab
 from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.loss import MSELoss
+
+
+# 25 bins on the 10-unit grid around gray: keeps the gradient checks small
+GRID_25 = np.stack(np.meshgrid(np.arange(-20.0, 21, 10), np.arange(-20.0, 21, 10), indexing="ij"),
+                   axis=-1).reshape(-1, 2)
 
 
 def _brute_nearest(ab: np.ndarray, centers: np.ndarray, k: int) -> np.ndarray:
@@ -211,8 +216,7 @@ def test_annealing_moves_the_mean_toward_the_mode():
 # -- the training loss ---------------------------------------------------------------------------
 
 def test_classification_loss_on_scaled_targets(rng):
-    centers = np.stack(np.meshgrid(np.arange(-20.0, 21, 10), np.arange(-20.0, 21, 10), indexing="ij"),
-                       axis=-1).reshape(-1, 2)  # 25 bins keep the gradient check small
+    centers = GRID_25
     weights = rng.uniform(0.5, 2.0, len(centers))
     loss = ClassificationLoss(weights, centers)
     ab = rng.uniform(-30, 30, (2, 3, 5, 2))
@@ -244,10 +248,6 @@ def test_classification_loss_defaults_to_the_gamut_bins():
 
 
 # -- class rebalancing for the regression loss --------------------------------------------------
-
-GRID_25 = np.stack(np.meshgrid(np.arange(-20.0, 21, 10), np.arange(-20.0, 21, 10), indexing="ij"),
-                   axis=-1).reshape(-1, 2)
-
 
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 1), (3, 4, 1)])
 def test_rebalanced_mse_value_and_gradient(shape, rng):
