@@ -48,12 +48,13 @@ def scores(model, lightness, truth, gains: tuple, batch: int = 64) -> dict:
 
 def link_photos(paths: list, roots: list, out: Path) -> None:
     """Each photo as out/<its data folder's parent name>/<its path under that folder>."""
-    for path in paths:
-        root = next(Path(r) for r in roots if Path(r).resolve() in Path(path).resolve().parents)
-        dest = out / root.resolve().parent.name / Path(path).resolve().relative_to(root.resolve())
+    roots = [Path(r).resolve() for r in roots]
+    for path in (Path(p).resolve() for p in paths):
+        root = next(r for r in roots if r in path.parents)
+        dest = out / root.parent.name / path.relative_to(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.symlink(Path(path).resolve(), dest)
+            os.symlink(path, dest)
         except OSError:
             shutil.copy2(path, dest)
     print(f"{len(paths)} validation photos linked under {out}")

@@ -228,7 +228,23 @@ class SoftmaxCrossEntropy:
         return (xp.exp(log_prob) * target.sum(axis=-1, keepdims=True) - target) * scale
 
 
-class ClassificationLoss:
+class RebalancedLoss:
+    """What the two rebalanced losses share: the bin centers (Q, 2) and a weight per bin (Q,),
+    all 1 (no rebalancing) unless given or estimated from training targets."""
+
+    def __init__(self, weights: np.ndarray | None = None, centers: np.ndarray | None = None):
+        self.centers = ab_bins() if centers is None else centers
+        self.weights = np.ones(len(self.centers)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if self.weights.shape != (len(self.centers),):
+            raise ValueError(f"class weights of shape {self.weights.shape} for {len(self.centers)} bins")
+
+    @classmethod
+    def from_training_ab(cls, ab_scaled, lam: float = REBALANCE_LAMBDA):
+        """The loss with rebalancing weights estimated from the scaled training targets (..., 2)."""
+        return cls(class_weights(ab_scaled, ab_scale=AB_SCALE, lam=lam))
+
+
+class ClassificationLoss(RebalancedLoss):
     """The training loss for a model with Q logit outputs, used like MSELoss on scaled a*b*.
 
     forward(logits (N, H, W, Q), ab_true (N, H, W, 2) scaled to [-1, 1]) -> float; backward() ->
@@ -237,16 +253,8 @@ class ClassificationLoss:
     """
 
     def __init__(self, weights: np.ndarray | None = None, centers: np.ndarray | None = None):
-        self.centers = ab_bins() if centers is None else centers
-        self.weights = np.ones(len(self.centers)) if weights is None else np.asarray(weights, dtype=np.float64)
-        if self.weights.shape != (len(self.centers),):
-            raise ValueError(f"class weights of shape {self.weights.shape} for {len(self.centers)} bins")
+        super().__init__(weights, centers)
         self.cross_entropy = SoftmaxCrossEntropy()
-
-    @classmethod
-    def from_training_ab(cls, ab_scaled, lam: float = REBALANCE_LAMBDA) -> "ClassificationLoss":
-        """Rebalancing weights estimated from the scaled training targets (..., 2)."""
-        return cls(class_weights(ab_scaled, ab_scale=AB_SCALE, lam=lam))
 
     def forward(self, logits, ab_true) -> float:
         xp = array_module(logits)
@@ -261,7 +269,7 @@ class ClassificationLoss:
         return scale_ab(annealed_mean(logits, self.centers, temperature))
 
 
-class RebalancedMSELoss:
+class RebalancedMSELoss(RebalancedLoss):
     """MSE on scaled a*b* with each pixel weighed by the rebalancing weight of its true color's
     nearest bin: Zhang et al.'s class rebalancing applied to regression.
 
@@ -271,17 +279,6 @@ class RebalancedMSELoss:
     forward(ab_pred, ab_true (N, H, W, 2) scaled) -> the loss, mean over every element of
     w * (pred - true)^2; backward() -> dloss/dab_pred (N, H, W, 2).
     """
-
-    def __init__(self, weights: np.ndarray, centers: np.ndarray | None = None):
-        self.centers = ab_bins() if centers is None else centers
-        self.weights = np.asarray(weights, dtype=np.float64)
-        if self.weights.shape != (len(self.centers),):
-            raise ValueError(f"class weights of shape {self.weights.shape} for {len(self.centers)} bins")
-
-    @classmethod
-    def from_training_ab(cls, ab_scaled, lam: float = REBALANCE_LAMBDA) -> "RebalancedMSELoss":
-        """Rebalancing weights estimated from the scaled training targets (..., 2)."""
-        return cls(class_weights(ab_scaled, ab_scale=AB_SCALE, lam=lam))
 
     def forward(self, ab_pred, ab_true):
         xp = array_module(ab_pred)
