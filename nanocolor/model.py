@@ -208,6 +208,40 @@ class ColorNet(Module):
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
 
+    def deepened(self, width: int, seed: int = 0) -> "ColorNet":
+        """This U-Net one level deeper, widths + (width,), computing exactly what this one computes.
+
+        Transfer learning for context: each level doubles the receptive field of what lies below
+        it. This net's bottleneck becomes the new last encoder level; the new bottleneck and the
+        decoder level above it start fresh (He init, `seed`). The decoder conv that read the old
+        bottleneck now reads [new level's output, old bottleneck's output] concatenated: its
+        weights on the new part start at zero, so the deepened net predicts what this one did,
+        and fine-tuning grows the new level from there instead of from scratch.
+        """
+        if self.config["arch"] != "unet":
+            raise ValueError("only a U-Net can grow a level without changing what it computes "
+                             f"(its skip connection carries the old path); this net is {self.config['arch']!r}")
+        c = self.config
+        deep = ColorNet(widths=(*c["widths"], width), kernel=c["kernel"], seed=seed, out_channels=c["out_channels"],
+                        head=c["head"], arch="unet", dtype=self.layers[0].params["W"].dtype)
+        pairs = [(old, new) for (old_block, _), (new_block, _) in zip(self.down, deep.down)
+                 for old, new in zip(old_block, new_block)]
+        pairs += zip(self.bottleneck, deep.down[-1][0])
+        pairs += [(old, new) for (old_block, _, _), (new_block, _, _) in zip(self.up, deep.up[1:])
+                  for old, new in zip(old_block, new_block)]
+        pairs += zip(self.head, deep.head)
+        for old, new in pairs:
+            for old_store, new_store in zip(_stores(old), _stores(new)):
+                for name, p in old_store.items():
+                    p = to_numpy(p)
+                    if new_store[name].shape != p.shape:  # the conv that also reads the new level: zeros there
+                        grown = np.zeros(new_store[name].shape, dtype=p.dtype)
+                        grown[:, :, -p.shape[2]:] = p  # the skip (old bottleneck) is the second part of the concat
+                        p = grown
+                    new_store[name] = p.copy()
+        deep.chroma_gain = self.chroma_gain
+        return deep.to_device()
+
     # -- saving and loading -------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
         """Write weights + architecture config atomically (float16 by default: half the bytes).

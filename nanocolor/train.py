@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default SIZE / 4; 0: the whole photo at SIZE)")
     p.add_argument("--widths", default=None,
                    help="channel widths of the encoder levels, comma-separated "
-                        f"(default {','.join(map(str, DEFAULT_WIDTHS))}, or those of the --init weights)")
+                        f"(default {','.join(map(str, DEFAULT_WIDTHS))}, or those of the --init weights; "
+                        "the --init U-Net's widths and one more grow it a level, e.g. 32,64,128,256,256)")
     p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
                    help=f"share of photos held out for validation (default {TrainConfig.val_fraction})")
     p.add_argument("--seed", type=int, default=TrainConfig.seed,

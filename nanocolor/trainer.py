@@ -237,12 +237,17 @@ class Trainer:
         self.loss_sum, self.cpu_seconds = meta["loss_sum"], meta["cpu_seconds"]
 
     def _load_initial_weights(self, path: str) -> None:
-        """Fine-tune: copy the weights of a file whose architecture matches this run's."""
+        """Fine-tune: copy the weights of a file whose architecture matches this run's, or grow a
+        U-Net one level deeper (this run's widths = the file's and one more) that starts where it was."""
         arrays, meta = load_npz(weights_file(path))
         config = full_config(meta.get("config") or {})
-        if config != self.model.config:
-            raise ValueError(f"{path}: architecture {config} does not match this run's "
-                             f"{self.model.config} (set --arch / --widths / --loss to match)")
+        run = self.model.config
+        if config == {**run, "widths": run["widths"][:-1]} and run["arch"] == "unet":
+            start = ColorNet.from_contents(arrays, meta, source=str(path), dtype=self.dtype)
+            arrays = start.deepened(run["widths"][-1], seed=self.cfg.seed).state_arrays()
+        elif config != run:
+            raise ValueError(f"{path}: architecture {config} does not match this run's {run} "
+                             f"(set --arch / --widths / --loss to match, or add one width to grow a U-Net a level)")
         self.model.load_state_arrays(arrays, source=str(path))
 
     def predict_scaled_ab(self, lightness) -> np.ndarray:

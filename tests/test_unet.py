@@ -150,6 +150,56 @@ def test_unet_saves_and_restores_running_statistics(tmp_path, rng):
     assert len(stats) == 3  # encoder, bottleneck, decoder
 
 
+def randomized_statistics(model: ColorNet, rng: np.random.Generator) -> ColorNet:
+    """Running statistics and shifts away from their start: a copy that drops one shows."""
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm2d):
+            layer.buffers["running_mean"] = rng.standard_normal(layer.buffers["running_mean"].shape)
+            layer.buffers["running_var"] = rng.uniform(0.5, 2, layer.buffers["running_var"].shape)
+            layer.params["beta"] = rng.standard_normal(layer.params["beta"].shape)
+    return model
+
+
+@pytest.mark.parametrize("widths, width", [((4, 8, 16), 12), ((3, 5), 5)])
+def test_a_deepened_unet_computes_what_it_grew_from_then_learns_with_its_new_level(widths, width, rng):
+    model = randomized_statistics(ColorNet(widths, seed=1, dtype=np.float64, arch="unet"), rng)
+    model.chroma_gain = 1.2
+    deep = model.deepened(width, seed=3)
+    assert deep.config["widths"] == [*widths, width] and deep.chroma_gain == 1.2
+    assert deep.num_params() > model.num_params()
+    lightness = rng.uniform(-1, 1, (2, 16, 24, 1))
+    np.testing.assert_allclose(deep.forward(lightness), model.forward(lightness), rtol=0, atol=1e-12)
+    # The old bottleneck's conv now ends the encoder; the new level's gradient is non-zero.
+    deep.train().forward(lightness)
+    deep.backward(rng.standard_normal((2, 16, 24, 2)))
+    grown = [layer for layer in deep.layers if isinstance(layer, Conv2d) and layer.c_in == 2 * widths[-1]][-1]
+    assert np.abs(grown.grads["W"][:, :, :width]).max() > 0  # the zero weights on the new level will move
+    assert np.all(grown.params["W"][:, :, :width] == 0)
+
+
+def test_only_a_unet_can_grow():
+    with pytest.raises(ValueError, match="only a U-Net"):
+        ColorNet((4, 8), arch="seed").deepened(8)
+
+
+def test_init_grows_a_unet_one_level_when_given_one_more_width(tmp_path, rng):
+    start = randomized_statistics(ColorNet((4, 8), seed=5, arch="unet"), rng)
+    start.save(tmp_path / "start.npz", dtype=np.float32)
+    photos = REPO / "data" / "sample"
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--init", str(tmp_path / "start.npz"),
+                             "--widths", "4,8,6", "--lr", "1e-9", "--data", str(photos), "--limit", "24",
+                             "--size", "16", "--epochs", "1", "--batch-size", "4", "--quiet",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    grown = ColorNet.load(tmp_path / "run" / "checkpoint.npz")
+    assert grown.config["widths"] == [4, 8, 6]
+    # lr 1e-9: the run's parameters are the grown start's, zeros included (running statistics move)
+    expected = start.deepened(6).state_arrays()
+    for name, a in grown.state_arrays().items():
+        if "running" not in name:
+            np.testing.assert_allclose(a, expected[name], atol=1e-6, err_msg=name)
+
+
 def test_a_weights_file_from_before_arch_existed_loads_as_the_seed_autoencoder():
     """A file whose config predates 'arch' loads as the seed autoencoder it was."""
     _, meta = load_npz(FORMAT1)
