@@ -173,8 +173,9 @@ def test_a_deepened_unet_computes_what_it_grew_from_then_learns_with_its_new_lev
     deep.train().forward(lightness)
     deep.backward(rng.standard_normal((2, 16, 24, 2)))
     grown = [layer for layer in deep.layers if isinstance(layer, Conv2d) and layer.c_in == 2 * widths[-1]][-1]
-    assert np.abs(grown.grads["W"][:, :, :width]).max() > 0  # the zero weights on the new level will move
-    assert np.all(grown.params["W"][:, :, :width] == 0)
+    new_part = grown.c_in - widths[-1]  # the concat's first part: the new level's upsampled output
+    assert new_part == widths[-1] and np.all(grown.params["W"][:, :, :new_part] == 0)
+    assert np.abs(grown.grads["W"][:, :, :new_part]).max() > 0  # the zero weights on the new level will move
 
 
 def test_only_a_unet_can_grow():
