@@ -242,7 +242,7 @@ class Trainer:
         arrays, meta = load_npz(weights_file(path))
         config = full_config(meta.get("config") or {})
         run = self.model.config
-        if config == {**run, "widths": run["widths"][:-1]} and run["arch"] == "unet":
+        if config == {**run, "widths": run["widths"][:-1]}:  # deepened() refuses all but a U-Net
             start = ColorNet.from_contents(arrays, meta, source=str(path), dtype=self.dtype)
             arrays = start.deepened(run["widths"][-1], seed=self.cfg.seed).state_arrays()
         elif config != run:
