@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(Zhang et al.'s class rebalancing; p: the share of training pixels in the color's bin): "
                         "smaller LAMBDA, bolder rare colors; 1: no weighting (default 0.5 with --loss classify, "
                         "1 with mse)")
+    p.add_argument("--chroma-match", type=float, default=TrainConfig.chroma_match, metavar="LAMBDA",
+                   help="add LAMBDA x (RMS chroma of the prediction - RMS chroma of the truth)^2 per photo "
+                        "to the MSE: the network learns how colorful each photo is, where MSE alone "
+                        f"predicts dull means (default {TrainConfig.chroma_match:g}: plain MSE)")
     p.add_argument("--size", type=int, default=TrainConfig.size,
                    help=f"training images are center-cropped and resized to SIZE x SIZE (default {TrainConfig.size})")
     p.add_argument("--arch", choices=ARCHS, default=None,
@@ -127,7 +131,8 @@ def main(argv=None, on_step=None) -> int:
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size,
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size,
                           val_fraction=args.val_fraction, seed=args.seed, widths=widths, arch=arch,
-                          crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance, limit=args.limit,
+                          crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance, chroma_match=args.chroma_match,
+                          limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root, gan=args.gan,
                           gan_lambda=args.gan_lambda, critic_lr=args.critic_lr, critic_warmup=args.critic_warmup,
                           critic_widths=options.parse_widths(args.critic_widths, "--critic-widths")
@@ -180,6 +185,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--limit", args.limit, low=1)
     options.check_number("--crop-margin", args.crop_margin, low=0)
     options.check_number("--rebalance", args.rebalance, low=0, high=1, above=True)
+    options.check_number("--chroma-match", args.chroma_match, low=0)
     options.check_number("--gan-lambda", args.gan_lambda, low=0)
     options.check_number("--critic-lr", args.critic_lr, low=0, above=True)
     options.check_number("--critic-warmup", args.critic_warmup, low=0)

@@ -33,7 +33,7 @@ from .gan import CRITIC_LR, CRITIC_WIDTHS, GAN, LAMBDA, WARMUP
 from .images import side_by_side
 from .infer import weights_file
 from .layers import BatchNorm2d
-from .loss import MSELoss
+from .loss import ChromaMatchedMSELoss, MSELoss
 from .metrics import psnr
 from .model import DEFAULT_ARCH, DEFAULT_WIDTHS, ColorNet, full_config
 from .optim import Adam, scheduled_lr
@@ -64,6 +64,7 @@ class TrainConfig:
     crop_margin: int | None = None    # photos stored at size + margin (None: size // 4); batches take random size x size crops
     loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
     rebalance: float | None = None    # lambda of the class rebalancing (None: 0.5 for classify, off for mse)
+    chroma_match: float = 0.0         # weight of ChromaMatchedMSELoss's per-photo chroma term (0: plain MSE)
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
     photos: dict | None = None        # data.photo_record of `data`: --resume checks photos that moved
@@ -159,6 +160,11 @@ class Trainer:
             raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
         if cfg.rebalance is not None and not 0 < cfg.rebalance <= 1:
             raise ValueError(f"--rebalance must be in (0, 1], got {cfg.rebalance}")
+        if cfg.chroma_match < 0:
+            raise ValueError(f"--chroma-match must be >= 0, got {cfg.chroma_match}")
+        if cfg.chroma_match and (cfg.loss != "mse" or cfg.rebalance not in (None, 1)):
+            raise ValueError("--chroma-match adds to the plain regression loss: it needs --loss mse "
+                             "without --rebalance")
         if cfg.loss == "classify" or cfg.rebalance not in (None, 1):
             weighted = ClassificationLoss if cfg.loss == "classify" else RebalancedMSELoss
             if getattr(self, "class_weights", None) is None:  # estimated once, then kept in the checkpoint
@@ -166,7 +172,7 @@ class Trainer:
                 self.class_weights = weighted.from_training_ab(self.ab[self.train_idx], lam).weights
             self.loss = weighted(self.class_weights)
         else:
-            self.loss = MSELoss()
+            self.loss = ChromaMatchedMSELoss(cfg.chroma_match) if cfg.chroma_match else MSELoss()
         if not resume:
             head = {"out_channels": len(self.loss.centers), "head": "logits"} if cfg.loss == "classify" else {}
             self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, arch=cfg.arch, **head)
@@ -214,6 +220,7 @@ class Trainer:
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
         self.cfg.loss, self.cfg.rebalance = stored.get("loss", "mse"), stored.get("rebalance")
+        self.cfg.chroma_match = stored.get("chroma_match", 0.0)
         self.cfg.crop_margin = stored.get("crop_margin", 0)
         self.cfg.schedule, self.cfg.warmup = stored.get("schedule", "constant"), stored.get("warmup", 0)
         self.cfg.arch = meta["config"].get("arch", "seed")

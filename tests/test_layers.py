@@ -11,7 +11,7 @@ from conftest import GRAD_TOL, check_gradients, make_conv
 from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.layers import (BatchNorm2d, Concat, Conv2d, LeakyReLU, MaxPool2d, ReLU, Tanh, Upsample2d,
                               conv_output_size)
-from nanocolor.loss import BCEWithLogitsLoss, MSELoss
+from nanocolor.loss import BCEWithLogitsLoss, ChromaMatchedMSELoss, MSELoss
 from nanocolor.model import ColorNet
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +330,40 @@ def test_mse_loss_value_and_gradient(shape, rng):
     dpred = loss.backward()
     numeric = numeric_gradient(lambda: MSELoss().forward(pred, target), pred)
     assert relative_error(dpred, numeric) < GRAD_TOL
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 2), (3, 1, 1, 2), (1, 4, 3, 2)])
+@pytest.mark.parametrize("lam", [0.5, 3.0])
+def test_chroma_matched_mse_value_and_gradient(shape, lam, rng):
+    pred, target = rng.standard_normal(shape), 2 * rng.standard_normal(shape)
+    loss = ChromaMatchedMSELoss(lam)
+    value = loss.forward(pred, target)
+    rms = lambda x: np.sqrt(np.mean(x.reshape(len(x), -1) ** 2, axis=1) + ChromaMatchedMSELoss.EPS)
+    expected = np.mean((pred - target) ** 2) + lam * np.mean((rms(pred) - rms(target)) ** 2)
+    assert value == pytest.approx(expected, rel=1e-12)
+    dpred = loss.backward()
+    numeric = numeric_gradient(lambda: ChromaMatchedMSELoss(lam).forward(pred, target), pred)
+    assert relative_error(dpred, numeric) < GRAD_TOL
+
+
+def test_chroma_matched_mse_pulls_a_dull_prediction_outwards(rng):
+    """A prediction pointing the right way at half the truth's chroma: plain MSE and the chroma
+    term both push it outwards along itself, and with lam 0 the loss is MSE exactly."""
+    target = rng.standard_normal((2, 3, 3, 2))
+    pred = 0.5 * target
+    plain, matched = MSELoss(), ChromaMatchedMSELoss(2.0)
+    assert ChromaMatchedMSELoss(0.0).forward(pred, target) == plain.forward(pred, target)
+    matched.forward(pred, target)
+    extra = matched.backward() - plain.backward()
+    # the extra gradient is a negative multiple of pred itself, per photo: descent scales it up
+    for n in range(2):
+        ratio = extra[n] / pred[n]
+        assert np.all(ratio < 0)
+        np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-12)
+    # an all-gray prediction gets a finite gradient (no 0 / 0)
+    gray = np.zeros_like(target)
+    matched.forward(gray, target)
+    assert np.all(np.isfinite(matched.backward()))
 
 
 def naive_bce(logits: np.ndarray, target) -> float:
