@@ -237,6 +237,19 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def repeat_indices(indices: np.ndarray, paths: list, repeat: dict) -> np.ndarray:
+    """Training indices into `paths` with every photo under a folder of `repeat` ({folder: k})
+    listed k times, so an epoch sees it k times; the validation split is left as it was.
+    DataError when a folder holds none of the training photos (a typo would repeat nothing)."""
+    counts = np.ones(len(indices), dtype=np.int64)
+    for folder, k in repeat.items():
+        under = np.array([Path(folder) in Path(paths[i]).parents for i in indices], dtype=bool)
+        if not under.any():
+            raise DataError(f"--repeat {folder}: none of the training photos lies in that folder")
+        counts[under] = k
+    return np.repeat(indices, counts)
+
+
 def epoch_plan(n: int, batch_size: int, seed: int, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The shuffled mini-batches of one epoch as (indices, flip_mask) pairs; the last partial batch is dropped.
 

@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add LAMBDA x (RMS chroma of the prediction - RMS chroma of the truth)^2 per photo "
                         "to the MSE: the network learns how colorful each photo is, where MSE alone "
                         f"predicts dull means (default {TrainConfig.chroma_match:g}: plain MSE)")
+    p.add_argument("--repeat", nargs="+", default=None, metavar="FOLDER=K",
+                   help="the training photos under FOLDER (one inside --data) appear K times an epoch, to "
+                        "weigh a kind of photo more; the validation split stays as it was")
     p.add_argument("--size", type=int, default=TrainConfig.size,
                    help=f"training images are center-cropped and resized to SIZE x SIZE (default {TrainConfig.size})")
     p.add_argument("--arch", choices=ARCHS, default=None,
@@ -132,6 +135,7 @@ def main(argv=None, on_step=None) -> int:
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size,
                           val_fraction=args.val_fraction, seed=args.seed, widths=widths, arch=arch,
                           crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance, chroma_match=args.chroma_match,
+                          repeat=parse_repeat(args.repeat),
                           limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root, gan=args.gan,
                           gan_lambda=args.gan_lambda, critic_lr=args.critic_lr, critic_warmup=args.critic_warmup,
@@ -140,6 +144,7 @@ def main(argv=None, on_step=None) -> int:
         if args.resume:
             resume_settings(cfg, args)
         options.check_outside(out, cfg.data)
+        check_repeat(cfg.repeat, cfg.data)
         if world.is_root:  # before the photos are read
             if not args.resume:
                 check_new_run_folder(out)
@@ -173,6 +178,28 @@ def main(argv=None, on_step=None) -> int:
     return 0
 
 
+def parse_repeat(values: list[str] | None) -> dict | None:
+    """--repeat FOLDER=K ... -> {absolute folder: K}; ValueError naming a malformed one."""
+    if not values:
+        return None
+    repeat = {}
+    for value in values:
+        folder, _, count = value.rpartition("=")
+        if not folder or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--repeat {value}: give FOLDER=K with K a whole number >= 1")
+        repeat[str(Path(folder).resolve())] = int(count)
+    return repeat
+
+
+def check_repeat(repeat: dict | None, data) -> None:
+    """Every --repeat folder is an existing folder inside a --data folder (ValueError naming it)."""
+    roots = [Path(folder) for folder in options.folders(data)]
+    for folder in repeat or {}:
+        place = Path(folder)
+        if not place.is_dir() or not any(place == root or root in place.parents for root in roots):
+            raise ValueError(f"--repeat {folder}: not a folder inside --data {' '.join(map(str, roots))}")
+
+
 def check_numbers(args: argparse.Namespace) -> None:
     """Every numeric option in range, before anything is loaded (ValueError naming the option)."""
     options.check_number("--epochs", args.epochs, low=1)
@@ -186,6 +213,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--crop-margin", args.crop_margin, low=0)
     options.check_number("--rebalance", args.rebalance, low=0, high=1, above=True)
     options.check_number("--chroma-match", args.chroma_match, low=0)
+    if args.chroma_match and (args.loss != "mse" or args.rebalance not in (None, 1)):
+        raise ValueError("--chroma-match adds to the plain regression loss: it needs --loss mse without --rebalance")
     options.check_number("--gan-lambda", args.gan_lambda, low=0)
     options.check_number("--critic-lr", args.critic_lr, low=0, above=True)
     options.check_number("--critic-warmup", args.critic_warmup, low=0)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from . import backend, engine
 from .classify import REBALANCE_LAMBDA, ClassificationLoss, RebalancedMSELoss
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
-from .data import DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, split_indices
+from .data import (DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, repeat_indices,
+                   split_indices)
 from .distributed import GradientAverager, World
 from .gan import CRITIC_LR, CRITIC_WIDTHS, GAN, LAMBDA, WARMUP
 from .images import side_by_side
@@ -65,6 +66,7 @@ class TrainConfig:
     loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
     rebalance: float | None = None    # lambda of the class rebalancing (None: 0.5 for classify, off for mse)
     chroma_match: float = 0.0         # weight of ChromaMatchedMSELoss's per-photo chroma term (0: plain MSE)
+    repeat: dict | None = None        # {folder: k}: the training photos in folder appear k times an epoch
     limit: int | None = None          # use only the first `limit` images (quick experiments)
     init: str | None = None           # start from these weights (e.g. the shipped model), fresh Adam state
     photos: dict | None = None        # data.photo_record of `data`: --resume checks photos that moved
@@ -140,9 +142,11 @@ class Trainer:
         with warnings.catch_warnings():
             if not self.world.is_root:
                 warnings.simplefilter("ignore")  # rank 0 already reports skipped images
-            self.lightness, self.ab = load_dataset(cfg.data, cfg.size + cfg.crop_margin, limit=cfg.limit,
-                                                   progress=self.progress)
+            self.lightness, self.ab, paths = load_dataset(cfg.data, cfg.size + cfg.crop_margin, limit=cfg.limit,
+                                                          progress=self.progress, with_paths=True)
         self.train_idx, self.val_idx = split_indices(len(self.lightness), cfg.val_fraction, cfg.seed)
+        if cfg.repeat:
+            self.train_idx = repeat_indices(self.train_idx, paths, cfg.repeat)
         if len(self.val_idx) == 0 and self.world.is_root:
             count = len(self.lightness)
             warnings.warn(f"no validation set ({count} photo{'s' * (count != 1)}, --val-fraction "
@@ -220,7 +224,7 @@ class Trainer:
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
         self.cfg.loss, self.cfg.rebalance = stored.get("loss", "mse"), stored.get("rebalance")
-        self.cfg.chroma_match = stored.get("chroma_match", 0.0)
+        self.cfg.chroma_match, self.cfg.repeat = stored.get("chroma_match", 0.0), stored.get("repeat")
         self.cfg.crop_margin = stored.get("crop_margin", 0)
         self.cfg.schedule, self.cfg.warmup = stored.get("schedule", "constant"), stored.get("warmup", 0)
         self.cfg.arch = meta["config"].get("arch", "seed")
@@ -299,7 +303,7 @@ class Trainer:
         return center_crop(self.lightness[idx], size), center_crop(self.ab[idx], size)
 
     def write_preview(self) -> None:
-        idx = self.val_idx[:PREVIEW_IMAGES] if len(self.val_idx) else self.train_idx[:PREVIEW_IMAGES]
+        idx = self.val_idx[:PREVIEW_IMAGES] if len(self.val_idx) else np.unique(self.train_idx)[:PREVIEW_IMAGES]
         L, ab_true = self._validation_pair(idx)
         ab_pred = self.predict_scaled_ab(L)
         gray = lab_to_rgb_batch(L, np.zeros_like(ab_true))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import colorful_rgb, run_script, save_image
 from nanocolor.color import rgb_to_lab
+from nanocolor.data import split_indices
 from nanocolor.model import ColorNet
 from nanocolor.serialize import load_npz
 
@@ -301,6 +302,60 @@ def test_rebalanced_run_keeps_its_weights_and_resumes_bit_identically(trained_ru
     a, b = weights_of(resumed / "checkpoint.npz"), weights_of(straight / "checkpoint.npz")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_chroma_matched_run_keeps_its_setting_and_resumes_bit_identically(trained_run, tmp_path):
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    result = run_script("train.py", *TINY_RUN, "--chroma-match", "2", "--out", resumed)
+    assert result.returncode == 0, result.stderr
+    _, meta = load_npz(resumed / "checkpoint.npz", kinds=("checkpoint",))
+    assert meta["train_config"]["chroma_match"] == 2.0
+    plain = weights_of(trained_run[0] / "checkpoint.npz")  # the same run with plain MSE
+    assert any(not np.array_equal(a, plain[k]) for k, a in weights_of(resumed / "checkpoint.npz").items())
+    assert run_script("train.py", "--resume", resumed, "--epochs", "2", "--quiet").returncode == 0
+    result = run_script("train.py", *tiny_run(epochs=2), "--chroma-match", "2", "--out", straight)
+    assert result.returncode == 0, result.stderr
+    a, b = weights_of(resumed / "checkpoint.npz"), weights_of(straight / "checkpoint.npz")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("extra", [["--chroma-match", "-1"], ["--chroma-match", "1", "--loss", "classify"],
+                                   ["--chroma-match", "1", "--rebalance", "0.5"]])
+def test_train_refuses_a_chroma_match_it_cannot_use(extra, tmp_path):
+    result = run_script("train.py", *extra, "--out", tmp_path / "run")
+    assert result.returncode == 2 and "--chroma-match" in result.stderr, result.stderr
+    assert len(error_lines(result.stderr)) == 1
+    assert_no_traceback(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_repeat_lists_a_folders_photos_k_times_and_keeps_the_split(tmp_path):
+    common = ["--epochs", "1", "--size", "16", "--widths", "4,8", "--batch-size", "4", "--quiet"]
+    data = tmp_path / "photos"
+    for folder, count in (("common", 12), ("rare", 4)):
+        for i in range(count):
+            save_image(data / folder / f"{i:02d}.png", colorful_rgb(20, 20, seed=100 * len(folder) + i))
+    for name, extra in (("plain", []), ("repeated", ["--repeat", f"{data / 'rare'}=3"])):
+        result = run_script("train.py", "--data", data, *common, *extra, "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+    (plain, _), (repeated, meta) = (load_npz(tmp_path / name / "checkpoint.npz", kinds=("checkpoint",))
+                                    for name in ("plain", "repeated"))
+    assert meta["train_config"]["repeat"] == {str(data / "rare"): 3}
+    # 16 photos, 2 held out as before; each training photo in rare/ (the last 4 paths) counts 3 times
+    train_idx, _ = split_indices(16, 0.1, 0)
+    rare_in_training = int(np.sum(train_idx >= 12))
+    assert int(plain["adam.t"]) == 14 // 4  # Adam's step count: the batches of the epoch
+    assert int(repeated["adam.t"]) == (14 + 2 * rare_in_training) // 4
+
+
+def test_repeat_refuses_a_folder_outside_the_data(tmp_path):
+    result = run_script("train.py", "--repeat", f"{tmp_path}=2", "--out", tmp_path / "run")
+    assert result.returncode == 2 and "--repeat" in result.stderr and "not a folder inside --data" in result.stderr
+    assert_no_traceback(result)
+    assert not (tmp_path / "run").exists()
+    result = run_script("train.py", "--repeat", "data/sample/forest=0", "--out", tmp_path / "run")
+    assert result.returncode == 2 and "FOLDER=K" in result.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "nan"])

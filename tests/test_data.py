@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import colorful_rgb, gray_rgb, save_image
 from nanocolor.color import rgb_to_lab, scale_ab, scale_lightness
-from nanocolor.data import (DataError, ImageError, epoch_plan, find_images, load_dataset, make_batch,
+from nanocolor.data import (DataError, ImageError, epoch_plan, repeat_indices, find_images, load_dataset, make_batch,
                             open_image, split_indices, to_rgb)
 
 SIZE = 8
@@ -324,3 +324,14 @@ def test_photos_convert_to_lab_in_chunks_with_the_same_numbers(tmp_path, monkeyp
     assert [p.name for p in paths] == [f"{i:02d}.png" for i in range(11) if i not in (3, 7)]
     for a, b in zip(arrays, chunked):
         np.testing.assert_array_equal(a, b)
+
+
+def test_repeat_indices_lists_a_folders_training_photos_k_times():
+    paths = [Path("/d/a/0.png"), Path("/d/b/1.png"), Path("/d/b/sub/2.png"), Path("/d/c/3.png"), Path("/d/bb/4.png")]
+    train = np.array([0, 2, 3, 4])  # photo 1 is a validation photo: it stays out
+    np.testing.assert_array_equal(repeat_indices(train, paths, {"/d/b": 3}), [0, 2, 2, 2, 3, 4])
+    np.testing.assert_array_equal(repeat_indices(train, paths, {"/d/b": 1, "/d/c": 2}), [0, 2, 3, 3, 4])
+    with pytest.raises(DataError, match="--repeat /d/e: none of the training photos"):
+        repeat_indices(train, paths, {"/d/e": 2})
+    with pytest.raises(DataError):  # its only photo is a validation photo
+        repeat_indices(np.array([0, 3]), paths, {"/d/b": 2})
