@@ -48,11 +48,15 @@ def plot(results: dict, path: Path) -> None:
     folders = sorted({data for per_model in results.values() for data in per_model})
     fig, axes = plt.subplots(1, len(folders), figsize=(6.5 * len(folders), 5), squeeze=False)
     for ax, data in zip(axes[0], folders):
-        for label, per_model in results.items():
+        colors = plt.cm.tab20(range(20))  # the default cycle has 10 colors: an 11th line would repeat one
+        for i, (label, per_model) in enumerate(results.items()):
             if data not in per_model:
                 continue
             points = per_model[data]["frontier"]
-            ax.plot([p["ratio"] for p in points], [p["psnr_above_gray"] for p in points], "o-", label=label)
+            shipped = label.startswith("shipped")
+            ax.plot([p["ratio"] for p in points], [p["psnr_above_gray"] for p in points], "o-", label=label,
+                    color="black" if shipped else colors[(2 * i) % 20 + (i // 10) % 2], lw=2.5 if shipped else 1.5,
+                    zorder=3 if shipped else 2)
             for p in points[::2]:
                 ax.annotate(f"{p['gain']:g}", (p["ratio"], p["psnr_above_gray"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
