@@ -134,9 +134,8 @@ def main(argv=None, on_step=None) -> int:
         cfg = TrainConfig(data=data, out=out, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size,
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size,
                           val_fraction=args.val_fraction, seed=args.seed, widths=widths, arch=arch,
-                          crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance, chroma_match=args.chroma_match,
-                          repeat=parse_repeat(args.repeat),
-                          limit=args.limit,
+                          crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance,
+                          chroma_match=args.chroma_match, repeat=parse_repeat(args.repeat), limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root, gan=args.gan,
                           gan_lambda=args.gan_lambda, critic_lr=args.critic_lr, critic_warmup=args.critic_warmup,
                           critic_widths=options.parse_widths(args.critic_widths, "--critic-widths")
@@ -213,8 +212,6 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--crop-margin", args.crop_margin, low=0)
     options.check_number("--rebalance", args.rebalance, low=0, high=1, above=True)
     options.check_number("--chroma-match", args.chroma_match, low=0)
-    if args.chroma_match and (args.loss != "mse" or args.rebalance not in (None, 1)):
-        raise ValueError("--chroma-match adds to the plain regression loss: it needs --loss mse without --rebalance")
     options.check_number("--gan-lambda", args.gan_lambda, low=0)
     options.check_number("--critic-lr", args.critic_lr, low=0, above=True)
     options.check_number("--critic-warmup", args.critic_warmup, low=0)

@@ -81,6 +81,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.crop_margin is None:
             self.crop_margin = self.size // 4
+        if self.chroma_match < 0:
+            raise ValueError(f"--chroma-match must be >= 0, got {self.chroma_match}")
+        if self.chroma_match and (self.loss != "mse" or self.rebalance not in (None, 1)):
+            raise ValueError("--chroma-match adds to the plain regression loss: "
+                             "it needs --loss mse without --rebalance")
 
 
 class TrainingStopped(RuntimeError):
@@ -164,11 +169,6 @@ class Trainer:
             raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
         if cfg.rebalance is not None and not 0 < cfg.rebalance <= 1:
             raise ValueError(f"--rebalance must be in (0, 1], got {cfg.rebalance}")
-        if cfg.chroma_match < 0:
-            raise ValueError(f"--chroma-match must be >= 0, got {cfg.chroma_match}")
-        if cfg.chroma_match and (cfg.loss != "mse" or cfg.rebalance not in (None, 1)):
-            raise ValueError("--chroma-match adds to the plain regression loss: it needs --loss mse "
-                             "without --rebalance")
         if cfg.loss == "classify" or cfg.rebalance not in (None, 1):
             weighted = ClassificationLoss if cfg.loss == "classify" else RebalancedMSELoss
             if getattr(self, "class_weights", None) is None:  # estimated once, then kept in the checkpoint

@@ -287,33 +287,21 @@ def test_train_refuses_a_non_positive_learning_rate(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_rebalanced_run_keeps_its_weights_and_resumes_bit_identically(trained_run, tmp_path):
+@pytest.mark.parametrize("option, value, setting", [("--rebalance", "0.5", "rebalance"),
+                                                    ("--chroma-match", "2", "chroma_match")])
+def test_a_reweighted_loss_keeps_its_setting_and_resumes_bit_identically(option, value, setting, trained_run,
+                                                                           tmp_path):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    result = run_script("train.py", *TINY_RUN, "--rebalance", "0.5", "--out", resumed)
+    result = run_script("train.py", *TINY_RUN, option, value, "--out", resumed)
     assert result.returncode == 0, result.stderr
     arrays, meta = load_npz(resumed / "checkpoint.npz", kinds=("checkpoint",))
-    assert meta["train_config"]["rebalance"] == 0.5
-    assert arrays["class_weights"].shape == (258,) and arrays["class_weights"].max() > 2
-    plain = weights_of(trained_run[0] / "checkpoint.npz")  # the same run without rebalancing
+    assert meta["train_config"][setting] == float(value)
+    if setting == "rebalance":
+        assert arrays["class_weights"].shape == (258,) and arrays["class_weights"].max() > 2
+    plain = weights_of(trained_run[0] / "checkpoint.npz")  # the same run with the plain MSE
     assert any(not np.array_equal(a, plain[k]) for k, a in weights_of(resumed / "checkpoint.npz").items())
     assert run_script("train.py", "--resume", resumed, "--epochs", "2", "--quiet").returncode == 0
-    result = run_script("train.py", *tiny_run(epochs=2), "--rebalance", "0.5", "--out", straight)
-    assert result.returncode == 0, result.stderr
-    a, b = weights_of(resumed / "checkpoint.npz"), weights_of(straight / "checkpoint.npz")
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-
-def test_chroma_matched_run_keeps_its_setting_and_resumes_bit_identically(trained_run, tmp_path):
-    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    result = run_script("train.py", *TINY_RUN, "--chroma-match", "2", "--out", resumed)
-    assert result.returncode == 0, result.stderr
-    _, meta = load_npz(resumed / "checkpoint.npz", kinds=("checkpoint",))
-    assert meta["train_config"]["chroma_match"] == 2.0
-    plain = weights_of(trained_run[0] / "checkpoint.npz")  # the same run with plain MSE
-    assert any(not np.array_equal(a, plain[k]) for k, a in weights_of(resumed / "checkpoint.npz").items())
-    assert run_script("train.py", "--resume", resumed, "--epochs", "2", "--quiet").returncode == 0
-    result = run_script("train.py", *tiny_run(epochs=2), "--chroma-match", "2", "--out", straight)
+    result = run_script("train.py", *tiny_run(epochs=2), option, value, "--out", straight)
     assert result.returncode == 0, result.stderr
     a, b = weights_of(resumed / "checkpoint.npz"), weights_of(straight / "checkpoint.npz")
     for name in a:

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import colorful_rgb, gray_rgb, save_image
 from nanocolor.color import rgb_to_lab, scale_ab, scale_lightness
-from nanocolor.data import (DataError, ImageError, epoch_plan, repeat_indices, find_images, load_dataset, make_batch,
-                            open_image, split_indices, to_rgb)
+from nanocolor.data import (DataError, ImageError, epoch_plan, find_images, load_dataset, make_batch,
+                            open_image, repeat_indices, split_indices, to_rgb)
 
 SIZE = 8
 
