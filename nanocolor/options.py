@@ -100,14 +100,26 @@ def folders(value) -> list[str]:
     return [str(Path(v).resolve()) for v in ([value] if isinstance(value, (str, os.PathLike)) else value)]
 
 
+def data_folder_holding(place: str | os.PathLike, data) -> str | None:
+    """The data folder that `place` is or lies inside, else None."""
+    place = Path(place).resolve()
+    return next((folder for folder in folders(data) if place == Path(folder) or Path(folder) in place.parents), None)
+
+
 def check_outside(out: str | os.PathLike, data) -> None:
     """ValueError when the run folder `out` is one of the data folders or lies inside one: the next
     run on that data would train on this run's preview.png."""
-    place = Path(out).resolve()
-    for folder in folders(data):
-        if place == Path(folder) or Path(folder) in place.parents:
-            raise ValueError(f"--out {out} is inside the data folder {folder}: later runs on it would train "
-                             f"on this run's preview.png; pick an --out outside it")
+    folder = data_folder_holding(out, data)
+    if folder is not None:
+        raise ValueError(f"--out {out} is inside the data folder {folder}: later runs on it would train "
+                         f"on this run's preview.png; pick an --out outside it")
+
+
+def check_repeat(repeat: dict | None, data) -> None:
+    """Every --repeat folder is an existing folder inside a --data folder (ValueError naming it)."""
+    for folder in repeat or {}:
+        if not Path(folder).is_dir() or data_folder_holding(folder, data) is None:
+            raise ValueError(f"--repeat {folder}: not a folder inside --data {' '.join(folders(data))}")
 
 
 def ignored_on_resume(wanted: dict, stored: dict) -> list[str]:

@@ -143,7 +143,7 @@ def main(argv=None, on_step=None) -> int:
         if args.resume:
             resume_settings(cfg, args)
         options.check_outside(out, cfg.data)
-        check_repeat(cfg.repeat, cfg.data)
+        options.check_repeat(cfg.repeat, cfg.data)
         if world.is_root:  # before the photos are read
             if not args.resume:
                 check_new_run_folder(out)
@@ -188,15 +188,6 @@ def parse_repeat(values: list[str] | None) -> dict | None:
             raise ValueError(f"--repeat {value}: give FOLDER=K with K a whole number >= 1")
         repeat[str(Path(folder).resolve())] = int(count)
     return repeat
-
-
-def check_repeat(repeat: dict | None, data) -> None:
-    """Every --repeat folder is an existing folder inside a --data folder (ValueError naming it)."""
-    roots = [Path(folder) for folder in options.folders(data)]
-    for folder in repeat or {}:
-        place = Path(folder)
-        if not place.is_dir() or not any(place == root or root in place.parents for root in roots):
-            raise ValueError(f"--repeat {folder}: not a folder inside --data {' '.join(map(str, roots))}")
 
 
 def check_numbers(args: argparse.Namespace) -> None:
