@@ -205,6 +205,17 @@ def annealed_mean(logits, centers: np.ndarray | None = None, temperature: float 
     return (z / z.sum(axis=-1, keepdims=True)) @ xp.asarray(centers, dtype=logits.dtype)
 
 
+def blended_ab(out, temperature: float, regression_weight: float, centers: np.ndarray | None = None):
+    """The output (..., 2 + Q) of a net with a class head -> a*b* (..., 2) in LAB units:
+    w * its regressed a*b* + (1 - w) * the annealed mean of its bins at `temperature`.
+
+    The regression is the mean of the plausible colors; the annealed mean leans towards the most
+    likely one. Their blend, with w and T chosen on validation photos, is what colorizing paints.
+    """
+    regressed = unscale_ab(out[..., :2])
+    return regression_weight * regressed + (1 - regression_weight) * annealed_mean(out[..., 2:], centers, temperature)
+
+
 class SoftmaxCrossEntropy:
     """loss = mean over pixels of weight * (-sum_q target_q log softmax(logits)_q).
 

@@ -3,6 +3,7 @@
     nanocolor colorize photo.jpg          # nanocolor/colorize.py (also python colorize.py)
     nanocolor train --data ~/photos       # nanocolor/train.py (also python train.py)
     nanocolor evaluate --data test/       # nanocolor/evaluate.py
+    nanocolor classhead --data ~/photos --out hybrid.npz   # nanocolor/classhead.py
     nanocolor serve                       # nanocolor/serve.py: a local web page
     nanocolor --version
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "colorize": "colorize photos and videos (writes <name>_color.png or .mp4 beside each input, or into --output)",
     "train": "train a model on a folder of color photos",
     "evaluate": "score a model on a folder of color photos (PSNR, AuC, colorfulness)",
+    "classhead": "fit a color-class head beside a trained model's a*b* head, blended in when colorizing",
     "serve": "colorize in the browser: a local web page and HTTP API (needs nanocolor[serve])",
 }
 WEB_PACKAGES = ("starlette", "uvicorn", "multipart", "python_multipart", "anyio")

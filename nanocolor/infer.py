@@ -94,6 +94,9 @@ def predict_working_ab(model: ColorNet, small: np.ndarray, gains: tuple | None =
     if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
         from .classify import annealed_mean
         ab = backend.to_numpy(annealed_mean(out))[0]
+    elif model.class_head is not None:  # the a*b* head's and the class head's a*b*, blended
+        from .classify import blended_ab
+        ab = backend.to_numpy(blended_ab(out, **model.decode))[0]
     else:
         ab = unscale_ab(backend.to_numpy(out)[0])
     if gains is not None:
@@ -194,13 +197,13 @@ def load_colorizer(path: str | os.PathLike) -> tuple[ColorNet, int]:
     except Exception as err:  # e.g. arrays of a type no parameter can take
         raise CorruptFileError(f"{path}: cannot build a model from it ({err.__class__.__name__}: {err})") from None
     head = model.config.get("head", "tanh")
-    if head == "logits":  # the bins cost a second to build: only for a model that needs them
+    if head == "logits" or model.class_head is not None:  # the bins cost a second to build: only when needed
         from .classify import ab_bins
         bins = len(ab_bins())
     else:
         bins = "the bins'"
     expected = {"tanh": 2, "logits": bins}.get(head)
-    if model.config.get("out_channels", 2) != expected:
+    if model.config.get("out_channels", 2) != expected or model.config.get("class_bins", 0) not in (0, bins):
         raise CorruptFileError(f"{path}: a {model.config.get('head')!r} model with {model.config.get('out_channels')} "
                                f"outputs; colorizing needs 2 a*b* outputs (tanh) or {bins} bin logits")
     work_size = meta.get("work_size")

@@ -14,6 +14,9 @@ Two architectures, picked by `arch`:
 H and W must divide by 2**(len(widths) - 1), the network's downsampling factor.
 For the classification loss (classify.py) the head is instead a Conv to Q color-bin logits,
 (N, H, W, Q), from a 1x1 conv with no activation: ColorNet(..., out_channels=Q, head="logits").
+A regression net can also carry a class head beside its a*b* head (`class_bins=Q`, fitted by
+classhead.py): a Conv from the same map to Q bin logits, the output then (N, H, W, 2 + Q), the
+a*b* first; colorizing blends the a*b* with the annealed mean of the bins (infer.py).
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ DEFAULT_WIDTHS = (32, 64, 128, 256)
 ARCHS = ("seed", "unet")
 DEFAULT_ARCH = "unet"  # what a new model is, in every command and in TrainConfig
 # What a config written before a key existed meant: old weight files load with these.
-CONFIG_DEFAULTS = {"arch": "seed", "kernel": 3, "out_channels": 2, "head": "tanh"}
+CONFIG_DEFAULTS = {"arch": "seed", "kernel": 3, "out_channels": 2, "head": "tanh", "class_bins": 0}
+# How a class head's bins become a*b* when colorizing, unless the weights file says otherwise.
+DECODE_DEFAULTS = {"temperature": 0.5, "regression_weight": 0.5}
 
 
 def full_config(config: dict) -> dict:
@@ -88,15 +93,19 @@ class Module:
 
 class ColorNet(Module):
     def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32,
-                 out_channels: int = 2, head: str = "tanh", arch: str = DEFAULT_ARCH):
+                 out_channels: int = 2, head: str = "tanh", arch: str = DEFAULT_ARCH, class_bins: int = 0):
         if len(widths) < 1 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be positive channel counts, got {widths}")
         if head not in ("tanh", "logits"):
             raise ValueError(f"head must be 'tanh' (ab regression) or 'logits' (bin classification), got {head!r}")
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        if class_bins and (head != "tanh" or len(widths) < 2):
+            raise ValueError("a class head sits beside the a*b* (tanh) head of a net with at least two levels")
         self.config = {"arch": arch, "widths": [int(w) for w in widths], "kernel": int(kernel),
                        "out_channels": int(out_channels), "head": head}
+        if class_bins:  # only then: the configs of files without a class head stay as they were
+            self.config["class_bins"] = int(class_bins)
         rng = np.random.default_rng(seed)
         conv = lambda c_in, c_out, bias=True: Conv2d(c_in, c_out, kernel, rng=rng, dtype=dtype, bias=bias)
         unet = arch == "unet"
@@ -121,14 +130,19 @@ class ColorNet(Module):
             self.head = [conv(c, out_channels), Tanh()]
         else:  # hundreds of bin logits per pixel: a 1x1 conv keeps that head cheap
             self.head = [Conv2d(c, out_channels, 1, rng=rng, dtype=dtype)]
+        # The class head reads the map the a*b* head reads; its logits join the a*b* as channels 2:
+        self.class_head, self.join = (conv(c, class_bins), Concat()) if class_bins else (None, None)
         # Every layer once, in forward order: parameter names in files are 'layer<i>.<name>'.
         self.layers = [layer for b, pool in self.down for layer in (*b, pool)] + self.bottleneck + \
-            [layer for b, up, cat in self.up for layer in (*b, up, *([cat] if cat else []))] + self.head
+            [layer for b, up, cat in self.up for layer in (*b, up, *([cat] if cat else []))] + self.head + \
+            ([self.class_head, self.join] if class_bins else [])
         self.layers[0].input_grad = False  # nobody needs the gradient w.r.t. the input image
         # Colorizing multiplies the predicted a*b* by this: MSE predicts the mean of the plausible
         # colors, which is duller than any of them; a gain above 1, chosen on validation photos,
         # trades a little PSNR for color (saved with the weights; 1 leaves the prediction as is).
         self.chroma_gain = 1.0
+        # With a class head: a*b* = w * regression + (1 - w) * annealed mean of the bins at T.
+        self.decode = dict(DECODE_DEFAULTS)
         self.eval()
         self.to_device()
 
@@ -155,7 +169,21 @@ class ColorNet(Module):
         return 2 ** (len(self.config["widths"]) - 1)
 
     def forward(self, lightness):
-        """(N, H, W, 1) scaled lightness -> (N, H, W, 2) scaled ab (or (N, H, W, Q) bin logits)."""
+        """(N, H, W, 1) scaled lightness -> (N, H, W, 2) scaled ab (or (N, H, W, Q) bin logits; with
+        a class head (N, H, W, 2 + Q): the ab, then the logits)."""
+        features = self.features(lightness)
+        x = features
+        for layer in self.head:
+            x = layer.forward(x)
+        if self.class_head is not None:
+            x = self.join.forward(x, self.class_head.forward(features))
+        return x
+
+    __call__ = forward
+
+    def features(self, lightness):
+        """(N, H, W, 1) scaled lightness -> (N, H, W, C): the map the head reads (the encoder,
+        the bottleneck and the decoder: all but the head)."""
         self.check_size(lightness.shape)
         x, skips = lightness, []
         for block, pool in self.down:
@@ -171,11 +199,7 @@ class ColorNet(Module):
             x = up.forward(x)
             if cat:
                 x = cat.forward(x, skip)
-        for layer in self.head:
-            x = layer.forward(x)
         return x
-
-    __call__ = forward
 
     def backward(self, d_ab) -> None:
         """Backpropagate dloss/d(ab) (N, H, W, 2) through the last forward pass, which ran in
@@ -183,9 +207,14 @@ class ColorNet(Module):
         if not self.training:
             raise RuntimeError("backward needs a forward pass in training mode: call model.train() first "
                                "(in eval mode forward keeps nothing for a backward)")
-        d, d_skips = d_ab, []
+        d, d_skips, d_class = d_ab, [], None
+        if self.class_head is not None:
+            d, d_logits = self.join.backward(d)
+            d_class = self.class_head.backward(d_logits)
         for layer in reversed(self.head):
             d = layer.backward(d)
+        if d_class is not None:  # the map fed both heads: their gradients add
+            d = d + d_class
         for block, up, cat in reversed(self.up):
             if cat:
                 d, d_skip = cat.backward(d)
@@ -223,13 +252,16 @@ class ColorNet(Module):
                              f"(its skip connection carries the old path); this net is {self.config['arch']!r}")
         c = self.config
         deep = ColorNet(widths=(*c["widths"], width), kernel=c["kernel"], seed=seed, out_channels=c["out_channels"],
-                        head=c["head"], arch="unet", dtype=self.layers[0].params["W"].dtype)
+                        head=c["head"], arch="unet", dtype=self.layers[0].params["W"].dtype,
+                        class_bins=c.get("class_bins", 0))
         pairs = [(old, new) for (old_block, _), (new_block, _) in zip(self.down, deep.down)
                  for old, new in zip(old_block, new_block)]
         pairs += zip(self.bottleneck, deep.down[-1][0])
         pairs += [(old, new) for (old_block, _, _), (new_block, _, _) in zip(self.up, deep.up[1:])
                   for old, new in zip(old_block, new_block)]
         pairs += zip(self.head, deep.head)
+        if self.class_head is not None:
+            pairs.append((self.class_head, deep.class_head))
         for old, new in pairs:
             for old_store, new_store in zip(_stores(old), _stores(new)):
                 for name, p in old_store.items():
@@ -239,8 +271,21 @@ class ColorNet(Module):
                         grown[:, :, -p.shape[2]:] = p  # the skip (old bottleneck) is the second part of the concat
                         p = grown
                     new_store[name] = p.copy()
-        deep.chroma_gain = self.chroma_gain
+        deep.chroma_gain, deep.decode = self.chroma_gain, dict(self.decode)
         return deep.to_device()
+
+    def with_class_head(self, bins: int, seed: int = 0) -> "ColorNet":
+        """This regression net with a fresh class head of `bins` logits beside its a*b* head
+        (replacing any it had): every other parameter is copied, so the a*b* stay as they were."""
+        c = self.config
+        hybrid = ColorNet(widths=c["widths"], kernel=c["kernel"], seed=seed, out_channels=c["out_channels"],
+                          head=c["head"], arch=c["arch"], dtype=self.layers[0].params["W"].dtype, class_bins=bins)
+        own = self.state_arrays()
+        if self.class_head is not None:
+            own = {k: v for k, v in own.items() if not k.startswith(f"layer{self.layers.index(self.class_head)}.")}
+        hybrid.load_state_arrays({**hybrid.state_arrays(), **own})
+        hybrid.chroma_gain = self.chroma_gain
+        return hybrid
 
     # -- saving and loading -------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
@@ -256,6 +301,8 @@ class ColorNet(Module):
             arrays = {name: a.astype(dtype) for name, a in arrays.items()}
         if self.chroma_gain != 1.0:
             meta = {"chroma_gain": self.chroma_gain, **meta}
+        if self.class_head is not None:
+            meta = {"decode": self.decode, **meta}
         save_npz(path, arrays, kind="weights", config=self.config, **meta)
 
     @classmethod
@@ -271,7 +318,8 @@ class ColorNet(Module):
         try:
             config = full_config(config)
             model = cls(widths=tuple(config["widths"]), kernel=config["kernel"], dtype=dtype,
-                        out_channels=config["out_channels"], head=config["head"], arch=config["arch"])
+                        out_channels=config["out_channels"], head=config["head"], arch=config["arch"],
+                        class_bins=config["class_bins"])
         except (TypeError, KeyError, ValueError):
             raise CorruptFileError(f"{source}: no usable architecture config ({config!r})") from None
         model.load_state_arrays(arrays, source=source)
@@ -279,6 +327,12 @@ class ColorNet(Module):
         if not (isinstance(gain, (int, float)) and 0 < gain < 10):
             raise CorruptFileError(f"{source}: chroma_gain {gain!r} is not a number in (0, 10)")
         model.chroma_gain = float(gain)
+        decode = {**DECODE_DEFAULTS, **(meta.get("decode") or {})}
+        if not (isinstance(decode["temperature"], (int, float)) and 0 < decode["temperature"] <= 10 and
+                isinstance(decode["regression_weight"], (int, float)) and 0 <= decode["regression_weight"] <= 1):
+            raise CorruptFileError(f"{source}: decode settings {meta.get('decode')!r}: the temperature must lie "
+                                   "in (0, 10] and the regression weight in [0, 1]")
+        model.decode = {name: float(decode[name]) for name in DECODE_DEFAULTS}
         return model
 
 

@@ -252,9 +252,13 @@ class Trainer:
         U-Net one level deeper (this run's widths = the file's and one more) that starts where it was."""
         arrays, meta = load_npz(weights_file(path))
         config = full_config(meta.get("config") or {})
-        run = self.model.config
+        run = full_config(self.model.config)
+        if config["class_bins"] and self.world.is_root:  # training moves the features the class head reads
+            warnings.warn(f"{path}: its class head is left out (train.py trains the a*b* head); "
+                          "fit a new one with python -m nanocolor.classhead")
+        config["class_bins"] = run["class_bins"]
         if config == {**run, "widths": run["widths"][:-1]}:  # deepened() refuses all but a U-Net
-            start = ColorNet.from_contents(arrays, meta, source=str(path), dtype=self.dtype)
+            start = ColorNet.from_contents(arrays, {**meta, "config": config}, source=str(path), dtype=self.dtype)
             arrays = start.deepened(run["widths"][-1], seed=self.cfg.seed).state_arrays()
         elif config != run:
             raise ValueError(f"{path}: architecture {config} does not match this run's {run} "

@@ -316,13 +316,13 @@ def test_network_step_same_with_one_worker_or_several(conv, rng, use_workers, mo
 # ---------------------------------------------------------------------------------------------
 # Whole networks: engine.network(model) against the textbook model.forward / backward
 
-def twin_models(arch: str, widths: tuple, seed: int = 2) -> tuple:
+def twin_models(arch: str, widths: tuple, seed: int = 2, class_bins: int = 0) -> tuple:
     """Two equal float64 models, one for the textbook and one for the engine (each keeps its own
     BatchNorm statistics), with non-zero biases, random BatchNorm scales and shifts and running
     statistics away from their start, so every term counts."""
     models = []
     for _ in range(2):
-        model = ColorNet(widths, seed=seed, dtype=np.float64, arch=arch)
+        model = ColorNet(widths, seed=seed, dtype=np.float64, arch=arch, class_bins=class_bins)
         r = np.random.default_rng(seed + 1)
         for layer in model.param_layers:
             if "b" in layer.params:
@@ -354,26 +354,28 @@ def assert_same_state(model, textbook, what: str) -> None:
 
 
 NETWORK_CASES = [
-    ("seed", (4, 16, 16), (3, 8, 8, 1)),     # thin first level, batch in pieces
-    ("unet", (4, 16, 16), (3, 8, 8, 1)),
-    ("unet", (16, 16, 32), (2, 16, 12, 1)),  # channels enough for Winograd under "auto"; 16x12, 8x6, 4x3
-    ("seed", (16, 32), (1, 12, 20, 1)),      # one image in bands of rows; 12x20, 6x10
-    ("unet", (3,), (2, 5, 7, 1)),            # no pooling: one block and the head, odd sizes
+    ("seed", (4, 16, 16), (3, 8, 8, 1), 0),     # thin first level, batch in pieces
+    ("unet", (4, 16, 16), (3, 8, 8, 1), 0),
+    ("unet", (16, 16, 32), (2, 16, 12, 1), 0),  # channels enough for Winograd under "auto"; 16x12, 8x6, 4x3
+    ("seed", (16, 32), (1, 12, 20, 1), 0),      # one image in bands of rows; 12x20, 6x10
+    ("unet", (3,), (2, 5, 7, 1), 0),            # no pooling: one block and the head, odd sizes
+    ("unet", (16, 16, 32), (2, 16, 12, 1), 9),  # a class head beside the a*b* head
+    ("seed", (4, 16), (1, 6, 10, 1), 5),
 ]
 
 
-@pytest.mark.parametrize("arch,widths,shape", NETWORK_CASES)
+@pytest.mark.parametrize("arch,widths,shape,class_bins", NETWORK_CASES)
 @pytest.mark.parametrize("conv", CONVS)
-def test_network_matches_the_textbook_model(conv, arch, widths, shape, workers, rng, monkeypatch):
+def test_network_matches_the_textbook_model(conv, arch, widths, shape, class_bins, workers, rng, monkeypatch):
     """fast.Network against ColorNet's own forward and backward: outputs, every gradient and
     BatchNorm's running statistics over two training steps, then inference (BatchNorm folded
     into the conv under the engine) with the running statistics left alone."""
-    textbook, model = twin_models(arch, widths)
+    textbook, model = twin_models(arch, widths, class_bins=class_bins)
     with engine.use_conv(conv):
         net = engine.network(model)
     assert isinstance(net, fast.Network) and net.model is model
     convs, upsampled_ways = spy_conv_paths(monkeypatch, conv)
-    d_ab = rng.standard_normal(shape[:3] + (2,))
+    d_ab = rng.standard_normal(shape[:3] + (2 + class_bins,))
     for step in range(2):  # the second step's running statistics build on the first's
         lightness = rng.uniform(-1, 1, shape)
         expected = textbook.train().forward(lightness)

@@ -102,9 +102,12 @@ def test_concat_gradients(rng):
     assert relative_error(db, numeric_gradient(f, b)) < TOL
 
 
-@pytest.mark.parametrize("widths, shape", [((3, 4, 5), (2, 8, 12, 1)), ((2, 3), (1, 6, 2, 1))])
-def test_unet_end_to_end_gradients(widths, shape, rng):
-    model = ColorNet(widths, seed=2, dtype=np.float64, arch="unet").train()
+@pytest.mark.parametrize("widths, shape, arch, class_bins", [((3, 4, 5), (2, 8, 12, 1), "unet", 0),
+                                                             ((2, 3), (1, 6, 2, 1), "unet", 0),
+                                                             ((3, 4, 5), (2, 4, 12, 1), "unet", 7),  # a class head
+                                                             ((2, 3), (1, 6, 2, 1), "seed", 5)])
+def test_unet_end_to_end_gradients(widths, shape, arch, class_bins, rng):
+    model = ColorNet(widths, seed=2, dtype=np.float64, arch=arch, class_bins=class_bins).train()
     for layer in model.layers:  # random BatchNorm scale and shift: every term of its backward matters
         if isinstance(layer, BatchNorm2d):
             layer.params["gamma"] = rng.uniform(0.5, 1.5, layer.params["gamma"].shape)

@@ -166,6 +166,8 @@ class Network:
         # joined with the encoder's map of that size in the U-Net.
         self.decoder = [Block(block) for block, _, _ in model.up] + [Block(model.head)]
         self.joins = [cat is not None for _, _, cat in model.up]
+        # A class head reads the last block's input too: its logits join the head's a*b*.
+        self.class_block = None if model.class_head is None else Block([model.class_head])
         self.records: list = []
 
     def train(self) -> "Network":
@@ -198,8 +200,13 @@ class Network:
         x, record = self.decoder[0].forward(x, conv, inference)
         keep(record)
         for i, block in enumerate(self.decoder[1:]):
-            x, record = block.forward_upsampled(x, skips[-1 - i] if self.joins[i] else None, conv, inference)
+            x_low, skip = x, skips[-1 - i] if self.joins[i] else None
+            x, record = block.forward_upsampled(x_low, skip, conv, inference)
             keep(record)
+        if self.class_block is not None:  # the model has two decoder levels or more: x_low is the head's
+            logits, record = self.class_block.forward_upsampled(x_low, skip, conv, inference)
+            keep(record)
+            x = array_module(x).concatenate([x, logits], axis=-1)
         return x
 
     __call__ = forward
@@ -209,9 +216,16 @@ class Network:
         if not self.model.training or not self.records:
             raise RuntimeError("backward needs a forward pass in training mode: call model.train() first "
                                "(in eval mode forward keeps nothing for a backward)")
-        records, d, d_skips = self.records, d_ab, []
+        records, d, d_skips, d_class = self.records, d_ab, [], None
+        if self.class_block is not None:
+            xp = array_module(d)
+            d_class = self.class_block.backward(xp.ascontiguousarray(d[..., 2:]), records.pop())
+            d = xp.ascontiguousarray(d[..., :2])
         for block in reversed(self.decoder[1:]):
             d, d_skip = block.backward(d, records.pop())
+            if d_class is not None:  # the head's input fed the class head too: the gradients add
+                d, d_skip = d + d_class[0], None if d_skip is None else d_skip + d_class[1]
+                d_class = None
             if d_skip is not None:
                 d_skips.append(d_skip)  # the shallowest level's first
         d, _ = self.decoder[0].backward(d, records.pop())
