@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -134,6 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.showwarning = lambda message, *rest, **kw: print(f"classhead: warning: {message}", file=sys.stderr)
+    cpu_start = time.process_time()
     try:
         for name in ("size", "photos", "pixels", "epochs"):
             options.check_number(f"--{name.replace('_', '-')}", getattr(args, name), low=1)
@@ -163,9 +165,12 @@ def main(argv=None) -> int:
             del lightness, ab
             losses = fit_class_head(model, patches, true_ab, args.epochs, args.lr, seed=args.seed,
                                     progress=not args.quiet)
+            cpu_seconds = round(time.process_time() - cpu_start, 1)  # this process's, all its threads
             meta["class_head"] = {"data": [str(d) for d in args.data], "photos": int(len(pick)),
                                   "pixels": args.pixels, "epochs": args.epochs, "lr": args.lr,
-                                  "losses": [round(x, 5) for x in losses]}
+                                  "losses": [round(x, 5) for x in losses], "cpu_seconds": cpu_seconds}
+            if "cpu_seconds" in meta:  # the whole model's cost, as train.py counts it
+                meta["cpu_seconds"] = round(meta["cpu_seconds"] + cpu_seconds, 1)
         elif model.class_head is None:
             raise DataError(f"{path}: it has no class head; give --data to fit one")
         for name in DECODE_DEFAULTS:
