@@ -86,7 +86,7 @@ def test_classhead_cli_fits_a_head_and_colorizing_blends_it(regression_weights, 
     assert model.decode == {"temperature": 0.4, "regression_weight": DECODE_DEFAULTS["regression_weight"]}
     _, meta = load_npz(out)
     assert meta["class_head"]["photos"] == 8 and len(meta["class_head"]["losses"]) == 2
-    assert meta["class_head"]["cpu_seconds"] > 0
+    assert meta["class_head"]["cpu_seconds"] >= 0  # recorded (a tiny fit may round to 0)
     rgb = np.asarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3)), np.uint8)
     blended = colorize_array(model, rgb, 16)
     # regression weight 1, given with the decode settings alone: the base net's colors exactly
