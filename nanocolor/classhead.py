@@ -11,7 +11,7 @@ train.py holds out with the same --val-fraction and --seed is left out), their k
 are the inputs, the soft-encoded true colors the targets, fitted by Adam.
     python -m nanocolor.classhead --weights nanocolor/weights/colornet.npz \\
         --data $D/mixed128/train $D/scenes150/train --out colornet-hybrid.npz
-    python -m nanocolor.classhead --weights colornet-hybrid.npz --temperature 0.4 --out other.npz
+    python -m nanocolor.classhead --weights colornet-hybrid.npz --chroma-gain 1.1 --out other.npz
 (the second: new decode settings only, for a file that has a class head).
 """
 from __future__ import annotations
@@ -126,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regression-weight", type=float, default=None,
                    help="share w of the regressed a*b* in what colorizing paints, 0..1 "
                         f"(default {DECODE_DEFAULTS['regression_weight']}, or the file's)")
+    p.add_argument("--chroma-gain", type=float, default=None,
+                   help="the chroma gain stored with the weights (default: the file's)")
     p.add_argument("--device", default=None, help="where the features are computed: cpu or gpu (CuPy); "
                    "default $NANOCOLOR_DEVICE or cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
         options.check_number("--lr", args.lr, low=0, above=True)
         options.check_number("--temperature", args.temperature, low=0, high=10, above=True)
         options.check_number("--regression-weight", args.regression_weight, low=0, high=1)
+        options.check_number("--chroma-gain", args.chroma_gain, low=0, high=10, above=True, below=True)
         backend.use_device(args.device)
         if os.path.exists(args.out):
             raise FileExistsError(17, "exists: choose a new --out (nothing is overwritten)", args.out)
@@ -177,6 +180,8 @@ def main(argv=None) -> int:
             value = getattr(args, name)
             if value is not None:
                 model.decode[name] = value
+        if args.chroma_gain is not None:
+            model.chroma_gain = args.chroma_gain
         # what the file said of its training and work size stays; what save writes anew goes
         keep = {k: v for k, v in meta.items() if k not in ("format_version", "kind", "sha256", "config",
                                                             "chroma_gain", "decode")}
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
         print(f"classhead: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: decode temperature {model.decode['temperature']:g}, "
-          f"regression weight {model.decode['regression_weight']:g}")
+          f"regression weight {model.decode['regression_weight']:g}, chroma gain {model.chroma_gain:g}")
     return 0
 
 

@@ -91,10 +91,14 @@ def test_classhead_cli_fits_a_head_and_colorizing_blends_it(regression_weights, 
     blended = colorize_array(model, rgb, 16)
     # regression weight 1, given with the decode settings alone: the base net's colors exactly
     only_regression = tmp_path / "regression.npz"
-    assert classhead.main(["--weights", str(out), "--out", str(only_regression), "--regression-weight", "1"]) == 0
+    assert classhead.main(["--weights", str(out), "--out", str(only_regression), "--regression-weight", "1",
+                           "--chroma-gain", "1.3"]) == 0
+    assert ColorNet.load(only_regression).chroma_gain == 1.3 and ColorNet.load(out).chroma_gain == 1.0
     base, _ = load_colorizer(regression_weights)
     again, _ = load_colorizer(only_regression)
+    base.chroma_gain = 1.3
     np.testing.assert_array_equal(colorize_array(again, rgb, 16), colorize_array(base, rgb, 16))
+    base.chroma_gain = 1.0
     assert np.abs(blended - colorize_array(base, rgb, 16)).max() > 1e-3  # the bins did count
 
 
