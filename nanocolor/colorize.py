@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="videos: colorize every frame alone (colors flicker; for comparison)")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                    help="model weights (.npz from train.py: model.npz or checkpoint.npz), or the name of a "
-                        "shipped model (colornet-v2, colornet-v1: earlier ones); default: the shipped model")
+                        "shipped model (colornet-v3, colornet-v2, colornet-v1: earlier ones); default: the shipped model")
     p.add_argument("--work-size", type=int, default=None,
                    help="longer side, in pixels, at which the network predicts color "
                         "(default: the one stored with the weights, 128 for the shipped model, else the "

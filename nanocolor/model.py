@@ -202,8 +202,9 @@ class ColorNet(Module):
         return x
 
     def backward(self, d_ab) -> None:
-        """Backpropagate dloss/d(ab) (N, H, W, 2) through the last forward pass, which ran in
-        training mode (`train()`); fills every layer's grads. The forward's loops, reversed."""
+        """Backpropagate dloss/d(output) (N, H, W, 2), or (N, H, W, 2 + Q) with a class head,
+        through the last forward pass, which ran in training mode (`train()`); fills every
+        layer's grads. The forward's loops, reversed."""
         if not self.training:
             raise RuntimeError("backward needs a forward pass in training mode: call model.train() first "
                                "(in eval mode forward keeps nothing for a backward)")

@@ -212,7 +212,8 @@ class Network:
     __call__ = forward
 
     def backward(self, d_ab) -> None:
-        """Backpropagate dloss/d(ab) (N, H, W, 2) through the last forward pass (in training mode)."""
+        """Backpropagate dloss/d(output) (N, H, W, 2), or (N, H, W, 2 + Q) with a class head, through
+        the last forward pass (in training mode)."""
         if not self.model.training or not self.records:
             raise RuntimeError("backward needs a forward pass in training mode: call model.train() first "
                                "(in eval mode forward keeps nothing for a backward)")
