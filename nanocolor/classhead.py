@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -76,8 +77,8 @@ def fit_class_head(model: ColorNet, patches: np.ndarray, true_ab: np.ndarray, ep
     inputs = ((patches - mean) / std).astype(np.float32)
     targets = soft_encode(true_ab.astype(np.float32), centers)
     W = np.zeros((inputs.shape[1], len(centers)), dtype=np.float32)
-    fit = type("Linear", (), {})()  # Adam walks params / grads dicts: the standardized head's
-    fit.params, fit.grads = {"W": W, "b": np.zeros(len(centers), np.float32)}, {"W": None, "b": None}
+    # the standardized head, as Adam sees a layer: its params and grads dicts
+    fit = SimpleNamespace(params={"W": W, "b": np.zeros(len(centers), np.float32)}, grads={"W": None, "b": None})
     optimizer, loss = Adam([fit], lr=lr), SoftmaxCrossEntropy()
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, len(inputs) // batch_size)
@@ -98,8 +99,8 @@ def fit_class_head(model: ColorNet, patches: np.ndarray, true_ab: np.ndarray, ep
         bar.set_postfix(loss=f"{means[-1]:.4f}")
     bar.close()
     W, b = fit.params["W"] / std[:, None], fit.params["b"]  # (x - mean) / std @ W = x @ (W / std) - mean @ (W / std)
-    head.params["W"] = W.reshape(head.params["W"].shape).astype(head.params["W"].dtype)
-    head.params["b"] = (b - mean @ W).astype(head.params["b"].dtype)
+    head.params["W"] = backend.xp.asarray(W.reshape(head.params["W"].shape), dtype=head.params["W"].dtype)
+    head.params["b"] = backend.xp.asarray(b - mean @ W, dtype=head.params["b"].dtype)
     return means
 
 
