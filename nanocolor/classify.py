@@ -21,6 +21,7 @@ import numpy as np
 
 from .backend import array_module, to_numpy
 from .color import AB_SCALE, in_gamut, scale_ab, unscale_ab
+from .loss import ChromaMatchedMSELoss, MSELoss
 
 GRID = 10.0            # bin size in a*b* units
 SIGMA = 5.0            # Gaussian of the soft encoding and of the distribution smoothing
@@ -300,3 +301,34 @@ class RebalancedMSELoss(RebalancedLoss):
 
     def backward(self):
         return self.pixel_weights * self.diff * (2.0 / self.diff.size)
+
+
+class HybridLoss:
+    """The training loss of a net with a class head (ColorNet(class_bins=Q)), both heads at once:
+
+        loss = MSE(a*b* head, truth) + class_weight * cross-entropy(bin logits, soft-encoded truth)
+
+(with chroma_match > 0 the regression term is ChromaMatchedMSELoss(chroma_match)).
+
+    Both heads read the same features, so the body learns to keep the mean color that the
+    regression needs and to tell the plausible colors apart that the bins need. No rebalancing.
+    forward(out (N, H, W, 2 + Q), ab_true (N, H, W, 2) scaled) -> the loss; backward() -> dloss/dout;
+    decode(out, temperature, regression_weight) -> scaled a*b* (N, H, W, 2), as colorizing paints.
+    """
+
+    def __init__(self, class_weight: float, chroma_match: float = 0.0, centers: np.ndarray | None = None):
+        self.class_weight = class_weight
+        self.regression = ChromaMatchedMSELoss(chroma_match) if chroma_match else MSELoss()
+        self.classes = ClassificationLoss(centers=centers)
+        self.centers = self.classes.centers
+
+    def forward(self, out, ab_true):
+        return (self.regression.forward(out[..., :2], ab_true)
+                + self.class_weight * self.classes.forward(out[..., 2:], ab_true))
+
+    def backward(self):
+        xp = array_module(self.regression.diff)
+        return xp.concatenate([self.regression.backward(), self.class_weight * self.classes.backward()], axis=-1)
+
+    def decode(self, out, temperature: float, regression_weight: float):
+        return scale_ab(blended_ab(out, temperature, regression_weight, self.centers))

@@ -86,9 +86,9 @@ def run_settings(run: str | os.PathLike) -> tuple[dict, int]:
 # would change the data split, the batches or the model under the saved state. (--data may name
 # the run's photos' new place: train.py checks that they are the same photos.)
 RUN_SETTINGS = (("size", "--size"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("widths", "--widths"),
-                ("loss", "--loss"), ("rebalance", "--rebalance"), ("chroma_match", "--chroma-match"),
-                ("repeat", "--repeat"), ("seed", "--seed"), ("val_fraction", "--val-fraction"),
-                ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"),
+                ("loss", "--loss"), ("class_weight", "--class-weight"), ("rebalance", "--rebalance"),
+                ("chroma_match", "--chroma-match"), ("repeat", "--repeat"), ("seed", "--seed"),
+                ("val_fraction", "--val-fraction"), ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"),
                 ("schedule", "--schedule"), ("warmup", "--warmup"), ("gan", "--gan"), ("gan_lambda", "--gan-lambda"),
                 ("critic_lr", "--critic-lr"), ("critic_warmup", "--critic-warmup"), ("critic_widths", "--critic-widths"))
 

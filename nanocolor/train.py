@@ -51,9 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"last step of --epochs (default {TrainConfig.schedule})")
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup,
                    help=f"steps of linear warm-up from 0 to --lr at the start (default {TrainConfig.warmup})")
-    p.add_argument("--loss", choices=("mse", "classify"), default=TrainConfig.loss,
-                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing "
-                        f"(default {TrainConfig.loss})")
+    p.add_argument("--loss", choices=("mse", "classify", "hybrid"), default=TrainConfig.loss,
+                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing; "
+                        "hybrid: both, an a*b* head and a class head on the same features, decoded half and "
+                        f"half (default {TrainConfig.loss})")
+    p.add_argument("--class-weight", type=float, default=TrainConfig.class_weight, metavar="W",
+                   help="--loss hybrid: loss = MSE + W x the class head's cross-entropy "
+                        f"(default {TrainConfig.class_weight:g})")
     p.add_argument("--rebalance", type=float, default=None, metavar="LAMBDA",
                    help="weigh each pixel by the rarity of its true color, w ~ 1 / ((1 - LAMBDA) p + LAMBDA / Q) "
                         "(Zhang et al.'s class rebalancing; p: the share of training pixels in the color's bin): "
@@ -135,6 +139,7 @@ def main(argv=None, on_step=None) -> int:
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size,
                           val_fraction=args.val_fraction, seed=args.seed, widths=widths, arch=arch,
                           crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance,
+                          class_weight=args.class_weight,
                           chroma_match=args.chroma_match, repeat=parse_repeat(args.repeat), limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root, gan=args.gan,
                           gan_lambda=args.gan_lambda, critic_lr=args.critic_lr, critic_warmup=args.critic_warmup,
@@ -203,6 +208,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     options.check_number("--crop-margin", args.crop_margin, low=0)
     options.check_number("--rebalance", args.rebalance, low=0, high=1, above=True)
     options.check_number("--chroma-match", args.chroma_match, low=0)
+    options.check_number("--class-weight", args.class_weight, low=0, above=True)
     options.check_number("--gan-lambda", args.gan_lambda, low=0)
     options.check_number("--critic-lr", args.critic_lr, low=0, above=True)
     options.check_number("--critic-warmup", args.critic_warmup, low=0)

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend, engine
-from .classify import REBALANCE_LAMBDA, ClassificationLoss, RebalancedMSELoss
+from .classify import REBALANCE_LAMBDA, ClassificationLoss, HybridLoss, RebalancedMSELoss
 from .color import lab_to_rgb, unscale_ab, unscale_lightness
 from .data import (DataError, center_crop, crop_offsets, epoch_plan, load_dataset, make_batch, repeat_indices,
                    split_indices)
@@ -43,6 +43,8 @@ from .runfolder import RunFolder
 from .serialize import load_npz
 
 PREVIEW_IMAGES = 4
+CLASS_WEIGHT = 0.002  # a trained net's cross-entropy (~2.7 nats) then weighs about its MSE (~0.005)
+
 # On a GPU the per-step losses stay on the device and are read back (one host sync) every this
 # many steps; on the CPU every step's loss is checked at once.
 SYNC_EVERY_ON_DEVICE = 32
@@ -63,7 +65,8 @@ class TrainConfig:
     widths: tuple = DEFAULT_WIDTHS
     arch: str = DEFAULT_ARCH          # 'unet' (BatchNorm + skips) or 'seed' (plain autoencoder), see model.py
     crop_margin: int | None = None    # photos stored at size + margin (None: size // 4); batches take random size x size crops
-    loss: str = "mse"                 # 'mse' (a*b* regression) or 'classify' (Zhang et al. 2016 bins)
+    loss: str = "mse"                 # 'mse' (a*b* regression), 'classify' (Zhang et al. 2016 bins) or 'hybrid' (both heads)
+    class_weight: float = CLASS_WEIGHT  # 'hybrid': weight of the class head's cross-entropy beside the MSE
     rebalance: float | None = None    # lambda of the class rebalancing (None: 0.5 for classify, off for mse)
     chroma_match: float = 0.0         # weight of ChromaMatchedMSELoss's per-photo chroma term (0: plain MSE)
     repeat: dict | None = None        # {folder: k}: the training photos in folder appear k times an epoch
@@ -83,9 +86,13 @@ class TrainConfig:
             self.crop_margin = self.size // 4
         if self.chroma_match < 0:
             raise ValueError(f"--chroma-match must be >= 0, got {self.chroma_match}")
-        if self.chroma_match and (self.loss != "mse" or self.rebalance not in (None, 1)):
+        if self.class_weight <= 0:
+            raise ValueError(f"--class-weight must be > 0, got {self.class_weight}")
+        if self.loss == "hybrid" and self.rebalance not in (None, 1):
+            raise ValueError("--loss hybrid trains the class head without rebalancing: leave out --rebalance")
+        if self.chroma_match and (self.loss == "classify" or self.rebalance not in (None, 1)):
             raise ValueError("--chroma-match adds to the plain regression loss: "
-                             "it needs --loss mse without --rebalance")
+                             "it needs --loss mse or hybrid, without --rebalance")
 
 
 class TrainingStopped(RuntimeError):
@@ -163,8 +170,8 @@ class Trainer:
         if cfg.size % factor:
             raise ValueError(f"--size {cfg.size} must divide by {factor}, the downsampling factor "
                              f"of a {len(cfg.widths)}-width network")
-        if cfg.loss not in ("mse", "classify"):
-            raise ValueError(f"loss must be 'mse' or 'classify', got {cfg.loss!r}")
+        if cfg.loss not in ("mse", "classify", "hybrid"):
+            raise ValueError(f"loss must be 'mse', 'classify' or 'hybrid', got {cfg.loss!r}")
         if cfg.gan and cfg.loss != "mse":
             raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
         if cfg.rebalance is not None and not 0 < cfg.rebalance <= 1:
@@ -175,10 +182,13 @@ class Trainer:
                 lam = REBALANCE_LAMBDA if cfg.rebalance is None else cfg.rebalance
                 self.class_weights = weighted.from_training_ab(self.ab[self.train_idx], lam).weights
             self.loss = weighted(self.class_weights)
+        elif cfg.loss == "hybrid":
+            self.loss = HybridLoss(cfg.class_weight, cfg.chroma_match)
         else:
             self.loss = ChromaMatchedMSELoss(cfg.chroma_match) if cfg.chroma_match else MSELoss()
         if not resume:
-            head = {"out_channels": len(self.loss.centers), "head": "logits"} if cfg.loss == "classify" else {}
+            head = {"out_channels": len(self.loss.centers), "head": "logits"} if cfg.loss == "classify" else \
+                {"class_bins": len(self.loss.centers)} if cfg.loss == "hybrid" else {}
             self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, arch=cfg.arch, **head)
             if cfg.init:
                 self._load_initial_weights(cfg.init)
@@ -224,6 +234,7 @@ class Trainer:
         for key in ("size", "batch_size", "seed", "val_fraction", "limit", "widths", "lr"):
             setattr(self.cfg, key, tuple(stored[key]) if key == "widths" else stored[key])
         self.cfg.loss, self.cfg.rebalance = stored.get("loss", "mse"), stored.get("rebalance")
+        self.cfg.class_weight = stored.get("class_weight", CLASS_WEIGHT)
         self.cfg.chroma_match, self.cfg.repeat = stored.get("chroma_match", 0.0), stored.get("repeat")
         self.cfg.crop_margin = stored.get("crop_margin", 0)
         self.cfg.schedule, self.cfg.warmup = stored.get("schedule", "constant"), stored.get("warmup", 0)
@@ -249,13 +260,17 @@ class Trainer:
 
     def _load_initial_weights(self, path: str) -> None:
         """Fine-tune: copy the weights of a file whose architecture matches this run's, or grow a
-        U-Net one level deeper (this run's widths = the file's and one more) that starts where it was."""
+        U-Net one level deeper (this run's widths = the file's and one more) that starts where it was.
+        A --loss hybrid run keeps the file's class head, or starts a fresh one beside its a*b* head."""
         arrays, meta = load_npz(weights_file(path))
         config = full_config(meta.get("config") or {})
         run = full_config(self.model.config)
-        if config["class_bins"] and self.world.is_root:  # training moves the features the class head reads
+        if config["class_bins"] and not run["class_bins"] and self.world.is_root:  # training moves its features
             warnings.warn(f"{path}: its class head is left out (train.py trains the a*b* head); "
-                          "fit a new one with python -m nanocolor.classhead")
+                          "fit a new one with python -m nanocolor.classhead, or train both with --loss hybrid")
+        if run["class_bins"] and config["class_bins"] != run["class_bins"]:
+            start = ColorNet.from_contents(arrays, meta, source=str(path), dtype=self.dtype)
+            arrays = start.with_class_head(run["class_bins"], seed=self.cfg.seed).state_arrays()
         config["class_bins"] = run["class_bins"]
         if config == {**run, "widths": run["widths"][:-1]}:  # deepened() refuses all but a U-Net
             start = ColorNet.from_contents(arrays, {**meta, "config": config}, source=str(path), dtype=self.dtype)
@@ -267,8 +282,10 @@ class Trainer:
 
     def predict_scaled_ab(self, lightness) -> np.ndarray:
         """Scaled lightness (N, H, W, 1) -> the model's scaled a*b* (N, H, W, 2) on the host
-        (bin logits decoded by the annealed mean)."""
+        (bin logits decoded by the annealed mean; both heads of a hybrid blended as colorizing does)."""
         out = self.net.eval().forward(backend.xp.asarray(lightness, dtype=self.dtype))
+        if self.cfg.loss == "hybrid":
+            return backend.to_numpy(self.loss.decode(out, **self.model.decode))
         return backend.to_numpy(self.loss.decode(out) if self.cfg.loss == "classify" else out)
 
     # -- one epoch ------------------------------------------------------------------------------

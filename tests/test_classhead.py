@@ -141,3 +141,47 @@ def test_train_init_from_a_hybrid_file_trains_its_regression(tmp_path, regressio
     assert result.returncode == 0, result.stderr
     assert "class head is left out" in result.stderr
     assert "class_bins" not in ColorNet.load(tmp_path / "run" / "model.npz").config
+
+
+@pytest.mark.parametrize("start_bins", [0, len(ab_bins())])
+def test_train_hybrid_trains_both_heads_from_a_file(tmp_path, regression_weights, start_bins):
+    """--loss hybrid --init: the file's class head is kept (or a fresh one added beside its a*b*
+    head), every weight starts as the file's, and the result colorizes through both heads."""
+    from conftest import run_train
+    start = ColorNet.load(regression_weights)
+    if start_bins:
+        start = start.with_class_head(start_bins, seed=3)
+    path = tmp_path / "start.npz"
+    start.save(path, train_size=16)
+    photos = make_photos(tmp_path / "photos", 10, size=16)
+    # a learning rate too small to move a float16 weight: what comes out is where training started
+    result = run_train("--data", str(photos), "--init", str(path), "--widths", "4,8", "--loss", "hybrid",
+                       "--lr", "1e-30", "--epochs", "1", "--size", "16", "--batch-size", "4",
+                       "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "class head is left out" not in result.stderr
+    trained, _ = load_colorizer(tmp_path / "run" / "model.npz")
+    assert trained.config["class_bins"] == len(ab_bins())
+    started, ended = ColorNet.load(path).state_arrays(), trained.state_arrays()
+    head = f"layer{trained.layers.index(trained.class_head)}."
+    convs = [k for k in started if k.endswith(".W") and (start_bins or not k.startswith(head))]
+    assert convs and all(np.array_equal(started[k], ended[k]) for k in convs)
+    assert np.isfinite(colorize_array(trained, np.random.default_rng(0).random((20, 12, 3)), 16)).all()
+
+
+def test_train_hybrid_resumes_and_refuses_what_it_cannot_do(tmp_path):
+    from conftest import run_train
+    photos = make_photos(tmp_path / "photos", 10, size=16)
+    common = ("--data", str(photos), "--widths", "4,8", "--size", "16", "--batch-size", "4", "--quiet")
+    run = tmp_path / "run"
+    result = run_train(*common, "--loss", "hybrid", "--class-weight", "0.05", "--epochs", "1", "--out", str(run),
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_train("--resume", str(run), "--epochs", "2", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    _, meta = load_npz(run / "checkpoint.npz", kinds=("checkpoint",))
+    assert (meta["epoch"], meta["train_config"]["loss"], meta["train_config"]["class_weight"]) == (2, "hybrid", 0.05)
+    for bad, said in ((("--rebalance", "0.5"), "without rebalancing"), (("--class-weight", "0"), "--class-weight")):
+        result = run_train(*common, "--loss", "hybrid", *bad, "--out", str(tmp_path / "no"), cwd=tmp_path)
+        assert result.returncode == 2 and said in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "no").exists()

@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from nanocolor.classify import (ClassificationLoss, RebalancedMSELoss, SoftmaxCrossEntropy, ab_bins, annealed_mean,
+from nanocolor.classify import (ClassificationLoss, HybridLoss, RebalancedMSELoss, SoftmaxCrossEntropy, ab_bins, annealed_mean,
                                 class_weights, empirical_distribution, nearest_bin, rebalancing_weights,
-                                smooth_distribution, soft_encode)
-from nanocolor.color import AB_SCALE, rgb_to_lab
+                                blended_ab, smooth_distribution, soft_encode)
+from nanocolor.color import AB_SCALE, rgb_to_lab, scale_ab
 from nanocolor.gradcheck import numeric_gradient, relative_error
-from nanocolor.loss import MSELoss
+from nanocolor.loss import ChromaMatchedMSELoss, MSELoss
 
 
 # 25 bins on the 10-unit grid around gray: keeps the gradient checks small
@@ -245,6 +245,23 @@ def test_classification_loss_defaults_to_the_gamut_bins():
     logits = np.log(soft_encode(ab) + 1e-30)
     assert loss.forward(logits, ab / AB_SCALE) > 0
     np.testing.assert_allclose(loss.decode(logits) * AB_SCALE, ab, atol=1.0)
+
+
+@pytest.mark.parametrize("shape,chroma_match", [((2, 3, 5), 0.0), ((1, 1, 1), 0.7), ((3, 4, 1), 0.3)])
+def test_hybrid_loss_is_the_two_losses_and_its_gradient_checks(shape, chroma_match, rng):
+    """Both heads' losses at once: MSE (or chroma-matched MSE) on the first two channels plus
+    class_weight x cross-entropy on the bin logits, with one gradient for the whole output."""
+    loss = HybridLoss(0.3, chroma_match, centers=GRID_25)
+    ab_true = rng.uniform(-25, 25, (*shape, 2)) / AB_SCALE
+    out = rng.normal(0, 0.5, (*shape, 2 + len(GRID_25)))
+    regression = ChromaMatchedMSELoss(chroma_match) if chroma_match else MSELoss()
+    expected = (regression.forward(out[..., :2], ab_true)
+                + 0.3 * ClassificationLoss(centers=GRID_25).forward(out[..., 2:], ab_true))
+    assert loss.forward(out, ab_true) == pytest.approx(expected, rel=1e-12)
+    numeric = numeric_gradient(lambda: loss.forward(out, ab_true), out)
+    loss.forward(out, ab_true)
+    assert relative_error(loss.backward(), numeric) < 1e-6
+    np.testing.assert_allclose(loss.decode(out, 0.5, 0.25), scale_ab(blended_ab(out, 0.5, 0.25, GRID_25)))
 
 
 # -- class rebalancing for the regression loss --------------------------------------------------
