@@ -308,10 +308,9 @@ class HybridLoss:
 
         loss = MSE(a*b* head, truth) + class_weight * cross-entropy(bin logits, soft-encoded truth)
 
-(with chroma_match > 0 the regression term is ChromaMatchedMSELoss(chroma_match)).
-
-    Both heads read the same features, so the body learns to keep the mean color that the
-    regression needs and to tell the plausible colors apart that the bins need. No rebalancing.
+    (with chroma_match > 0 the regression term is ChromaMatchedMSELoss(chroma_match)). Both heads
+    read the same features, so the body learns to keep the mean color that the regression needs
+    and to tell apart the plausible colors that the bins need. No rebalancing.
     forward(out (N, H, W, 2 + Q), ab_true (N, H, W, 2) scaled) -> the loss; backward() -> dloss/dout;
     decode(out, temperature, regression_weight) -> scaled a*b* (N, H, W, 2), as colorizing paints.
     """

@@ -88,9 +88,10 @@ def run_settings(run: str | os.PathLike) -> tuple[dict, int]:
 RUN_SETTINGS = (("size", "--size"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("widths", "--widths"),
                 ("loss", "--loss"), ("class_weight", "--class-weight"), ("rebalance", "--rebalance"),
                 ("chroma_match", "--chroma-match"), ("repeat", "--repeat"), ("seed", "--seed"),
-                ("val_fraction", "--val-fraction"), ("limit", "--limit"), ("arch", "--arch"), ("crop_margin", "--crop-margin"),
-                ("schedule", "--schedule"), ("warmup", "--warmup"), ("gan", "--gan"), ("gan_lambda", "--gan-lambda"),
-                ("critic_lr", "--critic-lr"), ("critic_warmup", "--critic-warmup"), ("critic_widths", "--critic-widths"))
+                ("val_fraction", "--val-fraction"), ("limit", "--limit"), ("arch", "--arch"),
+                ("crop_margin", "--crop-margin"), ("schedule", "--schedule"), ("warmup", "--warmup"),
+                ("gan", "--gan"), ("gan_lambda", "--gan-lambda"), ("critic_lr", "--critic-lr"),
+                ("critic_warmup", "--critic-warmup"), ("critic_widths", "--critic-widths"))
 
 
 def folders(value) -> list[str]:

@@ -139,8 +139,8 @@ def main(argv=None, on_step=None) -> int:
                           lr=args.lr, schedule=args.schedule, warmup=args.warmup, size=args.size,
                           val_fraction=args.val_fraction, seed=args.seed, widths=widths, arch=arch,
                           crop_margin=args.crop_margin, loss=args.loss, rebalance=args.rebalance,
-                          class_weight=args.class_weight,
-                          chroma_match=args.chroma_match, repeat=parse_repeat(args.repeat), limit=args.limit,
+                          class_weight=args.class_weight, chroma_match=args.chroma_match,
+                          repeat=parse_repeat(args.repeat), limit=args.limit,
                           init=args.init, progress=not args.quiet and world.is_root, gan=args.gan,
                           gan_lambda=args.gan_lambda, critic_lr=args.critic_lr, critic_warmup=args.critic_warmup,
                           critic_widths=options.parse_widths(args.critic_widths, "--critic-widths")

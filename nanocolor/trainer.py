@@ -65,8 +65,8 @@ class TrainConfig:
     widths: tuple = DEFAULT_WIDTHS
     arch: str = DEFAULT_ARCH          # 'unet' (BatchNorm + skips) or 'seed' (plain autoencoder), see model.py
     crop_margin: int | None = None    # photos stored at size + margin (None: size // 4); batches take random size x size crops
-    loss: str = "mse"                 # 'mse' (a*b* regression), 'classify' (Zhang et al. 2016 bins) or 'hybrid' (both heads)
-    class_weight: float = CLASS_WEIGHT  # 'hybrid': weight of the class head's cross-entropy beside the MSE
+    loss: str = "mse"                 # 'mse' (a*b* regression), 'classify' (Zhang et al. 2016 bins), 'hybrid' (both)
+    class_weight: float = CLASS_WEIGHT  # 'hybrid': weight of the class head's cross-entropy
     rebalance: float | None = None    # lambda of the class rebalancing (None: 0.5 for classify, off for mse)
     chroma_match: float = 0.0         # weight of ChromaMatchedMSELoss's per-photo chroma term (0: plain MSE)
     repeat: dict | None = None        # {folder: k}: the training photos in folder appear k times an epoch
@@ -187,8 +187,11 @@ class Trainer:
         else:
             self.loss = ChromaMatchedMSELoss(cfg.chroma_match) if cfg.chroma_match else MSELoss()
         if not resume:
-            head = {"out_channels": len(self.loss.centers), "head": "logits"} if cfg.loss == "classify" else \
-                {"class_bins": len(self.loss.centers)} if cfg.loss == "hybrid" else {}
+            head = {}
+            if cfg.loss == "classify":  # the bin logits are the output
+                head = {"out_channels": len(self.loss.centers), "head": "logits"}
+            elif cfg.loss == "hybrid":  # beside the a*b*
+                head = {"class_bins": len(self.loss.centers)}
             self.model = ColorNet(cfg.widths, seed=cfg.seed, dtype=self.dtype, arch=cfg.arch, **head)
             if cfg.init:
                 self._load_initial_weights(cfg.init)

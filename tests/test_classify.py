@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from nanocolor.classify import (ClassificationLoss, HybridLoss, RebalancedMSELoss, SoftmaxCrossEntropy, ab_bins, annealed_mean,
-                                class_weights, empirical_distribution, nearest_bin, rebalancing_weights,
-                                blended_ab, smooth_distribution, soft_encode)
+from nanocolor.classify import (ClassificationLoss, HybridLoss, RebalancedMSELoss, SoftmaxCrossEntropy, ab_bins,
+                                annealed_mean, blended_ab, class_weights, empirical_distribution, nearest_bin,
+                                rebalancing_weights, smooth_distribution, soft_encode)
 from nanocolor.color import AB_SCALE, rgb_to_lab, scale_ab
 from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.loss import ChromaMatchedMSELoss, MSELoss
