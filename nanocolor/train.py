@@ -132,6 +132,8 @@ def main(argv=None, on_step=None) -> int:
         use_local_gpu(world, backend.xp)
         check_numbers(args)
         check_gan(args)
+        if "class_weight" in args.given and args.loss != "hybrid" and not args.resume:
+            raise ValueError("--class-weight only applies with --loss hybrid")
         arch, widths = _architecture(args)
         data = [str(Path(d).resolve()) for d in args.data] if args.data else \
             (None if args.resume else str(SAMPLE))

@@ -181,7 +181,9 @@ def test_train_hybrid_resumes_and_refuses_what_it_cannot_do(tmp_path):
     assert result.returncode == 0, result.stderr
     _, meta = load_npz(run / "checkpoint.npz", kinds=("checkpoint",))
     assert (meta["epoch"], meta["train_config"]["loss"], meta["train_config"]["class_weight"]) == (2, "hybrid", 0.05)
-    for bad, said in ((("--rebalance", "0.5"), "without rebalancing"), (("--class-weight", "0"), "--class-weight")):
-        result = run_train(*common, "--loss", "hybrid", *bad, "--out", str(tmp_path / "no"), cwd=tmp_path)
+    for bad, said in ((("--loss", "hybrid", "--rebalance", "0.5"), "without rebalancing"),
+                      (("--loss", "hybrid", "--class-weight", "0"), "--class-weight"),
+                      (("--class-weight", "0.01"), "only applies with --loss hybrid")):
+        result = run_train(*common, *bad, "--out", str(tmp_path / "no"), cwd=tmp_path)
         assert result.returncode == 2 and said in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "no").exists()
