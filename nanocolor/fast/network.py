@@ -219,9 +219,9 @@ class Network:
                                "(in eval mode forward keeps nothing for a backward)")
         records, d, d_skips, d_class = self.records, d_ab, [], None
         if self.class_block is not None:
-            xp = array_module(d)
-            d_class = self.class_block.backward(xp.ascontiguousarray(d[..., 2:]), records.pop())
-            d = xp.ascontiguousarray(d[..., :2])
+            # the logits' gradient as a view: the block's GEMMs take its stride, a copy costs more
+            d_class = self.class_block.backward(d[..., 2:], records.pop())
+            d = array_module(d).ascontiguousarray(d[..., :2])
         for block in reversed(self.decoder[1:]):
             d, d_skip = block.backward(d, records.pop())
             if d_class is not None:  # the head's input fed the class head too: the gradients add
