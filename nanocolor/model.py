@@ -275,6 +275,62 @@ class ColorNet(Module):
         deep.chroma_gain, deep.decode = self.chroma_gain, dict(self.decode)
         return deep.to_device()
 
+    def widened(self, widths: tuple, seed: int = 0) -> "ColorNet":
+        """This net with more channels per level (`widths`, each >= this net's), computing exactly
+        what this one computes.
+
+        Transfer learning for capacity: every conv keeps its weights on the old channels; the new
+        output channels start fresh (He init, `seed`) and the weights that read them start at
+        zero, so nothing downstream sees them until training moves those zeros (their gradient
+        is not zero: it is the new channels' activations times the output's gradient).
+        """
+        old_widths, widths = self.config["widths"], [int(w) for w in widths]
+        if len(widths) != len(old_widths) or any(new < old for new, old in zip(widths, old_widths)):
+            raise ValueError(f"widened widths {widths} must have one entry per level, each at least {old_widths}")
+        c = self.config
+        wide = ColorNet(widths=widths, kernel=c["kernel"], seed=seed, out_channels=c["out_channels"], head=c["head"],
+                        arch=c["arch"], dtype=self.layers[0].params["W"].dtype, class_bins=c.get("class_bins", 0))
+        levels, unet = len(widths), c["arch"] == "unet"
+        # Each conv: the levels whose outputs it reads, concatenated (None: the lightness), and the
+        # level it writes (None: a head), in the order of the layer lists.
+        reads = [[i - 1 if i else None] for i in range(levels)]  # the encoder, then the bottleneck
+        reads += [[levels - 1]] + [[levels - 1 - j] * (2 if unet else 1) for j in range(1, levels - 1)]
+        writes = list(range(levels)) + [levels - 2 - j for j in range(levels - 1)]
+        head_reads = [0] * (2 if unet and levels > 1 else 1)
+        blocks = [b for b, _ in self.down] + [self.bottleneck] + [b for b, _, _ in self.up]
+        wide_blocks = [b for b, _ in wide.down] + [wide.bottleneck] + [b for b, _, _ in wide.up]
+        convs = [(old[0], new[0], read, write, old[1:], new[1:])
+                 for old, new, read, write in zip(blocks, wide_blocks, reads, writes)]
+        convs.append((self.head[0], wide.head[0], head_reads, None, [], []))
+        if self.class_head is not None:
+            convs.append((self.class_head, wide.class_head, head_reads, None, [], []))
+
+        def old_channels(read: list) -> np.ndarray:
+            """Where the old input channels sit among the widened conv's inputs."""
+            spans, start = [], 0
+            for level in read:
+                old, new = (1, 1) if level is None else (old_widths[level], widths[level])
+                spans.append(start + np.arange(old))
+                start += new
+            return np.concatenate(spans)
+
+        for old, new, read, write, old_rest, new_rest in convs:
+            kept = old_channels(read)
+            W = np.array(to_numpy(new.params["W"]))
+            W[:, :, np.setdiff1d(np.arange(W.shape[2]), kept)] = 0  # nothing reads the new channels yet
+            W[:, :, kept, :old.c_out] = to_numpy(old.params["W"])
+            new.params["W"] = W
+            if "b" in old.params:
+                new.params["b"] = np.array(to_numpy(new.params["b"]))
+                new.params["b"][:old.c_out] = to_numpy(old.params["b"])
+            for old_layer, new_layer in zip(old_rest, new_rest):  # BatchNorm: its old channels as they were
+                for old_store, new_store in zip(_stores(old_layer), _stores(new_layer)):
+                    for name, p in old_store.items():
+                        new_store[name] = np.array(to_numpy(new_store[name]))
+                        new_store[name][:len(p)] = to_numpy(p)
+        wide.chroma_gain, wide.decode = self.chroma_gain, dict(self.decode)
+        return wide.to_device()
+
     def with_class_head(self, bins: int, seed: int = 0) -> "ColorNet":
         """This regression net with a fresh class head of `bins` logits beside its a*b* head
         (replacing any it had): every other parameter is copied, so the a*b* stay as they were."""

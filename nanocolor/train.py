@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--widths", default=None,
                    help="channel widths of the encoder levels, comma-separated "
                         f"(default {','.join(map(str, DEFAULT_WIDTHS))}, or those of the --init weights; "
-                        "the --init U-Net's widths and one more grow it a level, e.g. 32,64,128,256,256)")
+                        "the --init U-Net's widths and one more grow it a level, e.g. 32,64,128,256,256; "
+                        "as many widths, none narrower, widen the --init net, e.g. 32,64,192,384,384)")
     p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
                    help=f"share of photos held out for validation (default {TrainConfig.val_fraction})")
     p.add_argument("--seed", type=int, default=TrainConfig.seed,

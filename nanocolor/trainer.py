@@ -263,7 +263,8 @@ class Trainer:
 
     def _load_initial_weights(self, path: str) -> None:
         """Fine-tune: copy the weights of a file whose architecture matches this run's, or grow a
-        U-Net one level deeper (this run's widths = the file's and one more) that starts where it was.
+        U-Net one level deeper (this run's widths = the file's and one more), or widen a net (as
+        many widths, none narrower), so that it starts where the file was.
         A --loss hybrid run keeps the file's class head, or starts a fresh one beside its a*b* head."""
         arrays, meta = load_npz(weights_file(path))
         config = full_config(meta.get("config") or {})
@@ -275,12 +276,18 @@ class Trainer:
             start = ColorNet.from_contents(arrays, meta, source=str(path), dtype=self.dtype)
             arrays = start.with_class_head(run["class_bins"], seed=self.cfg.seed).state_arrays()
         config["class_bins"] = run["class_bins"]
-        if config == {**run, "widths": run["widths"][:-1]}:  # deepened() refuses all but a U-Net
+        if config != run:
+            old_widths, widths = config["widths"], run["widths"]
+            deeper = config == {**run, "widths": widths[:-1]}  # deepened() refuses all but a U-Net
+            wider = config == {**run, "widths": old_widths} and len(old_widths) == len(widths) \
+                and all(new >= old for new, old in zip(widths, old_widths))
+            if not (deeper or wider):
+                raise ValueError(f"{path}: architecture {config} does not match this run's {run} (set --arch / "
+                                 "--widths / --loss to match, add one width to grow a U-Net a level, or give "
+                                 "wider widths to widen it)")
             start = ColorNet.from_contents(arrays, {**meta, "config": config}, source=str(path), dtype=self.dtype)
-            arrays = start.deepened(run["widths"][-1], seed=self.cfg.seed).state_arrays()
-        elif config != run:
-            raise ValueError(f"{path}: architecture {config} does not match this run's {run} "
-                             f"(set --arch / --widths / --loss to match, or add one width to grow a U-Net a level)")
+            grown = start.deepened(widths[-1], seed=self.cfg.seed) if deeper else start.widened(widths, self.cfg.seed)
+            arrays = grown.state_arrays()
         self.model.load_state_arrays(arrays, source=str(path))
 
     def predict_scaled_ab(self, lightness) -> np.ndarray:

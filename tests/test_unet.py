@@ -204,6 +204,58 @@ def test_init_grows_a_unet_one_level_when_given_one_more_width(tmp_path, rng):
             np.testing.assert_allclose(a, expected[name], atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("widths, wider, arch, class_bins", [
+    ((4, 8, 16), (5, 8, 21), "unet", 0), ((3, 5), (4, 7), "unet", 7), ((4, 8), (6, 9), "seed", 0), ((4,), (7,), "seed", 0)])
+def test_a_widened_net_computes_what_it_grew_from_then_learns_with_its_new_channels(widths, wider, arch,
+                                                                                   class_bins, rng):
+    model = randomized_statistics(ColorNet(widths, seed=1, dtype=np.float64, arch=arch, class_bins=class_bins), rng)
+    model.chroma_gain = 1.2
+    wide = model.widened(wider, seed=3)
+    assert wide.config == {**model.config, "widths": list(wider)} and wide.chroma_gain == 1.2
+    assert wide.num_params() > model.num_params()
+    lightness = rng.uniform(-1, 1, (2, 16, 24, 1))
+    np.testing.assert_allclose(wide.forward(lightness), model.forward(lightness), rtol=0, atol=1e-12)
+    # In training mode too: BatchNorm's batch statistics of the old channels are what they were.
+    np.testing.assert_allclose(wide.train().forward(lightness), model.train().forward(lightness), rtol=0, atol=1e-12)
+    wide.backward(rng.standard_normal((2, 16, 24, 2 + class_bins)))
+    convs = [(old, new) for old, new in zip(model.layers, wide.layers) if isinstance(new, Conv2d)]
+    reading_new = [new for old, new in convs if new.c_in > old.c_in]
+    assert reading_new  # some conv reads new channels: its weights there start at zero and will move
+    for conv in reading_new:
+        zero = np.all(conv.params["W"][:, :, :, :] == 0, axis=(0, 1, 3))
+        assert zero.sum() == conv.c_in - next(old.c_in for old, new in convs if new is conv)
+        assert np.abs(conv.grads["W"][:, :, zero]).max() > 0
+
+
+def test_a_net_widens_only_to_as_many_levels_each_at_least_as_wide():
+    model = ColorNet((4, 8), arch="unet")
+    for widths in [(4, 6), (4, 8, 8), (8,)]:
+        with pytest.raises(ValueError, match="widened widths"):
+            model.widened(widths)
+
+
+def test_init_widens_a_net_when_given_wider_widths(tmp_path, rng):
+    start = randomized_statistics(ColorNet((4, 8), seed=5, arch="unet"), rng)
+    start.save(tmp_path / "start.npz", dtype=np.float32)
+    photos = REPO / "data" / "sample"
+    run = lambda widths, out: subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--init", str(tmp_path / "start.npz"), "--widths", widths,
+         "--lr", "1e-9", "--data", str(photos), "--limit", "24", "--size", "16", "--epochs", "1",
+         "--batch-size", "4", "--quiet", "--out", str(tmp_path / out)], capture_output=True, text=True, cwd=tmp_path)
+    result = run("5,11", "run")
+    assert result.returncode == 0, result.stderr
+    wide = ColorNet.load(tmp_path / "run" / "checkpoint.npz")
+    assert wide.config["widths"] == [5, 11]
+    # lr 1e-9: the run's parameters are the widened start's, zeros included (running statistics move)
+    expected = start.widened((5, 11)).state_arrays()
+    for name, a in wide.state_arrays().items():
+        if "running" not in name:
+            np.testing.assert_allclose(a, expected[name], atol=1e-6, err_msg=name)
+    narrower = run("3,11", "narrower")
+    assert narrower.returncode == 2 and "wider widths to widen it" in narrower.stderr
+    assert not (tmp_path / "narrower").exists()
+
+
 def test_a_weights_file_from_before_arch_existed_loads_as_the_seed_autoencoder():
     """A file whose config predates 'arch' loads as the seed autoencoder it was."""
     _, meta = load_npz(FORMAT1)
