@@ -362,8 +362,8 @@ def test_init_starts_from_given_weights_and_rejects_another_architecture(tmp_pat
     trained = ColorNet.load(tmp_path / "run" / "checkpoint.npz")
     for a, b in zip(start.param_layers, trained.param_layers):
         np.testing.assert_allclose(b.params["W"], a.params["W"], atol=1e-6)
-    result = run_script("train.py", *common, "--widths", "4,16", "--init", tmp_path / "start.npz",
-                        "--out", tmp_path / "other")
+    result = run_script("train.py", *common, "--widths", "4,6", "--init", tmp_path / "start.npz",
+                        "--out", tmp_path / "other")  # narrower: neither the same net, nor one grown from it
     assert result.returncode == 2 and "does not match" in result.stderr
 
 
