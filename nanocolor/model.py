@@ -291,19 +291,17 @@ class ColorNet(Module):
         wide = ColorNet(widths=widths, kernel=c["kernel"], seed=seed, out_channels=c["out_channels"], head=c["head"],
                         arch=c["arch"], dtype=self.layers[0].params["W"].dtype, class_bins=c.get("class_bins", 0))
         levels, unet = len(widths), c["arch"] == "unet"
-        # Each conv: the levels whose outputs it reads, concatenated (None: the lightness), and the
-        # level it writes (None: a head), in the order of the layer lists.
+        # Each block's conv: the levels whose outputs it reads, concatenated (None: the lightness);
+        # its old output channels come first among its new ones.
         reads = [[i - 1 if i else None] for i in range(levels)]  # the encoder, then the bottleneck
         reads += [[levels - 1]] + [[levels - 1 - j] * (2 if unet else 1) for j in range(1, levels - 1)]
-        writes = list(range(levels)) + [levels - 2 - j for j in range(levels - 1)]
         head_reads = [0] * (2 if unet and levels > 1 else 1)
         blocks = [b for b, _ in self.down] + [self.bottleneck] + [b for b, _, _ in self.up]
         wide_blocks = [b for b, _ in wide.down] + [wide.bottleneck] + [b for b, _, _ in wide.up]
-        convs = [(old[0], new[0], read, write, old[1:], new[1:])
-                 for old, new, read, write in zip(blocks, wide_blocks, reads, writes)]
-        convs.append((self.head[0], wide.head[0], head_reads, None, [], []))
+        convs = [(old[0], new[0], read, old[1:], new[1:]) for old, new, read in zip(blocks, wide_blocks, reads)]
+        convs.append((self.head[0], wide.head[0], head_reads, [], []))
         if self.class_head is not None:
-            convs.append((self.class_head, wide.class_head, head_reads, None, [], []))
+            convs.append((self.class_head, wide.class_head, head_reads, [], []))
 
         def old_channels(read: list) -> np.ndarray:
             """Where the old input channels sit among the widened conv's inputs."""
@@ -314,7 +312,7 @@ class ColorNet(Module):
                 start += new
             return np.concatenate(spans)
 
-        for old, new, read, write, old_rest, new_rest in convs:
+        for old, new, read, old_rest, new_rest in convs:
             kept = old_channels(read)
             W = np.array(to_numpy(new.params["W"]))
             W[:, :, np.setdiff1d(np.arange(W.shape[2]), kept)] = 0  # nothing reads the new channels yet
