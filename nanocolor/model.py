@@ -238,6 +238,10 @@ class ColorNet(Module):
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} must divide by the downsampling factor {f}")
 
+    def _fresh(self, seed: int, **changes) -> "ColorNet":
+        """A freshly initialized net of this one's architecture and dtype, with `changes` to its config."""
+        return ColorNet(**{**self.config, **changes}, seed=seed, dtype=self.layers[0].params["W"].dtype)
+
     def deepened(self, width: int, seed: int = 0) -> "ColorNet":
         """This U-Net one level deeper, widths + (width,), computing exactly what this one computes.
 
@@ -251,10 +255,7 @@ class ColorNet(Module):
         if self.config["arch"] != "unet":
             raise ValueError("only a U-Net can grow a level without changing what it computes "
                              f"(its skip connection carries the old path); this net is {self.config['arch']!r}")
-        c = self.config
-        deep = ColorNet(widths=(*c["widths"], width), kernel=c["kernel"], seed=seed, out_channels=c["out_channels"],
-                        head=c["head"], arch="unet", dtype=self.layers[0].params["W"].dtype,
-                        class_bins=c.get("class_bins", 0))
+        deep = self._fresh(seed, widths=(*self.config["widths"], width))
         pairs = [(old, new) for (old_block, _), (new_block, _) in zip(self.down, deep.down)
                  for old, new in zip(old_block, new_block)]
         pairs += zip(self.bottleneck, deep.down[-1][0])
@@ -287,10 +288,8 @@ class ColorNet(Module):
         old_widths, widths = self.config["widths"], [int(w) for w in widths]
         if len(widths) != len(old_widths) or any(new < old for new, old in zip(widths, old_widths)):
             raise ValueError(f"widened widths {widths} must have one entry per level, each at least {old_widths}")
-        c = self.config
-        wide = ColorNet(widths=widths, kernel=c["kernel"], seed=seed, out_channels=c["out_channels"], head=c["head"],
-                        arch=c["arch"], dtype=self.layers[0].params["W"].dtype, class_bins=c.get("class_bins", 0))
-        levels, unet = len(widths), c["arch"] == "unet"
+        wide = self._fresh(seed, widths=widths)
+        levels, unet = len(widths), self.config["arch"] == "unet"
         # Each block's conv: the levels whose outputs it reads, concatenated (None: the lightness);
         # its old output channels come first among its new ones.
         reads = [[i - 1 if i else None] for i in range(levels)]  # the encoder, then the bottleneck
@@ -332,9 +331,7 @@ class ColorNet(Module):
     def with_class_head(self, bins: int, seed: int = 0) -> "ColorNet":
         """This regression net with a fresh class head of `bins` logits beside its a*b* head
         (replacing any it had): every other parameter is copied, so the a*b* stay as they were."""
-        c = self.config
-        hybrid = ColorNet(widths=c["widths"], kernel=c["kernel"], seed=seed, out_channels=c["out_channels"],
-                          head=c["head"], arch=c["arch"], dtype=self.layers[0].params["W"].dtype, class_bins=bins)
+        hybrid = self._fresh(seed, class_bins=bins)
         own = self.state_arrays()
         if self.class_head is not None:
             own = {k: v for k, v in own.items() if not k.startswith(f"layer{self.layers.index(self.class_head)}.")}
