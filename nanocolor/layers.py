@@ -340,3 +340,42 @@ class Concat(Layer):
         """dout (N, H, W, Ca + Cb) -> (da, db)."""
         xp = array_module(dout)
         return (xp.ascontiguousarray(dout[..., :self.split]), xp.ascontiguousarray(dout[..., self.split:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-photo layers: what a photo shows, whatever its size.
+
+class GlobalAvgPool2d(Layer):
+    """The mean of each channel over the whole map: (N, H, W, C) -> (N, C)."""
+
+    def forward(self, x):
+        self.cache = x.shape
+        return x.mean(axis=(1, 2))
+
+    def backward(self, dout):
+        """dout (N, C) -> dx (N, H, W, C): every pixel of a channel gets 1 / (H W) of its gradient."""
+        _, H, W, _ = self.cache
+        xp = array_module(dout)
+        return xp.ascontiguousarray(xp.broadcast_to((dout / (H * W))[:, None, None, :], self.cache))
+
+
+class Linear(Layer):
+    """Fully connected: x (N, F) -> x @ W + b (N, K), W (F, K), b (K,)."""
+
+    def __init__(self, f_in: int, f_out: int, rng=None, dtype=np.float32):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng()
+        self.params = {"W": (rng.standard_normal((f_in, f_out)) * np.sqrt(1.0 / f_in)).astype(dtype),
+                       "b": np.zeros(f_out, dtype=dtype)}
+        self.grads = {"W": None, "b": None}
+
+    def forward(self, x):
+        self.cache = x
+        return x @ self.params["W"] + self.params["b"]
+
+    def backward(self, dout):
+        """dout (N, K) -> dx (N, F); dW = x^T dout, db = the sum of dout over the batch."""
+        x = self.cache
+        self.grads["W"] = x.T @ dout
+        self.grads["b"] = dout.sum(axis=0)
+        return dout @ self.params["W"].T

@@ -17,6 +17,8 @@ For the classification loss (classify.py) the head is instead a Conv to Q color-
 A regression net can also carry a class head beside its a*b* head (`class_bins=Q`, fitted by
 classhead.py): a Conv from the same map to Q bin logits, the output then (N, H, W, 2 + Q), the
 a*b* first; colorizing blends the a*b* with the annealed mean of the bins (infer.py).
+A net may also carry a kind head (KindHead, fitted by kindhead.py): what kind of photo it is
+colorizing (faces, rooms, forests...), read from its encoder, and so how much color to give it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from . import backend
 from .backend import to_numpy
-from .layers import BatchNorm2d, Concat, Conv2d, MaxPool2d, ReLU, Tanh, Upsample2d
+from .layers import BatchNorm2d, Concat, Conv2d, GlobalAvgPool2d, Linear, MaxPool2d, ReLU, Tanh, Upsample2d
 from .serialize import CorruptFileError, load_npz, save_npz
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
@@ -91,6 +93,41 @@ class Module:
                     store[name] = backend.xp.asarray(a.astype(p.dtype))
 
 
+class KindHead(Module):
+    """What kind of photo a net colorizes (say faces, rooms, forests), and the chroma gain for it.
+
+    It reads every encoder level's map (before its pool) and the bottleneck's, [(N, Hi, Wi, wi)],
+    each averaged over the photo (GlobalAvgPool2d) and joined: (N, w0 + ... + wd); a Linear
+    gives one logit per kind. Each kind has a gain; a photo's gain is their mean weighed by the
+    softmax of its logits, a factor on the net's chroma_gain. Fitted on fixed features by
+    kindhead.py: the rest of the net does not change.
+    """
+
+    def __init__(self, widths: tuple, kinds: list, gains: list | None = None, seed: int = 0, dtype=np.float32):
+        self.kinds = [str(k) for k in kinds]
+        self.gains = [1.0] * len(self.kinds) if gains is None else [float(g) for g in gains]
+        if len(self.kinds) < 2 or len(self.gains) != len(self.kinds):
+            raise ValueError(f"a kind head needs at least two kinds and one gain for each, got {kinds} and {gains}")
+        self.pools = [GlobalAvgPool2d() for _ in widths]
+        self.linear = Linear(sum(int(w) for w in widths), len(self.kinds), rng=np.random.default_rng(seed),
+                             dtype=dtype)
+        self.layers = [*self.pools, self.linear]
+
+    def pooled(self, maps: list):
+        """The encoder's maps -> (N, w0 + ... + wd): the mean of every channel."""
+        return backend.xp.concatenate([pool.forward(m) for pool, m in zip(self.pools, maps)], axis=-1)
+
+    def probabilities(self, maps: list):
+        """The encoder's maps -> (N, K): how likely each kind is."""
+        logits = self.linear.forward(self.pooled(maps))
+        e = backend.xp.exp(logits - logits.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def photo_gains(self, maps: list):
+        """The encoder's maps -> (N,): each photo's gain, the kinds' gains weighed by their probabilities."""
+        return self.probabilities(maps) @ backend.xp.asarray(self.gains, dtype=self.linear.params["W"].dtype)
+
+
 class ColorNet(Module):
     def __init__(self, widths: tuple = DEFAULT_WIDTHS, kernel: int = 3, seed: int = 0, dtype=np.float32,
                  out_channels: int = 2, head: str = "tanh", arch: str = DEFAULT_ARCH, class_bins: int = 0):
@@ -143,8 +180,15 @@ class ColorNet(Module):
         self.chroma_gain = 1.0
         # With a class head: a*b* = w * regression + (1 - w) * annealed mean of the bins at T.
         self.decode = dict(DECODE_DEFAULTS)
+        self.kind_head: KindHead | None = None  # a factor on chroma_gain for each kind of photo
         self.eval()
         self.to_device()
+
+    def to_device(self) -> "ColorNet":
+        super().to_device()
+        if self.kind_head is not None:
+            self.kind_head.to_device()
+        return self
 
     def train(self) -> "ColorNet":
         """Training mode: forward keeps what backward needs; BatchNorm normalizes with each
@@ -181,9 +225,9 @@ class ColorNet(Module):
 
     __call__ = forward
 
-    def features(self, lightness):
-        """(N, H, W, 1) scaled lightness -> (N, H, W, C): the map the head reads (the encoder,
-        the bottleneck and the decoder: all but the head)."""
+    def encode(self, lightness) -> tuple:
+        """(N, H, W, 1) scaled lightness -> (the bottleneck's map, [each encoder level's map before
+        its pool]): the encoder and the bottleneck."""
         self.check_size(lightness.shape)
         x, skips = lightness, []
         for block, pool in self.down:
@@ -193,6 +237,20 @@ class ColorNet(Module):
             x = pool.forward(x)
         for layer in self.bottleneck:
             x = layer.forward(x)
+        return x, skips
+
+    def photo_gains(self, lightness):
+        """(N, H, W, 1) scaled lightness -> (N,): the factor on chroma_gain for each photo, from
+        the kind head (ones without one)."""
+        if self.kind_head is None:
+            return backend.xp.ones(len(lightness), dtype=self.layers[0].params["W"].dtype)
+        x, skips = self.encode(lightness)
+        return self.kind_head.photo_gains([*skips, x])
+
+    def features(self, lightness):
+        """(N, H, W, 1) scaled lightness -> (N, H, W, C): the map the head reads (the encoder,
+        the bottleneck and the decoder: all but the head)."""
+        x, skips = self.encode(lightness)
         for (block, up, cat), skip in zip(self.up, reversed(skips)):
             for layer in block:
                 x = layer.forward(x)
@@ -336,8 +394,14 @@ class ColorNet(Module):
         if self.class_head is not None:
             own = {k: v for k, v in own.items() if not k.startswith(f"layer{self.layers.index(self.class_head)}.")}
         hybrid.load_state_arrays({**hybrid.state_arrays(), **own})
-        hybrid.chroma_gain = self.chroma_gain
+        hybrid.chroma_gain, hybrid.kind_head = self.chroma_gain, self.kind_head  # the encoder is the same
         return hybrid
+
+    def with_kind_head(self, kinds: list, seed: int = 0) -> "ColorNet":
+        """This net (itself) with a fresh kind head for `kinds`, each at gain 1."""
+        self.kind_head = KindHead(self.config["widths"], kinds, seed=seed, dtype=self.layers[0].params["W"].dtype)
+        self.kind_head.to_device()
+        return self
 
     # -- saving and loading -------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
@@ -346,6 +410,9 @@ class ColorNet(Module):
         Weights beyond float16's range (65504) are kept in float32 rather than turned into inf.
         """
         arrays = self.state_arrays()
+        if self.kind_head is not None:
+            arrays.update(self.kind_head.state_arrays(prefix="kind."))
+            meta = {"kinds": {"names": self.kind_head.kinds, "gains": self.kind_head.gains}, **meta}
         if dtype is not None and np.dtype(dtype) == np.float16 and \
                 max(float(np.abs(a).max(initial=0)) for a in arrays.values()) > float(np.finfo(np.float16).max):
             dtype = np.float32
@@ -385,6 +452,16 @@ class ColorNet(Module):
             raise CorruptFileError(f"{source}: decode settings {meta.get('decode')!r}: the temperature must lie "
                                    "in (0, 10] and the regression weight in [0, 1]")
         model.decode = {name: float(decode[name]) for name in DECODE_DEFAULTS}
+        kinds = meta.get("kinds")
+        if kinds is not None:
+            try:
+                names, gains = list(kinds["names"]), [float(g) for g in kinds["gains"]]
+                if not all(isinstance(n, str) for n in names) or not all(0 < g < 10 for g in gains):
+                    raise ValueError
+                model.kind_head = KindHead(config["widths"], names, gains, dtype=dtype)
+            except (TypeError, KeyError, ValueError):
+                raise CorruptFileError(f"{source}: kinds {kinds!r}: names and one gain in (0, 10) for each") from None
+            model.kind_head.load_state_arrays(arrays, source=source, prefix="kind.")
         return model
 
 

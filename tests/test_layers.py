@@ -9,7 +9,8 @@ import pytest
 
 from conftest import GRAD_TOL, check_gradients, make_conv
 from nanocolor.gradcheck import numeric_gradient, relative_error
-from nanocolor.layers import (BatchNorm2d, Concat, Conv2d, LeakyReLU, MaxPool2d, ReLU, Tanh, Upsample2d,
+from nanocolor.layers import (BatchNorm2d, Concat, Conv2d, GlobalAvgPool2d, LeakyReLU, Linear, MaxPool2d, ReLU, Tanh,
+                              Upsample2d,
                               conv_output_size)
 from nanocolor.loss import BCEWithLogitsLoss, ChromaMatchedMSELoss, MSELoss
 from nanocolor.model import ColorNet
@@ -318,6 +319,24 @@ def test_concat_joins_channels_and_splits_the_gradient(rng):
     np.testing.assert_array_equal(np.concatenate([da, db], axis=-1), dout)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 1, 1), (3, 7, 2, 1)])
+def test_global_avg_pool_gradients_and_means(shape, rng):
+    x = rng.standard_normal(shape)
+    pool = GlobalAvgPool2d()
+    np.testing.assert_allclose(pool.forward(x), x.reshape(shape[0], -1, shape[-1]).mean(axis=1), rtol=1e-12)
+    check_gradients(pool, x, rng)
+
+
+@pytest.mark.parametrize("n,f_in,f_out", [(2, 5, 3), (1, 1, 1), (7, 4, 9)])
+def test_linear_gradients_and_output(n, f_in, f_out, rng):
+    layer = Linear(f_in, f_out, rng=rng, dtype=np.float64)
+    layer.params["b"] = rng.standard_normal(f_out)  # a non-zero bias, so its gradient is checked at work
+    x = rng.standard_normal((n, f_in))
+    np.testing.assert_allclose(layer.forward(x), np.einsum("nf,fk->nk", x, layer.params["W"]) + layer.params["b"],
+                               rtol=1e-12)
+    check_gradients(layer, x, rng)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss
 
@@ -426,7 +445,9 @@ def test_mse_loss_is_zero_for_equal_inputs(rng):
     (lambda: BatchNorm2d(2, dtype=np.float64), (2, 5, 3, 2)),
     (lambda: Conv2d(2, 3, 4, dtype=np.float64, stride=2, padding=1), (2, 5, 3, 2)),
     (LeakyReLU, (2, 5, 3, 2)),
-], ids=["conv", "maxpool", "upsample", "relu", "tanh", "batchnorm", "strided_conv", "leaky_relu"])
+    (GlobalAvgPool2d, (2, 5, 3, 2)),
+    (lambda: Linear(3, 4, dtype=np.float64), (5, 3)),
+], ids=["conv", "maxpool", "upsample", "relu", "tanh", "batchnorm", "strided_conv", "leaky_relu", "avg_pool", "linear"])
 def test_backward_does_not_modify_dout(make_layer, shape, rng):
     layer = make_layer()
     x = rng.standard_normal(shape)
