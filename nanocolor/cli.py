@@ -4,6 +4,7 @@
     nanocolor train --data ~/photos       # nanocolor/train.py (also python train.py)
     nanocolor evaluate --data test/       # nanocolor/evaluate.py
     nanocolor classhead --data ~/photos --out hybrid.npz   # nanocolor/classhead.py
+    nanocolor kindhead --data ~/photos --out kinds.npz     # nanocolor/kindhead.py
     nanocolor serve                       # nanocolor/serve.py: a local web page
     nanocolor --version
 
@@ -23,6 +24,7 @@ COMMANDS = {
     "train": "train a model on a folder of color photos",
     "evaluate": "score a model on a folder of color photos (PSNR, AuC, colorfulness)",
     "classhead": "fit a color-class head beside a trained model's a*b* head, blended in when colorizing",
+    "kindhead": "fit a kind head: what kind of photo a trained model colorizes, and a chroma gain for each kind",
     "serve": "colorize in the browser: a local web page and HTTP API (needs nanocolor[serve])",
 }
 WEB_PACKAGES = ("starlette", "uvicorn", "multipart", "python_multipart", "anyio")

@@ -37,16 +37,16 @@ def test_version_from_python_m_and_the_console_script():
 def test_help_lists_every_command_and_bad_usage_exits_2():
     result = run_nanocolor("--help")
     assert result.returncode == 0
-    for command in ("colorize", "train", "evaluate", "classhead", "serve"):
+    for command in ("colorize", "train", "evaluate", "classhead", "kindhead", "serve"):
         assert f"  {command} " in result.stdout
     bare = run_nanocolor()
     assert bare.returncode == 2 and "usage: nanocolor COMMAND" in bare.stderr
     unknown = run_nanocolor("paint")
     assert unknown.returncode == 2 and unknown.stderr == (
-        "nanocolor: error: unknown command 'paint'; choose from colorize, train, evaluate, classhead, serve\n")
+        "nanocolor: error: unknown command 'paint'; choose from colorize, train, evaluate, classhead, kindhead, serve\n")
 
 
-@pytest.mark.parametrize("command", ["colorize", "train", "evaluate", "classhead", "serve"])
+@pytest.mark.parametrize("command", ["colorize", "train", "evaluate", "classhead", "kindhead", "serve"])
 def test_each_command_shows_its_own_help(command):
     result = run_nanocolor(command, "--help")
     assert result.returncode == 0, result.stderr
