@@ -272,6 +272,9 @@ class Trainer:
         if config["class_bins"] and not run["class_bins"] and self.world.is_root:  # training moves its features
             warnings.warn(f"{path}: its class head is left out (train.py trains the a*b* head); "
                           "fit a new one with python -m nanocolor.classhead, or train both with --loss hybrid")
+        if meta.get("kinds") and self.world.is_root:
+            warnings.warn(f"{path}: its kind head is left out (training moves the features it reads); "
+                          "fit a new one with python -m nanocolor.kindhead")
         if run["class_bins"] and config["class_bins"] != run["class_bins"]:
             start = ColorNet.from_contents(arrays, meta, source=str(path), dtype=self.dtype)
             arrays = start.with_class_head(run["class_bins"], seed=self.cfg.seed).state_arrays()

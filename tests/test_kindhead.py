@@ -154,3 +154,15 @@ def test_kind_gains_are_chosen_for_the_least_color_each_folder_asks(rng):
         ratio = lambda gains: bench.summary(s, probs @ gains, mask)[1]
         assert ratio(g) >= {"rooms": 0.9, "woods": 1.05}[name]
         assert ratio(np.where(np.arange(2) == k, g - 0.05, g)) < {"rooms": 0.9, "woods": 1.05}[name]
+
+
+def test_train_init_from_a_file_with_kinds_leaves_the_kind_head_out(tmp_path, net_file, rng):
+    from conftest import run_train
+    path = tmp_path / "kinds.npz"
+    with_random_kinds(ColorNet.load(net_file), ["a", "b"], [1.2, 0.8], rng).save(path, train_size=16)
+    photos = make_photos(tmp_path / "photos", 10, size=16)
+    result = run_train("--data", str(photos), "--init", str(path), "--widths", "4,8", "--epochs", "1",
+                       "--size", "16", "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "kind head is left out" in result.stderr
+    assert ColorNet.load(tmp_path / "run" / "model.npz").kind_head is None
