@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from nanocolor.color import scale_lightness  # noqa: E402
 from nanocolor.data import find_images, is_grayscale, read_photo  # noqa: E402
 from nanocolor.images import gray_of, to_uint8  # noqa: E402
-from nanocolor.infer import full_lightness, join_color, load_colorizer, predict_working_ab, working_lightness  # noqa: E402
+from nanocolor.infer import (full_lightness, join_color, load_colorizer, predict_working_ab,  # noqa: E402
+                             working_lightness)
 from nanocolor.metrics import colorfulness, colorization_scores  # noqa: E402
 from nanocolor.progress import progress_bar  # noqa: E402
 

@@ -88,7 +88,8 @@ def predict_small_ab(model: ColorNet, L: np.ndarray, work_size: int) -> np.ndarr
 
 def predict_working_ab(model: ColorNet, small: np.ndarray, gains: tuple | None = None):
     """L* (h, w) already at the working size -> predicted a*b* (h, w, 2) in LAB units (chroma gain
-    applied, times the kind head's factor for this photo where the net has one); with `gains`, a list of them, one per chroma gain, from one pass of the network."""
+    applied, times the kind head's factor for this photo where the net has one); with `gains`, a
+    list of them, one per chroma gain, from one pass of the network."""
     lightness_in = backend.xp.asarray(scale_lightness(small)[None, ..., None].astype(np.float32))
     out = engine.network(model).forward(lightness_in)
     if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
@@ -99,7 +100,7 @@ def predict_working_ab(model: ColorNet, small: np.ndarray, gains: tuple | None =
         ab = backend.to_numpy(blended_ab(out, **model.decode))[0]
     else:
         ab = unscale_ab(backend.to_numpy(out)[0])
-    factor = float(backend.to_numpy(model.photo_gains(lightness_in))[0])  # this kind of photo's, 1 without a kind head
+    factor = float(backend.to_numpy(model.photo_gains(lightness_in))[0])  # 1 without a kind head
     if gains is not None:
         return [(ab * gain * factor).astype(np.float32) for gain in gains]
     return (ab * model.chroma_gain * factor).astype(np.float32)

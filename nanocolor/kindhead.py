@@ -184,8 +184,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError, backend.DeviceError) as err:  # DataError, CorruptFileError are ValueErrors
         print(f"kindhead: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: chroma gain {model.chroma_gain:g} times, for each kind, " + ", ".join(f"{k} {g:g}" for k, g in zip(model.kind_head.kinds,
-                                                                               model.kind_head.gains)))
+    gains_text = ", ".join(f"{k} {g:g}" for k, g in zip(model.kind_head.kinds, model.kind_head.gains))
+    print(f"wrote {args.out}: chroma gain {model.chroma_gain:g} times, for each kind, {gains_text}")
     return 0
 
 
