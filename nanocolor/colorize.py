@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"training size x 2; at most {MAX_WORK_SIZE})")
     p.add_argument("--chroma-gain", type=float, default=None, metavar="GAIN",
                    help="multiply the predicted a*b* by GAIN: above 1 bolder colors, less faithful "
-                        "(default: the one stored with the weights, else 1; for the shipped model 1, chosen "
-                        "on validation photos; see docs/training.md)")
+                        "(default: the one stored with the weights, else 1; for the shipped model 1, times "
+                        "the gain of the photo's kind, chosen on validation photos; see docs/training.md)")
     engine.add_options(p)
     return p.parse_args(argv)
 

@@ -167,7 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longer side at which the network predicts color (default: the one stored with the "
                         "weights, else the model's training size x 2)")
     p.add_argument("--chroma-gain", type=float, nargs="+", metavar="G",
-                   help="multiply the predicted a*b* by G instead of the weights' own gain; several values: "
+                   help="multiply the predicted a*b* by G instead of the weights' own gain (times each photo's "
+                        "kind's gain where the weights have a kind head); several values: "
                         "one row each (the first is the model's row, of the gallery and per-folder tables)")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
     engine.add_options(p)
