@@ -75,7 +75,7 @@ def fit_kind_head(model: ColorNet, features: np.ndarray, kinds: np.ndarray, epoc
     inputs = (features - mean) / std
     targets = np.eye(len(model.kind_head.kinds))[kinds]
     fit = Linear(inputs.shape[1], targets.shape[1], dtype=np.float64)
-    fit.params["W"][:] = 0.0
+    fit.params["W"][:] = 0.0  # a convex problem: start at zero, the same fit every time
     optimizer, loss, losses = Adam([fit], lr=lr), SoftmaxCrossEntropy(), []
     for _ in range(epochs):
         losses.append(float(loss.forward(fit.forward(inputs), targets)))
