@@ -184,8 +184,7 @@ def main(argv=None) -> int:
         if args.chroma_gain is not None:
             model.chroma_gain = args.chroma_gain
         # what the file said of its training and work size stays; what save writes anew goes
-        keep = {k: v for k, v in meta.items() if k not in ("format_version", "kind", "sha256", "config",
-                                                            "chroma_gain", "decode")}
+        keep = {k: v for k, v in meta.items() if k not in ColorNet.SAVED_META}
         model.save(args.out, **keep)
     except (ValueError, OSError, backend.DeviceError) as err:  # DataError, CorruptFileError are ValueErrors
         print(f"classhead: error: {err}", file=sys.stderr)

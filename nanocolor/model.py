@@ -404,6 +404,9 @@ class ColorNet(Module):
         return self
 
     # -- saving and loading -------------------------------------------------------------------
+    # What `save` writes anew: a tool that saves a loaded file again keeps the rest of its record.
+    SAVED_META = ("format_version", "kind", "sha256", "config", "chroma_gain", "decode", "kinds")
+
     def save(self, path: str | os.PathLike, dtype=np.float16, **meta) -> None:
         """Write weights + architecture config atomically (float16 by default: half the bytes).
 
