@@ -91,7 +91,8 @@ def predict_working_ab(model: ColorNet, small: np.ndarray, gains: tuple | None =
     applied, times the kind head's factor for this photo where the net has one); with `gains`, a
     list of them, one per chroma gain, from one pass of the network."""
     lightness_in = backend.xp.asarray(scale_lightness(small)[None, ..., None].astype(np.float32))
-    out = engine.network(model).forward(lightness_in)
+    net = engine.network(model)
+    out = net.forward(lightness_in)
     if model.config.get("head", "tanh") == "logits":  # bin logits -> a*b* by the annealed mean
         from .classify import annealed_mean
         ab = backend.to_numpy(annealed_mean(out))[0]
@@ -100,7 +101,9 @@ def predict_working_ab(model: ColorNet, small: np.ndarray, gains: tuple | None =
         ab = backend.to_numpy(blended_ab(out, **model.decode))[0]
     else:
         ab = unscale_ab(backend.to_numpy(out)[0])
-    factor = float(backend.to_numpy(model.photo_gains(lightness_in))[0])  # 1 without a kind head
+    factor = 1.0  # without a kind head; with one, from the encoder's maps of the same pass
+    if model.kind_head is not None:
+        factor = float(backend.to_numpy(model.kind_head.photo_gains(net.encoded))[0])
     if gains is not None:
         return [(ab * gain * factor).astype(np.float32) for gain in gains]
     return (ab * model.chroma_gain * factor).astype(np.float32)

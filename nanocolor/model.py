@@ -181,6 +181,7 @@ class ColorNet(Module):
         # With a class head: a*b* = w * regression + (1 - w) * annealed mean of the bins at T.
         self.decode = dict(DECODE_DEFAULTS)
         self.kind_head: KindHead | None = None  # a factor on chroma_gain for each kind of photo
+        self.encoded: list = []  # the encoder's maps of the last pass (encode)
         self.eval()
         self.to_device()
 
@@ -227,7 +228,8 @@ class ColorNet(Module):
 
     def encode(self, lightness) -> tuple:
         """(N, H, W, 1) scaled lightness -> (the bottleneck's map, [each encoder level's map before
-        its pool]): the encoder and the bottleneck."""
+        its pool]): the encoder and the bottleneck. Kept as self.encoded, [*those maps, the
+        bottleneck's], for a kind head to read after a forward pass."""
         self.check_size(lightness.shape)
         x, skips = lightness, []
         for block, pool in self.down:
@@ -237,6 +239,7 @@ class ColorNet(Module):
             x = pool.forward(x)
         for layer in self.bottleneck:
             x = layer.forward(x)
+        self.encoded = [*skips, x]
         return x, skips
 
     def photo_gains(self, lightness):
@@ -244,8 +247,8 @@ class ColorNet(Module):
         the kind head (ones without one)."""
         if self.kind_head is None:
             return backend.xp.ones(len(lightness), dtype=self.layers[0].params["W"].dtype)
-        x, skips = self.encode(lightness)
-        return self.kind_head.photo_gains([*skips, x])
+        self.encode(lightness)
+        return self.kind_head.photo_gains(self.encoded)
 
     def features(self, lightness):
         """(N, H, W, 1) scaled lightness -> (N, H, W, C): the map the head reads (the encoder,

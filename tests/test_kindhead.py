@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_script, make_photos
-from nanocolor import kindhead
+from nanocolor import engine, kindhead
 from nanocolor.infer import colorize_array, load_colorizer, predict_working_ab
 from nanocolor.model import ColorNet
 from nanocolor.serialize import CorruptFileError, load_npz, save_npz
@@ -52,6 +52,30 @@ def test_colorizing_multiplies_the_nets_colors_by_the_photos_gain(rng):
     np.testing.assert_allclose(predict_working_ab(model, small), plain * factor, rtol=1e-5, atol=1e-6)
     other_gains = predict_working_ab(model, small, (1.2, 1.5))  # evaluate's extra gains: the factor too
     np.testing.assert_allclose(other_gains[1], plain / 1.2 * 1.5 * factor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", ["im2col", "auto"])
+def test_colorizing_reads_the_photos_gain_from_the_same_pass(conv, rng, monkeypatch):
+    """The factor comes from the encoder's maps of the pass that predicts the colors (`encoded`,
+    the textbook's and the fast engine's alike): the encoder runs once a photo, not twice."""
+    model = with_random_kinds(ColorNet((4, 8, 6), seed=3, arch="unet"), ["a", "b"], [0.7, 1.6], rng)
+    small = rng.uniform(0, 100, (16, 20))
+    lightness = ((small / 50 - 1)[None, ..., None]).astype(np.float32)
+    factor = float(model.photo_gains(lightness)[0])  # the textbook's encoder on its own
+    textbook_maps = model.encoded
+    kind_head, model.kind_head = model.kind_head, None
+    plain = predict_working_ab(model, small)
+    model.kind_head = kind_head
+    encodes, encode = [], ColorNet.encode
+    monkeypatch.setattr(ColorNet, "encode", lambda self, x: encodes.append(x.shape) or encode(self, x))
+    with engine.use_conv(conv):
+        np.testing.assert_allclose(predict_working_ab(model, small), plain * factor, rtol=1e-4, atol=1e-3)  # LAB units
+        net = engine.network(model)
+        net.forward(lightness)
+    assert len(encodes) == (2 if conv == "im2col" else 0)  # the textbook's forward encodes, the fast engine its own way
+    assert [m.shape for m in net.encoded] == [(1, 16, 20, 4), (1, 8, 10, 8), (1, 4, 5, 6)]
+    for fast_map, textbook_map in zip(net.encoded, textbook_maps):
+        np.testing.assert_allclose(fast_map, textbook_map, rtol=1e-4, atol=1e-5)
 
 
 def test_fitting_learns_kinds_that_the_features_tell_apart(rng):
@@ -108,7 +132,7 @@ def test_kindhead_cli_fits_the_folders_kinds_then_sets_their_gains(net_file, tmp
     assert work_size == 16 and meta["kind_head"]["photos"] == 12 and meta["cpu_seconds"] >= 10.0
     rgb = np.asarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3)), np.uint8)
     base, _ = load_colorizer(net_file)
-    np.testing.assert_array_equal(colorize_array(model, rgb, 16), colorize_array(base, rgb, 16))  # all at 1
+    np.testing.assert_allclose(colorize_array(model, rgb, 16), colorize_array(base, rgb, 16), atol=1e-6)  # all at 1
     chosen = tmp_path / "chosen.npz"
     assert kindhead.main(["--weights", str(out), "--gain", "beach=1.4", "--gain", "city=1.4",
                           "--gain", "faces=1.4", "--out", str(chosen)]) == 0

@@ -4,7 +4,8 @@ fewer passes over memory.
 `Network(model, conv)` reads a ColorNet's structure (model.down, bottleneck, up, head),
 `Critic(model, conv)` a critic's (model.layers, after the join of lightness and ab), and both
 their layers' params, buffers and settings; they write only what the textbook would write: the
-layers' grads, BatchNorm's running statistics and the critic's first `input_grad`. Their
+layers' grads, BatchNorm's running statistics and the critic's first `input_grad`, and a
+Network keeps the encoder's maps as `encoded`, as the model does. Their
 caches are their own: `forward` keeps one record per step of the network, `backward` takes
 them back in reverse order.
 
@@ -169,6 +170,7 @@ class Network:
         # A class head reads the last block's input too: its logits join the head's a*b*.
         self.class_block = None if model.class_head is None else Block([model.class_head])
         self.records: list = []
+        self.encoded: list = []
 
     def train(self) -> "Network":
         self.model.train()
@@ -197,6 +199,7 @@ class Network:
             keep(pool_cache)
         x, record = self.bottleneck.forward(x, conv, inference)
         keep(record)
+        self.encoded = [*skips, x]  # as the model's encode keeps them: what a kind head reads
         x, record = self.decoder[0].forward(x, conv, inference)
         keep(record)
         for i, block in enumerate(self.decoder[1:]):
