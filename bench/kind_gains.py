@@ -6,7 +6,8 @@
         --min-ratio 0.83 0.87
 
 scores every photo under each --val folder whole, at its work size, as nanocolor.evaluate does,
-at a grid of gains (one pass of the network per photo), and reads the kind head's probabilities.
+at a grid of gains (one pass of the network per photo), and reads the kind head's probabilities
+(one more pass of the encoder, in the textbook layers).
 A photo's gain is its kinds' gains weighed by those. The gains are then chosen, one kind at a
 time, sweep after sweep, on the grid: the most PSNR above gray, summed over the folders, such
 that each folder's colorfulness ratio is at least its --min-ratio, and no subfolder (a kind of
@@ -22,11 +23,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+from nanocolor import backend  # noqa: E402
 from nanocolor.color import scale_lightness  # noqa: E402
 from nanocolor.data import find_images, is_grayscale, read_photo  # noqa: E402
 from nanocolor.images import gray_of, to_uint8  # noqa: E402
 from nanocolor.infer import (full_lightness, join_color, load_colorizer, predict_working_ab,  # noqa: E402
                              working_lightness)
+from nanocolor.kindhead import kind_of  # noqa: E402
 from nanocolor.metrics import colorfulness, colorization_scores  # noqa: E402
 from nanocolor.progress import progress_bar  # noqa: E402
 
@@ -37,30 +40,32 @@ def score_photos(model, work_size: int, folders: list) -> dict:
     """Per photo: its folder and subfolder, the kind probabilities, the originals' colorfulness,
     gray's PSNR, and PSNR, AuC and colorfulness at every gain of GRID (the network's own colors
     times the gain, the kind head's factor left out)."""
-    kind_head, model.kind_head = model.kind_head, None  # predict at factor 1: the grid is the gain
-    chroma_gain, model.chroma_gain = model.chroma_gain, 1.0
+    kind_head, chroma_gain = model.kind_head, model.chroma_gain
     rows = {k: [] for k in ("folder", "sub", "probs", "orig", "gray", "psnr", "auc", "colorfulness")}
     paths = [(f, p) for f in folders for p in find_images(f)]
     bar = progress_bar(len(paths), "scoring", "photos", True)
-    for folder, path in paths:
-        bar.update(1)
-        rgb, _ = read_photo(path)
-        if is_grayscale(rgb):
-            continue
-        original, L = to_uint8(rgb), full_lightness(rgb, np.float64)
-        small = working_lightness(model, L, work_size)
-        scores = [colorization_scores(to_uint8(join_color(L, ab)), original)
-                  for ab in predict_working_ab(model, small, tuple(GRID))]
-        x, skips = model.encode(scale_lightness(small)[None, ..., None].astype(np.float32))
-        rows["folder"].append(Path(folder).name)
-        rows["sub"].append(Path(path).relative_to(folder).parts[0])
-        rows["probs"].append(np.asarray(kind_head.probabilities([*skips, x]))[0])
-        rows["orig"].append(colorfulness(original))
-        rows["gray"].append(colorization_scores(to_uint8(gray_of(rgb)), original)["psnr"])
-        for name in ("psnr", "auc", "colorfulness"):
-            rows[name].append([s[name] for s in scores])
-    bar.close()
-    model.kind_head, model.chroma_gain = kind_head, chroma_gain
+    try:
+        model.kind_head, model.chroma_gain = None, 1.0  # predict at factor 1: the grid is the gain
+        for folder, path in paths:
+            bar.update(1)
+            rgb, _ = read_photo(path)
+            if is_grayscale(rgb):
+                continue
+            original, L = to_uint8(rgb), full_lightness(rgb, np.float64)
+            small = working_lightness(model, L, work_size)
+            scores = [colorization_scores(to_uint8(join_color(L, ab)), original)
+                      for ab in predict_working_ab(model, small, tuple(GRID))]
+            model.encode(backend.xp.asarray(scale_lightness(small)[None, ..., None], dtype=np.float32))
+            rows["folder"].append(Path(folder).name)
+            rows["sub"].append(kind_of(path, [folder]))
+            rows["probs"].append(backend.to_numpy(kind_head.probabilities(model.encoded))[0])
+            rows["orig"].append(colorfulness(original))
+            rows["gray"].append(colorization_scores(to_uint8(gray_of(rgb)), original)["psnr"])
+            for name in ("psnr", "auc", "colorfulness"):
+                rows[name].append([s[name] for s in scores])
+    finally:
+        bar.close()
+        model.kind_head, model.chroma_gain = kind_head, chroma_gain
     return {k: np.array(v) for k, v in rows.items()}
 
 

@@ -42,8 +42,8 @@ from .serialize import load_npz
 def kind_of(path: str | os.PathLike, roots: list) -> str:
     """A photo's kind: the subfolder of its --data folder it lies in (that folder's own name for a
     photo directly in it)."""
-    path = Path(path).resolve()
-    for root in (Path(r).resolve() for r in roots):
+    path = Path(os.path.abspath(path))  # not resolved: a folder of links to photos elsewhere keeps its kinds
+    for root in (Path(os.path.abspath(r)) for r in roots):
         if root in path.parents:
             parts = path.relative_to(root).parts
             return parts[0] if len(parts) > 1 else root.name
@@ -57,8 +57,8 @@ def pooled_features(model: ColorNet, paths: list, work_size: int, progress: bool
     for path in paths:
         rgb, _ = read_photo(path)
         small = working_lightness(model, full_lightness(rgb, np.float64), work_size)
-        x, skips = model.encode(backend.xp.asarray(scale_lightness(small)[None, ..., None], dtype=np.float32))
-        rows.append(backend.to_numpy(model.kind_head.pooled([*skips, x]))[0])
+        model.encode(backend.xp.asarray(scale_lightness(small)[None, ..., None], dtype=np.float32))
+        rows.append(backend.to_numpy(model.kind_head.pooled(model.encoded))[0])
         bar.update(1)
     bar.close()
     return np.stack(rows).astype(np.float64)
@@ -67,8 +67,8 @@ def pooled_features(model: ColorNet, paths: list, work_size: int, progress: bool
 def fit_kind_head(model: ColorNet, features: np.ndarray, kinds: np.ndarray, epochs: int = 300, lr: float = 0.05,
                   l2: float = 1e-3) -> list[float]:
     """Fit model.kind_head.linear to the photos' kinds (N,) (indices into its kinds) from their
-    features (N, F): cross-entropy plus l2 x |W|^2 / 2, full-batch Adam. Returns the loss at each
-    epoch. The features are standardized while fitting (Adam sees every input on one scale) and
+    features (N, F): cross-entropy plus l2 x |W|^2 / 2, full-batch Adam. Returns the cross-entropy at
+    each epoch. The features are standardized while fitting (Adam sees every input on one scale) and
     the scaling is folded back into W and b, so the layer computes the same logits."""
     linear = model.kind_head.linear
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-3

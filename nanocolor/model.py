@@ -229,7 +229,8 @@ class ColorNet(Module):
     def encode(self, lightness) -> tuple:
         """(N, H, W, 1) scaled lightness -> (the bottleneck's map, [each encoder level's map before
         its pool]): the encoder and the bottleneck. Kept as self.encoded, [*those maps, the
-        bottleneck's], for a kind head to read after a forward pass."""
+        bottleneck's], for a kind head to read after this model's forward (the fast engine's
+        runner keeps its own `encoded`)."""
         self.check_size(lightness.shape)
         x, skips = lightness, []
         for block, pool in self.down:
@@ -462,7 +463,8 @@ class ColorNet(Module):
         if kinds is not None:
             try:
                 names, gains = list(kinds["names"]), [float(g) for g in kinds["gains"]]
-                if not all(isinstance(n, str) for n in names) or not all(0 < g < 10 for g in gains):
+                if not isinstance(kinds["names"], list) or not all(isinstance(n, str) for n in names) or \
+                        not all(0 < g < 10 for g in gains):
                     raise ValueError
                 model.kind_head = KindHead(config["widths"], names, gains, dtype=dtype)
             except (TypeError, KeyError, ValueError):

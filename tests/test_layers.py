@@ -330,7 +330,7 @@ def test_global_avg_pool_gradients_and_means(shape, rng):
 @pytest.mark.parametrize("n,f_in,f_out", [(2, 5, 3), (1, 1, 1), (7, 4, 9)])
 def test_linear_gradients_and_output(n, f_in, f_out, rng):
     layer = Linear(f_in, f_out, rng=rng, dtype=np.float64)
-    layer.params["b"] = rng.standard_normal(f_out)  # a non-zero bias, so its gradient is checked at work
+    layer.params["b"] = rng.standard_normal(f_out)  # a non-zero bias, so the forward's check sees it added
     x = rng.standard_normal((n, f_in))
     np.testing.assert_allclose(layer.forward(x), np.einsum("nf,fk->nk", x, layer.params["W"]) + layer.params["b"],
                                rtol=1e-12)
