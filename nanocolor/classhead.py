@@ -17,7 +17,6 @@ are the inputs, the soft-encoded true colors the targets, fitted by Adam.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -111,12 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", default=None,
                    help="folders of color photos to fit the head on (the net's training photos); "
                         "without it, only the decode settings of a file that has a class head change")
-    p.add_argument("--size", type=int, default=112, help="photos are loaded as train.py loads them, at size + "
-                   "--crop-margin, and their central size x size is used (default 112)")
-    p.add_argument("--crop-margin", type=int, default=8, help="as train.py's (default 8)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="the share of photos held out as train.py holds them out: left out here (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="the split's seed, as train.py's; also the sampling's")
+    options.add_split_options(p, "photos are loaded as train.py loads them, at size + --crop-margin, and "
+                                 "their central size x size is used")
     p.add_argument("--photos", type=int, default=6000, help="training photos to sample (default 6000)")
     p.add_argument("--pixels", type=int, default=96, help="pixels sampled per photo (default 96)")
     p.add_argument("--epochs", type=int, default=15, help="passes over the samples (default 15)")
@@ -148,9 +143,7 @@ def main(argv=None) -> int:
         options.check_number("--regression-weight", args.regression_weight, low=0, high=1)
         options.check_number("--chroma-gain", args.chroma_gain, low=0, high=10, above=True, below=True)
         backend.use_device(args.device)
-        if os.path.exists(args.out):
-            raise FileExistsError(17, "exists: choose a new --out (nothing is overwritten)", args.out)
-        options.check_output_folder(os.path.dirname(os.path.abspath(args.out)))
+        options.check_new_file(args.out)
         path = weights_file(args.weights)
         arrays, meta = load_npz(path)
         model = ColorNet.from_contents(arrays, meta, source=str(path))

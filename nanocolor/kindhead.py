@@ -109,11 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folders of color photos, one subfolder per kind (the net's training photos); "
                         "without it, only the gains of a file that has a kind head change")
     p.add_argument("--per-kind", type=int, default=300, help="training photos of each kind to fit on (default 300)")
-    p.add_argument("--size", type=int, default=112, help="the size train.py trained at, for its split (default 112)")
-    p.add_argument("--crop-margin", type=int, default=8, help="as train.py's, for its split (default 8)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="the share of photos train.py held out: left out here (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="the split's seed, as train.py's; also the sampling's")
+    options.add_split_options(p, "the size train.py trained at, for its split")
     p.add_argument("--work-size", type=int, default=None, help="the size photos are seen at (default: the file's)")
     p.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps (default 300)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate (default 0.05)")
@@ -141,9 +137,7 @@ def main(argv=None) -> int:
         check_work_size(args.work_size)
         gains = parse_gains(args.gain)
         backend.use_device(args.device)
-        if os.path.exists(args.out):
-            raise FileExistsError(17, "exists: choose a new --out (nothing is overwritten)", args.out)
-        options.check_output_folder(os.path.dirname(os.path.abspath(args.out)))
+        options.check_new_file(args.out)
         model, work_size = load_colorizer(args.weights)
         _, meta = load_npz(weights_file(args.weights))
         work_size = args.work_size or work_size

@@ -55,6 +55,25 @@ def parse_widths(text: str, option: str = "--widths") -> tuple[int, ...]:
     return widths
 
 
+def add_split_options(p: argparse.ArgumentParser, size_help: str) -> None:
+    """--size, --crop-margin, --val-fraction, --seed as train.py's: a head fitted beside a trained
+    net (classhead.py, kindhead.py) loads the photos as the net's run did and leaves out the same
+    validation split."""
+    p.add_argument("--size", type=int, default=112, help=f"{size_help} (default 112)")
+    p.add_argument("--crop-margin", type=int, default=8, help="as train.py's, for its split (default 8)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="the share of photos train.py held out: left out here (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="the split's seed, as train.py's; also the sampling's")
+
+
+def check_new_file(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output file that exists (nothing is overwritten) or a place
+    that cannot take it (check_output_folder)."""
+    if os.path.exists(path):
+        raise FileExistsError(errno.EEXIST, "exists: choose a new --out (nothing is overwritten)", str(path))
+    check_output_folder(os.path.dirname(os.path.abspath(path)))
+
+
 def check_output_folder(folder: str | os.PathLike) -> None:
     """Prove that a file can be written at `folder` (created later if missing), before any work.
 
