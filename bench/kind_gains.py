@@ -10,8 +10,9 @@ at a grid of gains (one pass of the network per photo), and reads the kind head'
 (one more pass of the encoder, in the textbook layers).
 A photo's gain is its kinds' gains weighed by those. The gains are then chosen, one kind at a
 time, sweep after sweep, on the grid: the most PSNR above gray, summed over the folders, such
-that each folder's colorfulness ratio is at least its --min-ratio, and no subfolder (a kind of
-photo: faces, forest, ...) is painted more colorful than its originals (--max-ratio). Prints the
+that each folder's colorfulness ratio is at least its --min-ratio, no subfolder (a kind of
+photo: faces, forest, ...) is painted more colorful than its originals (--max-ratio) and, with
+--floor, none scores less than that above gray. Prints the
 chosen gains, the kindhead.py arguments that set them (chroma gain 1), and each folder's and subfolder's scores.
 """
 from __future__ import annotations
@@ -85,9 +86,11 @@ def summary(s: dict, gains: np.ndarray, mask: np.ndarray) -> tuple[float, float,
             float(at_gains(s["auc"], gains)[mask].mean()))
 
 
-def choose(s: dict, kinds: int, min_ratio: dict, max_ratio: float, sweeps: int = 4) -> np.ndarray:
+def choose(s: dict, kinds: int, min_ratio: dict, max_ratio: float, floor: float | None = None,
+           sweeps: int = 4) -> np.ndarray:
     """The kinds' gains (kinds,) on GRID: the most PSNR above gray summed over the folders, with
-    each folder's ratio >= its min_ratio and each subfolder's <= max_ratio (as penalties)."""
+    each folder's ratio >= its min_ratio, each subfolder's <= max_ratio and its PSNR above gray
+    >= floor (as penalties)."""
     folders, subs = sorted(set(s["folder"])), sorted(set(s["sub"]))
 
     def value(g: np.ndarray) -> float:
@@ -97,7 +100,8 @@ def choose(s: dict, kinds: int, min_ratio: dict, max_ratio: float, sweeps: int =
             db, ratio, _ = summary(s, photo_gains, s["folder"] == f)
             total += db - 50 * max(0.0, min_ratio[f] - ratio)
         for sub in subs:
-            total -= 50 * max(0.0, summary(s, photo_gains, s["sub"] == sub)[1] - max_ratio)
+            db, ratio, _ = summary(s, photo_gains, s["sub"] == sub)
+            total -= 50 * max(0.0, ratio - max_ratio) + (50 * max(0.0, floor - db) if floor is not None else 0)
         return total
 
     g = np.ones(kinds)
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
                    help="the least colorfulness ratio of each --val folder, in their order")
     p.add_argument("--max-ratio", type=float, default=1.0,
                    help="the most colorfulness ratio of any subfolder (default 1: no kind more colorful than life)")
+    p.add_argument("--floor", type=float, default=None,
+                   help="the least PSNR above gray, in dB, of any subfolder (default: none)")
     args = p.parse_args(argv)
     if len(args.min_ratio) != len(args.val):
         p.error("give one --min-ratio for each --val folder")
@@ -123,7 +129,8 @@ def main(argv=None) -> int:
         p.error(f"{args.model} has no kind head (fit one with python -m nanocolor.kindhead)")
     s = score_photos(model, work_size, args.val)
     kinds = model.kind_head.kinds
-    g = choose(s, len(kinds), {Path(f).name: r for f, r in zip(args.val, args.min_ratio)}, args.max_ratio)
+    g = choose(s, len(kinds), {Path(f).name: r for f, r in zip(args.val, args.min_ratio)}, args.max_ratio,
+               args.floor)
     print("gains: " + ", ".join(f"{k} {v:g}" for k, v in zip(kinds, g)))
     print("kindhead.py --chroma-gain 1 " + " ".join(f"--gain {k}={v:g}" for k, v in zip(kinds, g)))
     for name, photo_gains in (("one gain, the file's", np.full(len(s["psnr"]), model.chroma_gain)),

@@ -194,6 +194,26 @@ def test_kind_gains_are_chosen_for_the_least_color_each_folder_asks(rng):
         assert ratio(np.where(np.arange(2) == k, g - 0.05, g)) < {"rooms": 0.9, "woods": 1.05}[name]
 
 
+def test_kind_gains_hold_every_kind_above_its_floor(rng):
+    """The people lose 0.5 dB per unit of gain, the rooms 1 dB: the cheapest color is the people's,
+    until a floor of +0.6 dB above gray holds them at gain 0.8 and the rooms make up the folder's
+    colorfulness."""
+    bench = load_script("bench/kind_gains.py", "kind_gains")
+    grid, n = bench.GRID, 40
+    folder = np.array(["rooms"] * 20 + ["people"] * 20)
+    probs = np.where(folder[:, None] == np.array(["rooms", "people"]), 0.99, 0.01)
+    psnr = np.concatenate([np.tile(22 - grid, (20, 1)), np.tile(21 - 0.5 * grid, (20, 1))])
+    s = {"folder": np.array(["all"] * n), "sub": folder, "probs": probs, "orig": np.full(n, 10.0),
+         "gray": np.full(n, 20.0), "psnr": psnr, "auc": np.zeros((n, len(grid))),
+         "colorfulness": np.tile(8 * grid, (n, 1))}
+    people, everyone = folder == "people", np.full(n, True)
+    g = bench.choose(s, 2, {"all": 0.6}, max_ratio=1.5)
+    assert bench.summary(s, probs @ g, people)[0] < 0.55 and g[1] >= 0.95
+    g = bench.choose(s, 2, {"all": 0.6}, max_ratio=1.5, floor=0.6)
+    assert bench.summary(s, probs @ g, people)[0] >= 0.6 and g[1] <= 0.8
+    assert bench.summary(s, probs @ g, everyone)[1] >= 0.6 - 1e-9  # the rooms make up the color
+
+
 def test_train_init_from_a_file_with_kinds_leaves_the_kind_head_out(tmp_path, net_file, rng):
     from conftest import run_train
     path = tmp_path / "kinds.npz"
