@@ -12,8 +12,8 @@ A photo's gain is its kinds' gains weighed by those. The gains are then chosen, 
 time, sweep after sweep, on the grid: the most PSNR above gray, summed over the folders, such
 that each folder's colorfulness ratio is at least its --min-ratio, no subfolder (a kind of
 photo: faces, forest, ...) is painted more colorful than its originals (--max-ratio) and, with
---floor, none scores less than that above gray. Prints the
-chosen gains, the kindhead.py arguments that set them (chroma gain 1), and each folder's and subfolder's scores.
+--floor, none scores less than that above gray. Prints the chosen gains, the kindhead.py
+arguments that set them (chroma gain 1), and each folder's and subfolder's scores.
 """
 from __future__ import annotations
 
