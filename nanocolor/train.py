@@ -23,7 +23,7 @@ from nanocolor.optim import SCHEDULES
 from nanocolor.pipes import ends_quietly_on_closed_stdout
 from nanocolor.runfolder import RunFolder
 from nanocolor.serialize import CorruptFileError, load_npz
-from nanocolor.trainer import TrainConfig, Trainer, TrainingStopped
+from nanocolor.trainer import LOSSES, TrainConfig, Trainer, TrainingStopped
 
 # The photos bundled with a source checkout (data/sample beside the package), trained on by default.
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -51,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"last step of --epochs (default {TrainConfig.schedule})")
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup,
                    help=f"steps of linear warm-up from 0 to --lr at the start (default {TrainConfig.warmup})")
-    p.add_argument("--loss", choices=("mse", "classify", "hybrid"), default=TrainConfig.loss,
-                   help="mse: regress a*b*; classify: Zhang et al. 2016 color classes with rebalancing; "
+    p.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss,
+                   help="mse: regress a*b*; psnr: the same, scored per photo as evaluate scores it (the mean "
+                        "over photos of log(the photo's MSE)): errors in photos that are otherwise right cost "
+                        "more; classify: Zhang et al. 2016 color classes with rebalancing; "
                         "hybrid: both, an a*b* head and a class head on the same features, decoded half and "
                         f"half (default {TrainConfig.loss})")
     p.add_argument("--class-weight", type=float, default=TrainConfig.class_weight, metavar="W",

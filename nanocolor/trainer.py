@@ -34,7 +34,7 @@ from .gan import CRITIC_LR, CRITIC_WIDTHS, GAN, LAMBDA, WARMUP
 from .images import side_by_side
 from .infer import weights_file
 from .layers import BatchNorm2d
-from .loss import ChromaMatchedMSELoss, MSELoss
+from .loss import ChromaMatchedMSELoss, MSELoss, PhotoLogMSELoss
 from .metrics import psnr
 from .model import DEFAULT_ARCH, DEFAULT_WIDTHS, ColorNet, full_config
 from .optim import Adam, scheduled_lr
@@ -43,6 +43,7 @@ from .runfolder import RunFolder
 from .serialize import load_npz
 
 PREVIEW_IMAGES = 4
+LOSSES = ("mse", "psnr", "classify", "hybrid")
 CLASS_WEIGHT = 0.002  # a trained net's cross-entropy (~2.7 nats) then weighs about its MSE (~0.005)
 
 # On a GPU the per-step losses stay on the device and are read back (one host sync) every this
@@ -65,7 +66,7 @@ class TrainConfig:
     widths: tuple = DEFAULT_WIDTHS
     arch: str = DEFAULT_ARCH          # 'unet' (BatchNorm + skips) or 'seed' (plain autoencoder), see model.py
     crop_margin: int | None = None    # photos stored at size + margin (None: size // 4); batches take random size x size crops
-    loss: str = "mse"                 # 'mse' (a*b* regression), 'classify' (Zhang et al. 2016 bins), 'hybrid' (both)
+    loss: str = "mse"                 # 'mse' (a*b* regression), 'psnr' (its per-photo log), 'classify' (Zhang et al. 2016 bins), 'hybrid' (both)
     class_weight: float = CLASS_WEIGHT  # 'hybrid': weight of the class head's cross-entropy
     rebalance: float | None = None    # lambda of the class rebalancing (None: 0.5 for classify, off for mse)
     chroma_match: float = 0.0         # weight of ChromaMatchedMSELoss's per-photo chroma term (0: plain MSE)
@@ -90,9 +91,11 @@ class TrainConfig:
             raise ValueError(f"--class-weight must be > 0, got {self.class_weight}")
         if self.loss == "hybrid" and self.rebalance not in (None, 1):
             raise ValueError("--loss hybrid trains the class head without rebalancing: leave out --rebalance")
-        if self.chroma_match and (self.loss == "classify" or self.rebalance not in (None, 1)):
+        if self.chroma_match and (self.loss in ("classify", "psnr") or self.rebalance not in (None, 1)):
             raise ValueError("--chroma-match adds to the plain regression loss: "
                              "it needs --loss mse or hybrid, without --rebalance")
+        if self.loss == "psnr" and self.rebalance not in (None, 1):
+            raise ValueError("--loss psnr weighs each photo by its own error: leave out --rebalance")
 
 
 class TrainingStopped(RuntimeError):
@@ -170,8 +173,8 @@ class Trainer:
         if cfg.size % factor:
             raise ValueError(f"--size {cfg.size} must divide by {factor}, the downsampling factor "
                              f"of a {len(cfg.widths)}-width network")
-        if cfg.loss not in ("mse", "classify", "hybrid"):
-            raise ValueError(f"loss must be 'mse', 'classify' or 'hybrid', got {cfg.loss!r}")
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
         if cfg.gan and cfg.loss != "mse":
             raise ValueError("--gan fine-tunes a regression model: it needs --loss mse")
         if cfg.rebalance is not None and not 0 < cfg.rebalance <= 1:
@@ -184,6 +187,8 @@ class Trainer:
             self.loss = weighted(self.class_weights)
         elif cfg.loss == "hybrid":
             self.loss = HybridLoss(cfg.class_weight, cfg.chroma_match)
+        elif cfg.loss == "psnr":
+            self.loss = PhotoLogMSELoss()
         else:
             self.loss = ChromaMatchedMSELoss(cfg.chroma_match) if cfg.chroma_match else MSELoss()
         if not resume:

@@ -288,14 +288,15 @@ def test_train_refuses_a_non_positive_learning_rate(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, setting", [("--rebalance", "0.5", "rebalance"),
-                                                    ("--chroma-match", "2", "chroma_match")])
+                                                    ("--chroma-match", "2", "chroma_match"),
+                                                    ("--loss", "psnr", "loss")])
 def test_a_reweighted_loss_keeps_its_setting_and_resumes_bit_identically(option, value, setting, trained_run,
                                                                            tmp_path):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     result = run_script("train.py", *TINY_RUN, option, value, "--out", resumed)
     assert result.returncode == 0, result.stderr
     arrays, meta = load_npz(resumed / "checkpoint.npz", kinds=("checkpoint",))
-    assert meta["train_config"][setting] == float(value)
+    assert meta["train_config"][setting] == (value if setting == "loss" else float(value))
     if setting == "rebalance":
         assert arrays["class_weights"].shape == (258,) and arrays["class_weights"].max() > 2
     plain = weights_of(trained_run[0] / "checkpoint.npz")  # the same run with the plain MSE
@@ -309,10 +310,18 @@ def test_a_reweighted_loss_keeps_its_setting_and_resumes_bit_identically(option,
 
 
 @pytest.mark.parametrize("extra", [["--chroma-match", "-1"], ["--chroma-match", "1", "--loss", "classify"],
-                                   ["--chroma-match", "1", "--rebalance", "0.5"]])
+                                   ["--chroma-match", "1", "--rebalance", "0.5"], ["--chroma-match", "1", "--loss", "psnr"]])
 def test_train_refuses_a_chroma_match_it_cannot_use(extra, tmp_path):
     result = run_script("train.py", *extra, "--out", tmp_path / "run")
     assert result.returncode == 2 and "--chroma-match" in result.stderr, result.stderr
+    assert len(error_lines(result.stderr)) == 1
+    assert_no_traceback(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_to_rebalance_the_per_photo_loss(tmp_path):
+    result = run_script("train.py", "--loss", "psnr", "--rebalance", "0.5", "--out", tmp_path / "run")
+    assert result.returncode == 2 and "--loss psnr" in result.stderr, result.stderr
     assert len(error_lines(result.stderr)) == 1
     assert_no_traceback(result)
     assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ from nanocolor.gradcheck import numeric_gradient, relative_error
 from nanocolor.layers import (BatchNorm2d, Concat, Conv2d, GlobalAvgPool2d, LeakyReLU, Linear, MaxPool2d, ReLU, Tanh,
                               Upsample2d,
                               conv_output_size)
-from nanocolor.loss import BCEWithLogitsLoss, ChromaMatchedMSELoss, MSELoss
+from nanocolor.loss import BCEWithLogitsLoss, ChromaMatchedMSELoss, MSELoss, PhotoLogMSELoss
 from nanocolor.model import ColorNet
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +383,34 @@ def test_chroma_matched_mse_pulls_a_dull_prediction_outwards(rng):
     gray = np.zeros_like(target)
     matched.forward(gray, target)
     assert np.all(np.isfinite(matched.backward()))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 2), (3, 1, 1, 2), (1, 4, 3, 2)])
+@pytest.mark.parametrize("scale", [1.0, 0.01])  # errors far above and near the floor EPS
+def test_photo_log_mse_value_and_gradient(shape, scale, rng):
+    pred, target = scale * rng.standard_normal(shape), scale * rng.standard_normal(shape)
+    loss = PhotoLogMSELoss()
+    value = loss.forward(pred, target)
+    per_photo = np.mean(((pred - target) ** 2).reshape(len(pred), -1), axis=1)
+    assert value == pytest.approx(np.mean(np.log(per_photo + PhotoLogMSELoss.EPS)), rel=1e-12)
+    dpred = loss.backward()
+    numeric = numeric_gradient(lambda: PhotoLogMSELoss().forward(pred, target), pred)
+    assert relative_error(dpred, numeric) < GRAD_TOL
+
+
+def test_photo_log_mse_weighs_an_error_by_how_right_its_photo_is(rng):
+    """The same wrong pixel costs more in a photo that is otherwise right than in one that is
+    wrong anyway; plain MSE pushes both alike."""
+    target = np.zeros((2, 4, 4, 2))
+    pred = target.copy()
+    pred[1] = 0.5 * rng.standard_normal((4, 4, 2))      # photo 1 wrong everywhere
+    pred[:, 0, 0, 0] = 0.3                              # the same error at one pixel of each
+    loss, plain = PhotoLogMSELoss(), MSELoss()
+    loss.forward(pred, target)
+    plain.forward(pred, target)
+    weighted, even = loss.backward()[:, 0, 0, 0], plain.backward()[:, 0, 0, 0]
+    assert even[0] == even[1]
+    assert weighted[0] > 10 * weighted[1] > 0
 
 
 def naive_bce(logits: np.ndarray, target) -> float:
