@@ -1,6 +1,6 @@
 """The losses: mean squared error (the colorization network's regression loss), the same with a
-per-photo chroma term (ChromaMatchedMSELoss), and binary cross-entropy on logits (the critic's,
-in gan.py)."""
+per-photo chroma term (ChromaMatchedMSELoss), its per-photo log (PhotoLogMSELoss, what PSNR
+scores), and binary cross-entropy on logits (the critic's, in gan.py)."""
 from __future__ import annotations
 
 from .backend import array_module
