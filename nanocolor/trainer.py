@@ -66,7 +66,7 @@ class TrainConfig:
     widths: tuple = DEFAULT_WIDTHS
     arch: str = DEFAULT_ARCH          # 'unet' (BatchNorm + skips) or 'seed' (plain autoencoder), see model.py
     crop_margin: int | None = None    # photos stored at size + margin (None: size // 4); batches take random size x size crops
-    loss: str = "mse"                 # 'mse' (a*b* regression), 'psnr' (its per-photo log), 'classify' (Zhang et al. 2016 bins), 'hybrid' (both)
+    loss: str = "mse"                 # one of LOSSES: a*b* regression, its per-photo log, Zhang's bins, both heads
     class_weight: float = CLASS_WEIGHT  # 'hybrid': weight of the class head's cross-entropy
     rebalance: float | None = None    # lambda of the class rebalancing (None: 0.5 for classify, off for mse)
     chroma_match: float = 0.0         # weight of ChromaMatchedMSELoss's per-photo chroma term (0: plain MSE)

@@ -310,7 +310,8 @@ def test_a_reweighted_loss_keeps_its_setting_and_resumes_bit_identically(option,
 
 
 @pytest.mark.parametrize("extra", [["--chroma-match", "-1"], ["--chroma-match", "1", "--loss", "classify"],
-                                   ["--chroma-match", "1", "--rebalance", "0.5"], ["--chroma-match", "1", "--loss", "psnr"]])
+                                   ["--chroma-match", "1", "--rebalance", "0.5"],
+                                   ["--chroma-match", "1", "--loss", "psnr"]])
 def test_train_refuses_a_chroma_match_it_cannot_use(extra, tmp_path):
     result = run_script("train.py", *extra, "--out", tmp_path / "run")
     assert result.returncode == 2 and "--chroma-match" in result.stderr, result.stderr
